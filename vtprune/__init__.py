@@ -1,0 +1,15 @@
+"""vtprune: training-free visual-token pruning for Hugging Face vision-language models.
+
+    model = vtprune.prune(model, "fastv", ratio=0.75)
+    vtprune.unprune(model)
+"""
+
+from . import methods  # noqa: F401  (registers the built-in methods)
+from .api import list_methods, prune, pruned, unprune
+from .errors import PruneError
+from .methods.base import ImageView, Method, Selection
+from .registry import register
+
+__version__ = "0.1.0"
+
+__all__ = ["prune", "unprune", "pruned", "list_methods", "register", "Method", "ImageView", "Selection", "PruneError"]

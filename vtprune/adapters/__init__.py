@@ -1,0 +1,28 @@
+"""Adapters for the supported model families; :func:`get_adapter` picks one from the model class."""
+
+from __future__ import annotations
+
+from .base import Adapter, VisualSpan, find_runs
+from .internvl import InternVLAdapter
+from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, InternVLAdapter)
+
+
+def supported_model_classes() -> list[str]:
+    return [name for a in ADAPTERS for name in a.model_classes]
+
+
+def get_adapter(model) -> Adapter:
+    name = type(model).__name__
+    for adapter in ADAPTERS:
+        if name in adapter.model_classes:
+            return adapter(model)
+    raise TypeError(
+        f"vtprune: unsupported model {name}. Supported classes: {', '.join(supported_model_classes())}. "
+        "Load the model with one of these transformers classes (e.g. LlavaForConditionalGeneration)."
+    )
+
+
+__all__ = ["Adapter", "VisualSpan", "find_runs", "get_adapter", "supported_model_classes", "ADAPTERS"]

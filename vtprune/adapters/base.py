@@ -1,0 +1,125 @@
+"""Model adapters: every model-family fact vtprune needs, behind one small interface.
+
+Methods never import transformers model classes; they see visual tokens through the adapter:
+where each image's tokens sit (found from the config's image token id), which vision-tower positions each
+LLM-side visual token comes from, the vision layer LLaVA-style models read features from, and the LLM layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class VisualSpan:
+    """One image's visual tokens in one sample, in the original (unpruned) sequence layout."""
+
+    sample: int  # batch row
+    image: int  # image index in batch order (the order of pixel_values)
+    index_in_sample: int  # 0 for the first image of its sample, 1 for the second, ...
+    start: int  # first position in input_ids
+    length: int  # number of visual tokens N (context tokens only)
+
+
+class Adapter:
+    """Base class. Subclasses set the attributes in ``__init__`` and implement the geometry methods."""
+
+    family: str = ""
+    model_classes: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        inner = model.model
+        self.language_model: nn.Module = inner.language_model
+        self.decoder_layers: nn.ModuleList = inner.language_model.layers
+        self.vision_tower: nn.Module = inner.vision_tower
+        self.projector: nn.Module = inner.multi_modal_projector
+        self.image_token_id: int = int(self.config.image_token_id)
+
+    # --- vision tower -------------------------------------------------------------------------------
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def vision_attention(self, layer: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def vision_feature_layer(self) -> int:
+        """Index (0-based) of the vision encoder layer whose output the model reads as image features."""
+        vfl = self.config.vision_feature_layer
+        if not isinstance(vfl, int):
+            raise NotImplementedError("vtprune: multi-layer vision_feature_layer is not supported yet")
+        n = len(self.vision_layers)
+        # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i-1.
+        return n + vfl if vfl < 0 else vfl - 1
+
+    @property
+    def drops_cls(self) -> bool:
+        return self.config.vision_feature_select_strategy == "default"
+
+    @property
+    def vision_seq_len(self) -> int:
+        """Tokens per crop in the vision tower, CLS included."""
+        vc = self.config.vision_config
+        size = vc.image_size if isinstance(vc.image_size, int) else vc.image_size[0]
+        patch = vc.patch_size if isinstance(vc.patch_size, int) else vc.patch_size[0]
+        return (size // patch) ** 2 + 1
+
+    # --- LLM side -----------------------------------------------------------------------------------
+    @property
+    def nominal_tokens(self) -> int:
+        """Visual tokens of one standard image; the reference for ``keep=`` budgets."""
+        raise NotImplementedError
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        return self.language_model.rotary_emb(hidden, position_ids=position_ids)
+
+    # --- geometry -----------------------------------------------------------------------------------
+    def image_token_counts(self, n_images: int, image_sizes, run_lengths: list[int]) -> list[int] | None:
+        """Expected visual-token count of each image (batch order), or None when runs are one image each."""
+        return None
+
+    def crops_per_image(self, spans: list[VisualSpan], image_sizes) -> list[int]:
+        """How many vision-tower crops (rows of the flattened pixel batch) each image uses."""
+        raise NotImplementedError
+
+    def count_images(self, pixel_values: torch.Tensor, image_sizes) -> int:
+        return int(pixel_values.shape[0])
+
+    def token_sources(self, span: VisualSpan, image_sizes) -> torch.Tensor:
+        """[N, S] positions in this image's vision-tower sequences (crop * seq_len + pos) feeding each token;
+        -1 pads rows with fewer sources (e.g. LLaVA-NeXT newline tokens have none)."""
+        raise NotImplementedError
+
+    def projector_rows(self, span: VisualSpan, image_sizes) -> torch.Tensor:
+        """[N] flat index into this image's projector input rows (crop * tokens_per_crop + t); -1 where the
+        token has no projector input (newline tokens)."""
+        raise NotImplementedError
+
+    @property
+    def cls_in_projector_space(self) -> bool:
+        """Whether the vision CLS vector can be fed to the projector (true when the projector reads raw
+        vision hidden states, false after InternVL's pixel shuffle)."""
+        return True
+
+
+def find_runs(row: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
+    """(start, length) of each maximal run of ``token_id`` in a 1-D tensor."""
+    is_tok = (row == token_id).to(torch.int8)
+    if not bool(is_tok.any()):
+        return []
+    diff = torch.diff(torch.nn.functional.pad(is_tok, (1, 1)))
+    starts = torch.nonzero(diff == 1).flatten().tolist()
+    ends = torch.nonzero(diff == -1).flatten().tolist()
+    return [(s, e - s) for s, e in zip(starts, ends)]
+
+
+def clip_encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    """CLIP encoder layers; ``CLIPVisionModel`` lost its ``vision_model`` wrapper in transformers 5."""
+    inner = getattr(tower, "vision_model", tower)
+    return inner.encoder.layers

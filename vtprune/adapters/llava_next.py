@@ -1,0 +1,83 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): anyres crops packed with ``image_newline`` tokens.
+
+The token layout of an image (base crop, then the unpadded crop grid with one newline per row) is asked from
+the model itself: its own ``pack_image_features`` is run on a tensor of vision-sequence indices, so vtprune
+always agrees with the installed transformers version on where every token comes from.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+from .base import Adapter, VisualSpan, clip_encoder_layers
+
+
+class LlavaNextAdapter(Adapter):
+    family = "llava_next"
+    model_classes = ("LlavaNextForConditionalGeneration",)
+
+    def __init__(self, model):
+        super().__init__(model)
+        self._layout_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def vision_layers(self):
+        return clip_encoder_layers(self.vision_tower)
+
+    def vision_attention(self, layer):
+        return layer.self_attn
+
+    @property
+    def nominal_tokens(self) -> int:
+        return self.vision_seq_len - (1 if self.drops_cls else 0)
+
+    def count_images(self, pixel_values, image_sizes) -> int:
+        return int(len(image_sizes)) if image_sizes is not None else int(pixel_values.shape[0])
+
+    def _num_crops(self, size) -> int:
+        return int(
+            image_size_to_num_patches(
+                image_size=size,
+                grid_pinpoints=self.config.image_grid_pinpoints,
+                patch_size=self.config.vision_config.image_size,
+            )
+        )
+
+    def _layout(self, size) -> torch.Tensor:
+        """[N] vision-sequence index (crop * seq_len + pos) of each packed token; -1 for newline tokens."""
+        key = (int(size[0]), int(size[1]))
+        if key not in self._layout_cache:
+            n_crops = self._num_crops(key)
+            seq = self.vision_seq_len
+            pos = torch.arange(seq, dtype=torch.float64)
+            if self.drops_cls:
+                pos = pos[1:]
+            ids = (torch.arange(n_crops, dtype=torch.float64)[:, None] * seq + pos[None, :]).unsqueeze(-1)
+            packed, _ = self.model.model.pack_image_features(
+                [ids],
+                torch.tensor([key]),
+                vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+                image_newline=torch.full((1,), -1.0, dtype=torch.float64),
+            )
+            packed = packed[0] if isinstance(packed, (list, tuple)) else packed
+            self._layout_cache[key] = packed.reshape(-1).round().long()
+        return self._layout_cache[key]
+
+    def image_token_counts(self, n_images, image_sizes, run_lengths):
+        if image_sizes is None:
+            raise ValueError("vtprune: LLaVA-NeXT needs image_sizes (the processor returns them)")
+        return [int(self._layout(s).numel()) for s in image_sizes]
+
+    def crops_per_image(self, spans, image_sizes):
+        return [self._num_crops(image_sizes[s.image]) for s in spans]
+
+    def token_sources(self, span: VisualSpan, image_sizes) -> torch.Tensor:
+        return self._layout(image_sizes[span.image]).unsqueeze(1)
+
+    def projector_rows(self, span: VisualSpan, image_sizes) -> torch.Tensor:
+        src = self._layout(image_sizes[span.image])
+        seq = self.vision_seq_len
+        offset = 1 if self.drops_cls else 0
+        rows = (src // seq) * (seq - offset) + (src % seq) - offset
+        return torch.where(src >= 0, rows, torch.full_like(rows, -1))

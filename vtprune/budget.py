@@ -1,0 +1,44 @@
+"""One place for budget semantics: ``ratio`` (fraction of an image's visual tokens removed) or ``keep``
+(visual tokens kept per image). Every method and model family goes through :func:`tokens_to_keep`."""
+
+from __future__ import annotations
+
+import math
+
+
+def validate_budget(ratio: float | None, keep: int | None) -> None:
+    if (ratio is None) == (keep is None):
+        raise ValueError(
+            "vtprune: give exactly one budget: ratio=<fraction of visual tokens removed, in [0, 1)> "
+            "or keep=<visual tokens kept per image>; got "
+            f"ratio={ratio!r}, keep={keep!r}"
+        )
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 <= float(ratio) < 1.0):
+            raise ValueError(
+                f"vtprune: ratio must be a number in [0, 1) (the fraction of visual tokens removed), got {ratio!r}; "
+                "use ratio=0 for no pruning"
+            )
+    if keep is not None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep <= 0:
+            raise ValueError(f"vtprune: keep must be a positive integer (visual tokens kept per image), got {keep!r}")
+
+
+def tokens_to_keep(n_tokens: int, ratio: float | None, keep: int | None, reference: int | None = None) -> int:
+    """Visual tokens to keep for one image of ``n_tokens`` tokens.
+
+    ``keep`` is an absolute count for a ``reference``-token image (the model's nominal count, e.g. 576 for
+    LLaVA-1.5); images with a different count (LLaVA-NeXT anyres) get the same fraction. ``ratio`` keeps
+    ``round(n_tokens * (1 - ratio))``, at least 1.
+    """
+    if ratio is not None:
+        return max(1, min(n_tokens, int(round(n_tokens * (1.0 - float(ratio))))))
+    reference = reference or n_tokens
+    if keep > reference:
+        raise ValueError(
+            f"vtprune: keep={keep} is more than the {reference} visual tokens an image has for this model; "
+            f"use keep <= {reference} (or ratio=...)"
+        )
+    if n_tokens == reference:
+        return keep
+    return max(1, min(n_tokens, int(math.floor(n_tokens * keep / reference + 0.5))))

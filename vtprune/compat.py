@@ -1,0 +1,103 @@
+"""Everything that depends on the transformers version lives here.
+
+transformers 5.x moves fast: ``cache_position`` was removed (5.4), ``past_key_values`` became ``cache``
+(5.24, old name deprecated until 5.40), attention functions and mask functions are looked up by name in two
+registries. The rest of vtprune goes through these helpers only.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+CACHE_KWARGS = ("cache", "past_key_values")
+WRAPPED_PREFIX = "vtprune+"
+
+
+def get_cache(kwargs: dict) -> Any:
+    """The KV cache passed to a forward, under whichever keyword this transformers version uses."""
+    for key in CACHE_KWARGS:
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    return None
+
+
+def cache_length(cache: Any, layer_idx: int = 0) -> int:
+    """Number of cached positions in ``layer_idx`` (0 when there is no cache or it is empty)."""
+    if cache is None:
+        return 0
+    try:
+        return int(cache.get_seq_length(layer_idx))
+    except (IndexError, AttributeError):
+        return 0
+
+
+def get_attn_implementation(config) -> str:
+    return config._attn_implementation
+
+
+def set_attn_implementation(config, name: str) -> None:
+    """Set the attention implementation of one (sub-)config, on this model instance only.
+
+    ``PreTrainedModel.set_attn_implementation`` validates names against the hub-kernel machinery; our wrapped
+    names are registered locally, so the field is set directly (and restored the same way).
+    """
+    config._attn_implementation_internal = name
+
+
+def _eager_function_for(module: torch.nn.Module) -> Callable:
+    """The model family's own eager attention function (each modeling file defines one)."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"vtprune: no eager_attention_forward next to {type(module).__name__}")
+    return fn
+
+
+def base_attention_function(module: torch.nn.Module, implementation: str) -> Callable:
+    if implementation == "eager":
+        return _eager_function_for(module)
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def wrapped_attention_name(implementation: str) -> str:
+    """Register (once) an attention function that delegates to ``implementation`` unless a vtprune hook is set.
+
+    The hook is an instance attribute ``_vtprune_attention`` of the attention module, so other models in the
+    process that happen to use the same name are untouched.
+    """
+    if implementation.startswith(WRAPPED_PREFIX):
+        return implementation
+    name = WRAPPED_PREFIX + implementation
+    if name in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        return name
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        base = base_attention_function(module, implementation)
+        hook = getattr(module, "_vtprune_attention", None)
+        if hook is None:
+            return base(module, query, key, value, attention_mask, **kwargs)
+        return hook(base, module, query, key, value, attention_mask, **kwargs)
+
+    attention.vtprune_base = implementation  # for introspection / tests
+    AttentionInterface.register(name, attention)
+    mask_name = "eager" if implementation == "eager" else implementation
+    if mask_name in ALL_MASK_ATTENTION_FUNCTIONS.valid_keys():
+        # Without a mask function registered under the same name, transformers silently builds no mask.
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_name])
+    return name
+
+
+def mask_is_boolean(implementation: str) -> bool:
+    """Whether the 4-D masks this implementation consumes are boolean (True = attend) or additive floats."""
+    base = implementation[len(WRAPPED_PREFIX):] if implementation.startswith(WRAPPED_PREFIX) else implementation
+    return base != "eager"
+
+
+def cache_layers(cache: Any) -> list:
+    """Per-layer cache objects with ``keys``/``values`` tensors of shape [B, H_kv, T, d]."""
+    return list(cache.layers)

@@ -1,0 +1,39 @@
+"""FastV (Chen et al., ECCV 2024, "An Image is Worth 1/2 Tokens After Layer 2"), spec §3.
+
+Algorithm: run LLM layers 0..K-1 on the full sequence; inside layer K-1 take the attention probabilities of
+the last prompt token, average over heads, slice the image block, keep the top ``round(N (1 - R))`` visual
+tokens; from layer K on the dropped tokens are gone (in-place variant), kept tokens keep their original
+position ids. Prefill only: decoding reuses the kept set through the compacted cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..registry import register
+from .base import ImageView, Method
+
+
+@register
+@dataclass
+class FastV(Method):
+    """``layer`` = K (paper headline K=2; the official lmms-eval KV-cache variant uses K=3)."""
+
+    layer: int = 2
+    positions: str = "original"
+
+    name: ClassVar[str] = "fastv"
+    description: ClassVar[str] = "Last-token attention at LLM layer K-1, keep the top visual tokens from layer K on."
+    stage: ClassVar[str] = "llm"
+
+    def cut_layers(self) -> tuple[int, ...]:
+        return (int(self.layer),)
+
+    def attention_rows(self) -> dict[int, str]:
+        return {int(self.layer) - 1: "last"}
+
+    def score(self, image: ImageView) -> torch.Tensor:
+        return image.attention.mean(0)  # [H, n] -> [n], head average

@@ -1,0 +1,796 @@
+"""The object behind ``model.vtprune``: owns every hook, runs the stages, keeps ``stats``.
+
+Data flow of one pruned prefill (see docs/architecture.md):
+
+    model.forward pre-hook      find each image's visual span from input_ids (config.image_token_id)
+    vision attention (wrapped)  record the CLS row / keys at the feature layer   (methods with needs_vision)
+    projector pre-hook          record projector inputs                          (methods with needs_vision)
+    language_model pre-hook     stage "pre_llm": cut visual rows of inputs_embeds, 2-D mask, position ids
+    LLM attention (wrapped)     record the last query's attention row            (stage "llm" scoring)
+    decoder layer K pre-hook    stage "llm": cut hidden states, rotary cos/sin, positions, 4-D mask
+    decoder layers > K          reuse the cut cos/sin, positions and mask (the LLM passes full-length ones)
+
+Decode steps (``generate``) run on the compacted cache: the language-model pre-hook maps generate's
+original-layout 2-D mask and position ids onto the compacted layout, and layers >= K get their own mask.
+Installing and removing the session is the only way vtprune touches a model; removal restores it exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from . import compat
+from .adapters import Adapter, VisualSpan, find_runs
+from .errors import PruneError
+from .kernels import compact_
+from .methods.base import ImageView, Method, Selection, VisionView
+
+
+# --------------------------------------------------------------------------------------------------------
+# stats
+@dataclass
+class StageStats:
+    stage: str
+    layer: int | None
+    tokens_in: int
+    tokens_out: int
+    kept_index: list[int]
+
+
+@dataclass
+class ImageStats:
+    sample: int
+    image: int
+    n_tokens: int
+    stages: list[StageStats] = field(default_factory=list)
+    equivalent_tokens: float = 0.0
+
+    @property
+    def kept(self) -> int:
+        return self.stages[-1].tokens_out if self.stages else self.n_tokens
+
+    @property
+    def kept_index(self) -> list[int]:
+        return self.stages[-1].kept_index if self.stages else list(range(self.n_tokens))
+
+
+@dataclass
+class PruneStats:
+    """Stats of the last prefill: one :class:`ImageStats` per image (batch order)."""
+
+    method: str
+    images: list[ImageStats] = field(default_factory=list)
+    llm_layers: int = 0
+
+    @property
+    def visual_tokens(self) -> int:
+        return sum(i.n_tokens for i in self.images)
+
+    @property
+    def kept_tokens(self) -> int:
+        return sum(i.kept for i in self.images)
+
+    @property
+    def equivalent_tokens(self) -> float:
+        """Layer-averaged visual tokens the LLM processed, summed over images."""
+        return float(sum(i.equivalent_tokens for i in self.images))
+
+    def summary(self) -> str:
+        return (
+            f"{self.method}: {len(self.images)} image(s), visual tokens {self.visual_tokens} -> {self.kept_tokens} "
+            f"(layer-averaged equivalent {self.equivalent_tokens:.1f})"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# per-forward and per-generation state
+@dataclass
+class _Layout:
+    """Token layout of one LLM segment. ``src``: [B, T] position in the previous layout (-1 = padding slot);
+    ``valid``: [B, T] bool; ``orig``: [B, T] position in the original input (-1 = padding)."""
+
+    src: torch.Tensor
+    valid: torch.Tensor
+    orig: torch.Tensor
+    images: list[torch.Tensor]  # per image: [n] current slots of its tokens
+    image_index: list[torch.Tensor]  # per image: [n] original indices (0..N-1) of those tokens
+    position_shift: torch.Tensor  # [B] subtract from original-layout decode positions (renumber mode)
+    # prefill-only tensors reused by every layer of the segment
+    position_ids: torch.Tensor | None = None
+    position_embeddings: tuple | None = None
+    mask: torch.Tensor | None = None
+
+
+@dataclass
+class _VisionRecord:
+    """What one run of the model's ``get_image_features`` showed (generate() runs it before the prefill)."""
+
+    pixel_values: torch.Tensor | None
+    image_sizes: object
+    n_crops: int | None = None
+    cls: torch.Tensor | None = None  # [crops, S] CLS attention at the feature layer, summed over heads
+    keys: torch.Tensor | None = None  # [crops, S, d] head-averaged keys of that layer
+    hidden_cls: torch.Tensor | None = None  # [crops, D_v] CLS hidden state output by that layer
+    projector_in: torch.Tensor | None = None  # [rows, t, D_in] the model's own projector input
+
+
+@dataclass
+class _Forward:
+    spans: list[VisualSpan]
+    batch: int
+    length: int
+    image_sizes: object
+    vision: _VisionRecord | None = None
+    base: _Layout | None = None  # layout entering the LLM (after the pre_llm cut)
+    deep: dict = field(default_factory=dict)  # cut layer K -> _Layout
+    attention_rows: dict = field(default_factory=dict)  # LLM layer -> [B, H, T] probabilities
+    stats: PruneStats | None = None
+
+
+@dataclass
+class _Generation:
+    cache: object
+    base: _Layout
+    deep: dict
+    prompt_length: int  # original prompt length (padding included)
+
+
+def _guard(fn):
+    """Turn any failure inside a hook into a PruneError after restoring the model unpruned."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - re-raised with context
+            self._abort()
+            if isinstance(err, PruneError):
+                raise
+            raise PruneError(
+                f"vtprune: {type(err).__name__} inside the {self.method.name!r} hooks: {err}. "
+                "vtprune removed its hooks; the model is unpruned now (call vtprune.prune again)."
+            ) from err
+
+    return wrapper
+
+
+class Session:
+    """Per-model pruning session. Create through :func:`vtprune.prune`."""
+
+    def __init__(self, model, adapter: Adapter, method: Method):
+        self.model = model
+        self.adapter = adapter
+        self.method = method
+        self.stats: PruneStats | None = None
+        self._handles: list = []
+        self._hooked_attention: list = []
+        self._saved_impl: list = []
+        self._fwd: _Forward | None = None
+        self._gen: _Generation | None = None
+        self._vision: _VisionRecord | None = None
+        self._wrapped_image_features = False
+        self.active = False
+
+    # ---------------------------------------------------------------------------------------------------
+    # install / remove
+    def install(self) -> None:
+        try:
+            self._install()
+        except Exception:
+            self.remove()
+            raise
+        self.active = True
+
+    def _install(self) -> None:
+        m, a, method = self.model, self.adapter, self.method
+        self._handles.append(m.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
+        self._handles.append(m.register_forward_hook(self._on_model_end, with_kwargs=True, always_call=True))
+        self._wrap_get_image_features()
+        if method.is_noop:
+            return  # ratio 0: nothing is cut and nothing is computed; stats still report the spans
+        self._handles.append(a.language_model.register_forward_pre_hook(self._on_llm_start, with_kwargs=True))
+        self._handles.append(a.language_model.register_forward_hook(self._on_llm_end, with_kwargs=True))
+        if method.needs_vision:
+            layer = a.vision_layers[a.vision_feature_layer]
+            self._hook_attention(a.vision_attention(layer), self._record_vision_attention)
+            self._handles.append(layer.register_forward_hook(self._record_vision_hidden))
+            self._handles.append(a.projector.register_forward_pre_hook(self._record_projector_input))
+        n_layers = len(a.decoder_layers)
+        cuts = method.cut_layers()
+        for k in cuts:
+            if not 0 < k < n_layers:
+                raise PruneError(
+                    f"vtprune: {method.name} cuts before LLM layer {k}, but the model has layers 0..{n_layers - 1}; "
+                    f"use a layer in 1..{n_layers - 1}"
+                )
+        if cuts:
+            for i in range(min(cuts), n_layers):
+                self._handles.append(
+                    a.decoder_layers[i].register_forward_pre_hook(
+                        functools.partial(self._on_decoder_layer, i), with_kwargs=True
+                    )
+                )
+        for layer_idx in method.attention_rows():
+            attn = a.decoder_layers[layer_idx].self_attn
+            self._hook_attention(attn, functools.partial(self._record_llm_attention, layer_idx))
+        if method.stage == "attention":
+            for layer_idx in method.modulated_layers(n_layers):
+                attn = a.decoder_layers[layer_idx].self_attn
+                self._hook_attention(attn, self._modulate)
+
+    def _hook_attention(self, module, fn) -> None:
+        config = module.config
+        if not any(c is config for c, _ in self._saved_impl):
+            impl = compat.get_attn_implementation(config)
+            self._saved_impl.append((config, impl))
+            compat.set_attn_implementation(config, compat.wrapped_attention_name(impl))
+        module._vtprune_attention = fn
+        self._hooked_attention.append(module)
+
+    def _wrap_get_image_features(self) -> None:
+        """Instance-level wrapper (never the class): generate() encodes images before the prefill forward, so
+        the start of a vision run and its image_sizes are only visible here."""
+        inner = self.model.model
+        original = inner.get_image_features
+
+        @functools.wraps(original)
+        def get_image_features(*args, **kwargs):
+            pixel_values = kwargs.get("pixel_values", args[0] if args else None)
+            record = _VisionRecord(pixel_values=pixel_values, image_sizes=kwargs.get("image_sizes"))
+            self._vision = record
+            if self._fwd is not None and self._fwd.vision is None:
+                self._fwd.vision = record
+            return original(*args, **kwargs)
+
+        get_image_features.vtprune_wrapper = True
+        inner.get_image_features = get_image_features
+        self._wrapped_image_features = True
+
+    def remove(self) -> None:
+        if self._wrapped_image_features:
+            inner = self.model.model
+            if getattr(inner.__dict__.get("get_image_features"), "vtprune_wrapper", False):
+                del inner.get_image_features
+            self._wrapped_image_features = False
+        self._vision = None
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for module in self._hooked_attention:
+            if "_vtprune_attention" in module.__dict__:
+                del module._vtprune_attention
+        self._hooked_attention.clear()
+        for config, impl in reversed(self._saved_impl):
+            compat.set_attn_implementation(config, impl)
+        self._saved_impl.clear()
+        self._fwd = None
+        self._gen = None
+        self.active = False
+        if getattr(self.model, "vtprune", None) is self:
+            del self.model.vtprune
+
+    def _abort(self) -> None:
+        self._fwd = None
+        self._gen = None
+        self.remove()
+
+    # ---------------------------------------------------------------------------------------------------
+    # model entry / exit
+    @_guard
+    def _on_model_start(self, module, args, kwargs):
+        self._fwd = None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = compat.get_cache(kwargs)
+        pixel_values = kwargs.get("pixel_values")
+        if self._gen is not None and cache is not None and cache is self._gen.cache:
+            if pixel_values is not None:
+                raise PruneError("vtprune: new images in a decode step of a pruned cache are not supported")
+            return None  # decode step on our compacted cache
+        self._gen = None
+        if input_ids is None:
+            if pixel_values is not None:
+                raise PruneError("vtprune: pass input_ids (not inputs_embeds) so the visual tokens can be located")
+            return None
+        has_image_tokens = bool((input_ids == self.adapter.image_token_id).any())
+        if not has_image_tokens:
+            if pixel_values is not None:
+                raise PruneError(
+                    "vtprune: pixel_values were given but input_ids hold no image token "
+                    f"(id {self.adapter.image_token_id}); build the prompt with the model's processor"
+                )
+            return None  # text-only: untouched
+        if compat.cache_length(cache) > 0:
+            raise PruneError(
+                "vtprune: image tokens arrived with a non-empty KV cache; pruning a continued conversation is "
+                "not supported. Start from an empty cache."
+            )
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if pixel_values is None and encoded is None:
+            raise PruneError("vtprune: input_ids hold image tokens but no pixel_values were given")
+        vision = None
+        if pixel_values is None:  # generate() (or the caller) ran get_image_features before this forward
+            vision = self._vision
+            if vision is None:
+                raise PruneError(
+                    "vtprune: image features were encoded before vtprune.prune() was called; pass pixel_values"
+                )
+            pixel_values = vision.pixel_values
+        image_sizes = kwargs.get("image_sizes")
+        if image_sizes is None and vision is not None:
+            image_sizes = vision.image_sizes
+        spans = self._find_spans(input_ids, pixel_values, image_sizes)
+        self._fwd = _Forward(
+            spans=spans, batch=input_ids.shape[0], length=input_ids.shape[1], image_sizes=image_sizes, vision=vision
+        )
+        self._fwd.stats = PruneStats(
+            method=self.method.name,
+            images=[ImageStats(s.sample, s.image, s.length) for s in spans],
+            llm_layers=len(self.adapter.decoder_layers),
+        )
+        if self.method.is_noop:
+            self._finish_stats()
+        return None
+
+    def _on_model_end(self, module, args, kwargs, output):
+        fwd, self._fwd = self._fwd, None
+        if fwd is not None and fwd.stats is not None and (fwd.base is not None or self.method.is_noop):
+            self.stats = fwd.stats
+        return None
+
+    def _find_spans(self, input_ids, pixel_values, image_sizes) -> list[VisualSpan]:
+        a = self.adapter
+        runs = [find_runs(row, a.image_token_id) for row in input_ids]
+        n_images = a.count_images(pixel_values, image_sizes)
+        flat_runs = [(b, s, n) for b, row in enumerate(runs) for s, n in row]
+        expected = a.image_token_counts(n_images or len(flat_runs), image_sizes, [n for *_, n in flat_runs])
+        spans: list[VisualSpan] = []
+        image = 0
+        for b, row in enumerate(runs):
+            k = 0
+            for start, length in row:
+                pos = start
+                while pos < start + length:
+                    if expected is None:
+                        n = length
+                    else:
+                        if image >= len(expected):
+                            raise PruneError(
+                                f"vtprune: input_ids hold more image tokens than the {len(expected)} image(s) in "
+                                "pixel_values provide; the prompt and the images do not match"
+                            )
+                        n = expected[image]
+                    if pos + n > start + length:
+                        raise PruneError(
+                            f"vtprune: image-token count mismatch in sample {b}: a run of {length} image tokens "
+                            f"does not split into images of {n} tokens; build prompts with the model's processor "
+                            f"(it expands each image placeholder to the right count)"
+                        )
+                    spans.append(VisualSpan(b, image, k, pos, n))
+                    pos += n
+                    image += 1
+                    k += 1
+        if n_images is not None and image != n_images:  # None: one run per image (InternVL)
+            raise PruneError(
+                f"vtprune: image-token count mismatch: input_ids hold tokens for {image} image(s) but "
+                f"pixel_values hold {n_images}; build prompts with the model's processor"
+            )
+        return spans
+
+    # ---------------------------------------------------------------------------------------------------
+    # recording
+    def _record_vision_attention(self, base, module, query, key, value, attention_mask, **kwargs):
+        rec = self._vision
+        if rec is not None and rec.cls is None:
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            logits = (query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling  # CLS query only
+            if isinstance(attention_mask, torch.Tensor):
+                am = attention_mask[:, :, :1]
+                logits = logits.masked_fill(~am, float("-inf")) if am.dtype == torch.bool else logits + am.float()
+            rec.cls = logits.softmax(-1)[:, :, 0].sum(1)  # [crops, S], summed over heads
+            rec.keys = key.float().mean(1)  # [crops, S, d]
+            rec.n_crops = query.shape[0]
+        return base(module, query, key, value, attention_mask, **kwargs)
+
+    def _record_vision_hidden(self, module, args, output):
+        rec = self._vision
+        if rec is not None and rec.hidden_cls is None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            rec.hidden_cls = hidden[:, 0]
+
+    def _record_projector_input(self, module, args):
+        # only the model's own call: methods may call the projector themselves (VisionZip merges)
+        rec = self._vision
+        if rec is not None and rec.projector_in is None:
+            rec.projector_in = args[0]
+
+    def _record_llm_attention(self, layer_idx, base, module, query, key, value, attention_mask, **kwargs):
+        fwd = self._fwd
+        if fwd is not None and query.shape[2] > 1:
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            groups = query.shape[1] // key.shape[1]
+            k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+            logits = (query[:, :, -1:].float() @ k.float().transpose(-1, -2)) * scaling
+            if isinstance(attention_mask, torch.Tensor):
+                am = attention_mask[:, :, -1:, : k.shape[2]]
+                logits = logits.masked_fill(~am, float("-inf")) if am.dtype == torch.bool else logits + am.float()
+            fwd.attention_rows[layer_idx] = logits.softmax(-1)[:, :, 0]  # [B, H, T]
+        return base(module, query, key, value, attention_mask, **kwargs)
+
+    def _modulate(self, base, module, query, key, value, attention_mask, **kwargs):
+        out = self.method.modulate(self, base, module, query, key, value, attention_mask, **kwargs)
+        return base(module, query, key, value, attention_mask, **kwargs) if out is None else out
+
+    # ---------------------------------------------------------------------------------------------------
+    # views for methods
+    def _vision_view(self, span: VisualSpan) -> VisionView:
+        fwd, a = self._fwd, self.adapter
+        rec = fwd.vision
+        if rec is None or rec.cls is None:
+            raise PruneError("vtprune: the vision tower's attention was not recorded (was pixel_values given?)")
+        crops = a.crops_per_image(fwd.spans, fwd.image_sizes)
+        if sum(crops) != rec.n_crops:
+            raise PruneError(
+                f"vtprune: image-token count mismatch: the prompt's image tokens need {sum(crops)} vision crops/tiles "
+                f"but the vision tower ran on {rec.n_crops}; build prompts with the model's processor"
+            )
+        first_crop = sum(crops[: span.image])
+        n_crops = crops[span.image]
+        seq = rec.cls.shape[1]
+        cls = rec.cls[first_crop : first_crop + n_crops].reshape(-1)
+        keys = rec.keys[first_crop : first_crop + n_crops].reshape(n_crops * seq, -1)
+        src = a.token_sources(span, fwd.image_sizes).to(cls.device)  # [N, S]
+        has = src >= 0
+        safe = src.clamp(min=0)
+        cls_tok = (cls[safe] * has).sum(1)
+        count = has.sum(1, keepdim=True).clamp(min=1)
+        keys_tok = (keys[safe] * has[..., None]).sum(1) / count
+        pre = project = cls_pre = None
+        if rec.projector_in is not None:
+            rows = a.projector_rows(span, fwd.image_sizes).to(cls.device)
+            per_row = rec.projector_in.shape[1]
+            flat = rec.projector_in[first_crop : first_crop + n_crops].reshape(n_crops * per_row, -1)
+            if bool((rows >= 0).all()):
+                pre = flat[rows]
+                project = a.projector
+                if a.cls_in_projector_space and rec.hidden_cls is not None and n_crops == 1:
+                    cls_pre = rec.hidden_cls[first_crop]
+        return VisionView(cls_attention=cls_tok, keys=keys_tok, pre_projector=pre, cls_pre_projector=cls_pre, project=project)
+
+    def _image_view(self, span: VisualSpan, layout: _Layout, hidden: torch.Tensor, stage: str, layer=None,
+                    attention=None) -> ImageView:
+        i = span.image
+        slots = layout.images[i]
+        return ImageView(
+            sample=span.sample,
+            image=i,
+            index_in_sample=span.index_in_sample,
+            n_tokens=span.length,
+            index=layout.image_index[i],
+            embeds=hidden[span.sample, slots],
+            stage=stage,
+            layer=layer,
+            attention=None if attention is None else attention[span.sample][:, slots],
+            _vision=(lambda s=span: self._vision_view(s)) if self.method.needs_vision else None,
+        )
+
+    def _select(self, views: list[ImageView]) -> list[Selection]:
+        out = []
+        for v in views:
+            n_keep = self.method.n_keep(v, self.adapter.nominal_tokens)
+            n_keep = min(n_keep, v.n)
+            sel = self.method.select(v, n_keep)
+            keep = sel.keep.to(torch.long).flatten()
+            if keep.numel() and (
+                bool((keep[1:] <= keep[:-1]).any()) or int(keep.min()) < 0 or int(keep.max()) >= v.n
+            ):
+                raise PruneError(f"vtprune: {self.method.name} returned keep indices that are not sorted, unique and in range")
+            sel.keep = keep
+            out.append(sel)
+        return out
+
+    # ---------------------------------------------------------------------------------------------------
+    # layouts
+    def _original_layout(self, attention_mask, device) -> _Layout:
+        fwd = self._fwd
+        B, T = fwd.batch, fwd.length
+        pos = torch.arange(T, device=device).expand(B, T)
+        valid = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        return _Layout(
+            src=pos,
+            valid=valid,
+            orig=torch.where(valid, pos, torch.full_like(pos, -1)),
+            images=[torch.arange(s.start, s.start + s.length, device=device) for s in fwd.spans],
+            image_index=[torch.arange(s.length, device=device) for s in fwd.spans],
+            position_shift=torch.zeros(B, dtype=torch.long, device=device),
+        )
+
+    def _cut(self, prev: _Layout, selections: list[Selection]) -> tuple[_Layout, torch.Tensor, torch.Tensor]:
+        """New layout after dropping the unselected visual slots of ``prev``.
+
+        Returns the layout plus the kernel inputs: keep_index [B, T'] (slots of prev, sorted, first counts[b]
+        valid) and counts [B]; rows are right-aligned (left padding) so generate's last-token logits stay last.
+        """
+        fwd = self._fwd
+        device = prev.valid.device
+        B, T = prev.valid.shape
+        drop = torch.zeros(B, T, dtype=torch.bool, device=device)
+        for span, sel in zip(fwd.spans, selections):
+            slots = prev.images[span.image]
+            mask = torch.ones(slots.numel(), dtype=torch.bool, device=device)
+            mask[sel.keep.to(device)] = False
+            drop[span.sample, slots[mask]] = True
+        keep = ~drop
+        counts = keep.sum(1)
+        T_new = int(counts.max())
+        keep_index = torch.full((B, T_new), -1, dtype=torch.long, device=device)
+        for b in range(B):
+            idx = torch.nonzero(keep[b]).flatten()
+            keep_index[b, : idx.numel()] = idx
+        pad = T_new - counts  # left padding added per sample
+        slot_of = torch.full((B, T), -1, dtype=torch.long, device=device)  # prev slot -> new slot
+        for b in range(B):
+            idx = keep_index[b, : int(counts[b])]
+            slot_of[b, idx] = torch.arange(int(counts[b]), device=device) + pad[b]
+        src = torch.full((B, T_new), -1, dtype=torch.long, device=device)
+        for b in range(B):
+            src[b, int(pad[b]):] = keep_index[b, : int(counts[b])]
+        gathered = src.clamp(min=0)
+        valid = prev.valid.gather(1, gathered) & (src >= 0)
+        orig = torch.where(valid, prev.orig.gather(1, gathered), torch.full_like(src, -1))
+        images, image_index = [], []
+        for span, sel in zip(fwd.spans, selections):
+            old_slots = prev.images[span.image]
+            kept_slots = old_slots[sel.keep.to(device)]
+            images.append(slot_of[span.sample, kept_slots])
+            image_index.append(prev.image_index[span.image][sel.keep.to(device)])
+        layout = _Layout(src=src, valid=valid, orig=orig, images=images, image_index=image_index,
+                         position_shift=prev.position_shift.clone())
+        return layout, keep_index, counts
+
+    def _record_stage(self, stage: str, layer, prev: _Layout, new: _Layout, selections: list[Selection]) -> None:
+        for span, sel in zip(self._fwd.spans, selections):
+            before = prev.image_index[span.image]
+            kept = sel.sources if sel.sources is not None else new.image_index[span.image]
+            self._fwd.stats.images[span.image].stages.append(
+                StageStats(stage, layer, int(before.numel()), int(sel.keep.numel()),
+                           [int(x) for x in kept.tolist() if int(x) >= 0])
+            )
+
+    def _finish_stats(self) -> None:
+        stats = self._fwd.stats
+        L = stats.llm_layers
+        for img in stats.images:
+            counts = [img.n_tokens] * L
+            for st in img.stages:
+                start = 0 if st.layer is None else st.layer
+                for l in range(start, L):
+                    counts[l] = st.tokens_out
+            img.equivalent_tokens = sum(counts) / L if L else float(img.n_tokens)
+
+    # ---------------------------------------------------------------------------------------------------
+    # helpers shared by the LLM-side hooks
+    def _gather_rows(self, x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """Out-of-place x[b, src[b, t]] for small per-token tensors ([B|1, T] or [B|1, T, d]); -1 -> 0."""
+        B = src.shape[0]
+        if x.shape[0] != B:
+            x = x.expand(B, *x.shape[1:])
+        idx = src.clamp(min=0)
+        if x.dim() == 2:
+            out = x.gather(1, idx)
+        else:
+            out = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+        return out
+
+    def _compact_hidden(self, hidden: torch.Tensor, keep_index, counts) -> torch.Tensor:
+        if hidden.requires_grad:
+            out = self._gather_rows(hidden, keep_index)
+            # right-align to match the in-place kernel's left-padded layout
+            T_new = keep_index.shape[1]
+            res = torch.zeros_like(out)
+            for b in range(hidden.shape[0]):
+                c = int(counts[b])
+                res[b, T_new - c:] = out[b, :c]
+            return res
+        return compact_(hidden, keep_index, dim=1, counts=counts, pad_left=True)
+
+    def _positions(self, prev_positions: torch.Tensor, new: _Layout) -> torch.Tensor:
+        """Position ids of the new layout's slots: original (gathered) or renumbered contiguously."""
+        if self.method.positions == "original":
+            pos = self._gather_rows(prev_positions, new.src)
+            return torch.where(new.valid, pos, torch.zeros_like(pos))
+        # renumber: contiguous over the valid slots, starting where the sample's first real token started
+        first = self._gather_rows(prev_positions, new.src)
+        start = torch.where(new.valid, first, torch.full_like(first, 1 << 30)).min(1, keepdim=True).values
+        start = torch.where(start == (1 << 30), torch.zeros_like(start), start)
+        ranks = new.valid.long().cumsum(1) - 1
+        return torch.where(new.valid, start + ranks, torch.zeros_like(ranks))
+
+    def _mask_4d(self, valid: torch.Tensor, q_len: int, dtype, like_impl: str):
+        """[B, 1, q, T] mask for a compacted layout: slot-causal, padding keys masked, each query sees itself."""
+        B, T = valid.shape
+        q_slots = torch.arange(T - q_len, T, device=valid.device)
+        k_slots = torch.arange(T, device=valid.device)
+        causal = k_slots[None, :] <= q_slots[:, None]
+        allowed = causal[None] & valid[:, None, :]
+        allowed = allowed | (k_slots[None, None, :] == q_slots[None, :, None])
+        allowed = allowed[:, None]
+        if compat.mask_is_boolean(like_impl):
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    # ---------------------------------------------------------------------------------------------------
+    # stage "pre_llm" (and decode-time mapping) at the language model's entry
+    @_guard
+    def _on_llm_start(self, module, args, kwargs):
+        if self._gen is not None and self._fwd is None:
+            return self._map_decode_inputs(kwargs)
+        fwd = self._fwd
+        if fwd is None:
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None or embeds.shape[1] != fwd.length:
+            raise PruneError("vtprune: the language model did not receive the merged inputs_embeds it expected")
+        attention_mask = kwargs.get("attention_mask")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
+            raise PruneError("vtprune: only 2-D attention masks are supported with pruning")
+        base = self._original_layout(attention_mask, embeds.device)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(fwd.length, device=embeds.device)[None]  # the LLM's own default
+        if position_ids.dim() != 2:
+            raise PruneError("vtprune: 3-D (multimodal rope) position ids are not supported")
+        if self.method.stage in ("pre_llm", "vision"):
+            views = [self._image_view(s, base, embeds, "pre_llm") for s in fwd.spans]
+            selections = self._select(views)
+            new, keep_index, counts = self._cut(base, selections)
+            self._record_stage("pre_llm", None, base, new, selections)
+            new_position_ids = self._positions(position_ids, new)
+            embeds = self._compact_hidden(embeds, keep_index, counts)
+            for span, sel in zip(fwd.spans, selections):
+                if sel.values is not None:
+                    embeds[span.sample, new.images[span.image]] = sel.values.to(embeds.dtype)
+            old_last = self._gather_rows(position_ids, base.src)[:, -1]
+            new.position_shift = old_last - new_position_ids[:, -1]
+            kwargs["inputs_embeds"] = embeds
+            kwargs["position_ids"] = new_position_ids
+            # an explicit mask also stops transformers from reading position gaps as packed sequences
+            kwargs["attention_mask"] = new.valid.long()
+            base = new
+        else:
+            kwargs["position_ids"] = position_ids
+        base.position_ids = kwargs["position_ids"]
+        fwd.base = base
+        if not self.method.cut_layers():
+            self._finish_stats()
+        return args, kwargs
+
+    def _on_llm_end(self, module, args, kwargs, output):
+        fwd = self._fwd
+        if fwd is None or fwd.base is None:
+            return None
+        cache = getattr(output, "cache", None)
+        if cache is None and isinstance(output, dict):
+            cache = output.get("past_key_values")
+        if cache is not None:
+            self._gen = _Generation(cache=cache, base=fwd.base, deep=dict(fwd.deep), prompt_length=fwd.length)
+        return None
+
+    def _map_decode_inputs(self, kwargs):
+        """Translate generate()'s original-layout 2-D mask / positions onto the compacted cache."""
+        gen = self._gen
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return None
+        q = embeds.shape[1]
+        base = gen.base
+        cached = compat.cache_length(gen.cache, 0)
+        T_base = base.valid.shape[1]
+        new_tokens = cached - T_base + q  # tokens after the prompt, this step's included
+        am = kwargs.get("attention_mask")
+        if isinstance(am, torch.Tensor):
+            if am.dim() != 2:
+                raise PruneError("vtprune: only 2-D attention masks are supported with pruning")
+            if am.shape[1] == gen.prompt_length + new_tokens:
+                tail = am[:, gen.prompt_length:]
+            elif am.shape[1] == cached + q:
+                tail = am[:, T_base:]  # already in the compacted layout
+            else:
+                raise PruneError(
+                    f"vtprune: decode attention_mask has {am.shape[1]} columns; expected "
+                    f"{gen.prompt_length + new_tokens} (original layout) or {cached + q} (compacted cache)"
+                )
+            kwargs["attention_mask"] = torch.cat([base.valid.to(tail.dtype), tail], dim=1)
+        elif not bool(base.valid.all()):
+            kwargs["attention_mask"] = torch.cat(
+                [base.valid.long(), torch.ones(base.valid.shape[0], new_tokens, dtype=torch.long, device=base.valid.device)], 1
+            )
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            last = base.position_ids[:, -1:]
+            kwargs["position_ids"] = last + 1 + (new_tokens - q) + torch.arange(q, device=last.device)[None]
+        else:
+            kwargs["position_ids"] = pos - base.position_shift[:, None].to(pos.device)
+        gen.current_tail = kwargs.get("attention_mask")
+        return (), kwargs
+
+    # ---------------------------------------------------------------------------------------------------
+    # stage "llm": before decoder layer K
+    @_guard
+    def _on_decoder_layer(self, layer_idx, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cuts = self.method.cut_layers()
+        fwd = self._fwd
+        if fwd is not None and fwd.base is not None:
+            if layer_idx in cuts:
+                hidden = self._cut_in_llm(layer_idx, hidden, kwargs)
+            seg = fwd.deep[max(k for k in cuts if k <= layer_idx)]
+            kwargs["position_embeddings"] = seg.position_embeddings
+            kwargs["position_ids"] = seg.position_ids
+            kwargs["attention_mask"] = seg.mask
+        elif self._gen is not None and self._gen.deep:
+            seg = self._gen.deep[max(k for k in cuts if k <= layer_idx)]
+            self._decode_layer_inputs(layer_idx, seg, hidden, kwargs)
+        else:
+            return None
+        if args:
+            return (hidden,) + tuple(args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _cut_in_llm(self, layer_idx: int, hidden: torch.Tensor, kwargs) -> torch.Tensor:
+        fwd = self._fwd
+        prev_k = [k for k in fwd.deep if k < layer_idx]
+        prev = fwd.deep[max(prev_k)] if prev_k else fwd.base
+        score_layer = layer_idx - 1
+        attention = fwd.attention_rows.get(score_layer)
+        views = [self._image_view(s, prev, hidden, "llm", layer_idx, attention) for s in fwd.spans]
+        selections = self._select(views)
+        new, keep_index, counts = self._cut(prev, selections)
+        self._record_stage("llm", layer_idx, prev, new, selections)
+        cos, sin = kwargs["position_embeddings"] if prev.position_embeddings is None else prev.position_embeddings
+        if self.method.positions == "original":
+            new.position_ids = self._gather_rows(prev.position_ids, new.src)
+            new.position_embeddings = (self._gather_rows(cos, new.src), self._gather_rows(sin, new.src))
+        else:
+            new.position_ids = self._positions(prev.position_ids, new)
+            new.position_embeddings = self.adapter.rotary(hidden, new.position_ids)
+            new.position_shift = prev.position_shift + (prev.position_ids[:, -1] - new.position_ids[:, -1])
+        incoming = kwargs.get("attention_mask") if prev.mask is None else prev.mask
+        text_impl = compat.get_attn_implementation(self.adapter.language_model.config)
+        if incoming is None and bool(new.valid.all()):
+            new.mask = None
+        else:
+            new.mask = self._mask_4d(new.valid, new.valid.shape[1], hidden.dtype, text_impl)
+        hidden = self._compact_hidden(hidden, keep_index, counts)
+        for span, sel in zip(fwd.spans, selections):
+            if sel.values is not None:
+                hidden[span.sample, new.images[span.image]] = sel.values.to(hidden.dtype)
+        fwd.deep[layer_idx] = new
+        if layer_idx == max(self.method.cut_layers()):
+            self._finish_stats()
+        return hidden
+
+    def _decode_layer_inputs(self, layer_idx: int, seg: _Layout, hidden: torch.Tensor, kwargs) -> None:
+        gen = self._gen
+        q = hidden.shape[1]
+        cached = compat.cache_length(gen.cache, layer_idx)
+        T_seg = seg.valid.shape[1]
+        new_tokens = cached - T_seg + q
+        am2d = getattr(gen, "current_tail", None)
+        if isinstance(am2d, torch.Tensor):
+            tail = am2d[:, am2d.shape[1] - new_tokens:].bool()
+        else:
+            tail = torch.ones(seg.valid.shape[0], new_tokens, dtype=torch.bool, device=seg.valid.device)
+        valid = torch.cat([seg.valid, tail], dim=1)
+        text_impl = compat.get_attn_implementation(self.adapter.language_model.config)
+        if kwargs.get("attention_mask") is None and bool(valid.all()):
+            kwargs["attention_mask"] = None
+        else:
+            kwargs["attention_mask"] = self._mask_4d(valid, q, hidden.dtype, text_impl)
+        if self.method.positions == "renumber":
+            pos = kwargs["position_ids"] - seg.position_shift[:, None]
+            kwargs["position_ids"] = pos
+            kwargs["position_embeddings"] = self.adapter.rotary(hidden, pos)

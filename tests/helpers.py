@@ -1,0 +1,82 @@
+"""Independent references for the tests: written from the model's own pieces, never from vtprune code."""
+
+from __future__ import annotations
+
+import torch
+
+
+def merged_embeds(model, batch) -> torch.Tensor:
+    """[B, T, D] LLM input embeddings with image features scattered in, as the model's own forward does."""
+    kwargs = {"pixel_values": batch["pixel_values"]}
+    if "image_sizes" in batch:
+        kwargs["image_sizes"] = batch["image_sizes"]
+    with torch.no_grad():
+        feats = model.model.get_image_features(**kwargs).pooler_output
+        feats = torch.cat(list(feats), 0) if not isinstance(feats, torch.Tensor) or feats.dim() == 3 else feats
+        feats = feats.reshape(-1, feats.shape[-1])
+        emb = model.get_input_embeddings()(batch["input_ids"])
+        mask = (batch["input_ids"] == model.config.image_token_id).unsqueeze(-1)
+        return emb.masked_scatter(mask, feats.to(emb.dtype))
+
+
+def image_positions(input_ids_row: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    return torch.nonzero(input_ids_row == image_token_id).flatten()
+
+
+def kept_sequence_positions(input_ids_row, image_token_id, kept_per_image: list[list[int]], lengths: list[int]):
+    """Original positions of the tokens that survive: all text plus each image's kept indices."""
+    img_pos = image_positions(input_ids_row, image_token_id)
+    keep = torch.ones(input_ids_row.numel(), dtype=torch.bool)
+    keep[img_pos] = False
+    offset = 0
+    for kept, n in zip(kept_per_image, lengths):
+        keep[img_pos[offset + torch.tensor(kept, dtype=torch.long)]] = True
+        offset += n
+    return torch.nonzero(keep).flatten()
+
+
+def greedy_from_embeds(model, embeds, position_ids, steps: int):
+    """Greedy decode from precomputed input embeddings with explicit positions; returns (tokens, prefill logits)."""
+    with torch.no_grad():
+        n = embeds.shape[1]
+        out = model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=torch.ones(1, n, dtype=torch.long),
+                    use_cache=True)
+        logits0 = out.logits[:, -1]
+        tok = logits0.argmax(-1, keepdim=True)
+        tokens = [int(tok)]
+        cache, pos = out.cache, int(position_ids[0, -1])
+        for t in range(steps - 1):
+            pos += 1
+            out = model(input_ids=tok, cache=cache, position_ids=torch.tensor([[pos]]),
+                        attention_mask=torch.ones(1, n + t + 1, dtype=torch.long), use_cache=True)
+            cache = out.cache
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(tok))
+    return tokens, logits0
+
+
+def slow_in_llm_generate(model, embeds, kept_positions: torch.Tensor, layer_k: int, steps: int):
+    """Reference for in-LLM pruning: recompute the whole forward per step, no cache. Layers < K see every token;
+    from layer K on only the kept prompt tokens (at their original positions) and all generated tokens."""
+    lm = model.model.language_model
+    seq = embeds
+    T = embeds.shape[1]
+    tokens, first_logits = [], None
+    with torch.no_grad():
+        for _ in range(steps):
+            n = seq.shape[1]
+            h = seq
+            pos = torch.arange(n)[None]
+            cos, sin = lm.rotary_emb(h, position_ids=pos)
+            for i, layer in enumerate(lm.layers):
+                if i == layer_k:
+                    keep = torch.cat([kept_positions, torch.arange(T, n)])
+                    h, cos, sin, pos = h[:, keep], cos[:, keep], sin[:, keep], pos[:, keep]
+                h = layer(h, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
+                h = h[0] if isinstance(h, tuple) else h
+            logits = model.lm_head(lm.norm(h))[:, -1]
+            first_logits = logits if first_logits is None else first_logits
+            tok = logits.argmax(-1, keepdim=True)
+            tokens.append(int(tok))
+            seq = torch.cat([seq, model.get_input_embeddings()(tok)], 1)
+    return tokens, first_logits

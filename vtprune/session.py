@@ -136,6 +136,7 @@ class _Generation:
     base: _Layout
     deep: dict
     prompt_length: int  # original prompt length (padding included)
+    spans: list
 
 
 def _guard(fn):
@@ -424,6 +425,21 @@ class Session:
         return base(module, query, key, value, attention_mask, **kwargs) if out is None else out
 
     # ---------------------------------------------------------------------------------------------------
+    # what attention-stage methods may ask
+    def visual_key_mask(self, key_length: int) -> torch.Tensor | None:
+        """[B, key_length] bool, True where a key is a visual token (LLM-input layout; generated tokens are
+        text). None when the current forward has no images."""
+        layout = self._fwd.base if self._fwd is not None else (self._gen.base if self._gen is not None else None)
+        if layout is None:
+            return None
+        B, T = layout.valid.shape
+        mask = torch.zeros(B, key_length, dtype=torch.bool, device=layout.valid.device)
+        spans = self._fwd.spans if self._fwd is not None else self._gen.spans
+        for span, slots in zip(spans, layout.images):
+            mask[span.sample, slots[slots < key_length]] = True
+        return mask
+
+    # ---------------------------------------------------------------------------------------------------
     # views for methods
     def _vision_view(self, span: VisualSpan) -> VisionView:
         fwd, a = self._fwd, self.adapter
@@ -675,7 +691,9 @@ class Session:
         if cache is None and isinstance(output, dict):
             cache = output.get("past_key_values")
         if cache is not None:
-            self._gen = _Generation(cache=cache, base=fwd.base, deep=dict(fwd.deep), prompt_length=fwd.length)
+            self._gen = _Generation(
+                cache=cache, base=fwd.base, deep=dict(fwd.deep), prompt_length=fwd.length, spans=fwd.spans
+            )
         return None
 
     def _map_decode_inputs(self, kwargs):

@@ -115,6 +115,9 @@ class _VisionRecord:
     keys: torch.Tensor | None = None  # [crops, S, d] head-averaged keys of that layer
     hidden_cls: torch.Tensor | None = None  # [crops, D_v] CLS hidden state output by that layer
     projector_in: torch.Tensor | None = None  # [rows, t, D_in] the model's own projector input
+    crop_keep: torch.Tensor | None = None  # [crops, S] bool: vision-sequence positions surviving the vision stage
+    crop_index: torch.Tensor | None = None  # [crops, n] kept patch indices (0-based, CLS excluded)
+    vision_stages: list = field(default_factory=list)  # (layer, n_in, n_out, [crops, n_out] kept patch indices)
 
 
 @dataclass
@@ -199,6 +202,18 @@ class Session:
             self._hook_attention(a.vision_attention(layer), self._record_vision_attention)
             self._handles.append(layer.register_forward_hook(self._record_vision_hidden))
             self._handles.append(a.projector.register_forward_pre_hook(self._record_projector_input))
+        if method.stage == "vision":
+            n_vision = len(a.vision_layers)
+            for j in method.vision_cut_layers():
+                if not 0 < j <= a.vision_feature_layer:
+                    raise PruneError(
+                        f"vtprune: {method.name} cuts before vision layer {j}; use a layer in 1..{a.vision_feature_layer} "
+                        f"(the model reads features after layer {a.vision_feature_layer} of 0..{n_vision - 1})"
+                    )
+                self._handles.append(
+                    a.vision_layers[j].register_forward_pre_hook(functools.partial(self._on_vision_layer, j), with_kwargs=True)
+                )
+            self._handles.append(a.vision_tower.register_forward_hook(self._on_vision_end))
         n_layers = len(a.decoder_layers)
         cuts = method.cut_layers()
         for k in cuts:
@@ -425,6 +440,90 @@ class Session:
         return base(module, query, key, value, attention_mask, **kwargs) if out is None else out
 
     # ---------------------------------------------------------------------------------------------------
+    # stage "vision": between vision-encoder layers
+    @_guard
+    def _on_vision_layer(self, layer_idx, module, args, kwargs):
+        rec = self._vision
+        if rec is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        crops, S_cur, _ = hidden.shape
+        if rec.crop_index is None:
+            rec.crop_keep = torch.ones(crops, S_cur, dtype=torch.bool, device=hidden.device)
+            rec.crop_index = torch.arange(S_cur - 1, device=hidden.device).expand(crops, -1)
+        n_patches = self.adapter.vision_seq_len - 1
+        keep_rows = []
+        for c in range(crops):
+            view = ImageView(sample=-1, image=c, index_in_sample=c, n_tokens=n_patches, index=rec.crop_index[c],
+                             embeds=hidden[c, 1:], stage="vision", layer=layer_idx)
+            n_keep = min(self.method.n_keep(view, n_patches), view.n)
+            sel = self.method.select(view, n_keep)
+            keep_rows.append(sel.keep.to(hidden.device))
+        counts = {int(k.numel()) for k in keep_rows}
+        if len(counts) != 1:
+            raise PruneError("vtprune: a vision-stage method must keep the same number of patches in every crop")
+        keep = torch.stack(keep_rows)  # [crops, n] indices into current patches
+        index = torch.cat([torch.zeros(crops, 1, dtype=torch.long, device=hidden.device), keep + 1], 1)  # CLS stays
+        rec.vision_stages.append((layer_idx, rec.crop_index.shape[1], keep.shape[1], rec.crop_index.gather(1, keep)))
+        rec.crop_index = rec.crop_index.gather(1, keep)
+        hidden = compact_(hidden, index, dim=1) if not hidden.requires_grad else hidden.gather(
+            1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        if args:
+            return (hidden,) + tuple(args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    @_guard
+    def _on_vision_end(self, module, args, output):
+        """Scatter the surviving patches back to their grid positions (zeros elsewhere) so the model's own feature
+        selection, pixel shuffle, projector and anyres packing run unchanged; the pre_llm cut then drops the
+        tokens built only from pruned patches."""
+        rec = self._vision
+        if rec is None or rec.crop_index is None:
+            return None
+        S = self.adapter.vision_seq_len
+        crops = rec.crop_index.shape[0]
+        full_index = torch.cat([torch.zeros(crops, 1, dtype=torch.long, device=rec.crop_index.device), rec.crop_index + 1], 1)
+        rec.crop_keep = torch.zeros(crops, S, dtype=torch.bool, device=full_index.device)
+        rec.crop_keep.scatter_(1, full_index, True)
+
+        def restore(x):
+            if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] == S:
+                return x
+            if x.shape[1] != full_index.shape[1]:
+                raise PruneError("vtprune: vision hidden states were cut at more than one granularity")
+            out = x.new_zeros(x.shape[0], S, x.shape[2])
+            return out.scatter(1, full_index[..., None].expand(-1, -1, x.shape[2]), x)
+
+        if getattr(output, "last_hidden_state", None) is not None:
+            output.last_hidden_state = restore(output.last_hidden_state)
+        if getattr(output, "hidden_states", None) is not None:
+            output.hidden_states = tuple(restore(h) for h in output.hidden_states)
+        return output
+
+    def _selections_from_vision(self) -> list[Selection]:
+        """pre_llm cut implied by the vision stage: keep an LLM token if any of its vision sources survived."""
+        fwd, a = self._fwd, self.adapter
+        rec = fwd.vision
+        if rec is None or rec.crop_keep is None:
+            raise PruneError("vtprune: the vision stage did not run (was pixel_values given?)")
+        crops = a.crops_per_image(fwd.spans, fwd.image_sizes)
+        out = []
+        for span in fwd.spans:
+            first = sum(crops[: span.image])
+            alive = rec.crop_keep[first:first + crops[span.image]].reshape(-1)
+            src = a.token_sources(span, fwd.image_sizes).to(alive.device)
+            keep_tok = (alive[src.clamp(min=0)] & (src >= 0)).any(1)
+            out.append(Selection(keep=torch.nonzero(keep_tok).flatten()))
+        for span in fwd.spans:  # stats: the vision stages, per image (first crop's view for multi-crop images)
+            first = sum(crops[: span.image])
+            for layer, n_in, n_out, kept in rec.vision_stages:
+                fwd.stats.images[span.image].stages.append(
+                    StageStats("vision", layer, n_in, n_out, kept[first].tolist())
+                )
+        return out
+
+    # ---------------------------------------------------------------------------------------------------
     # what attention-stage methods may ask
     def visual_key_mask(self, key_length: int) -> torch.Tensor | None:
         """[B, key_length] bool, True where a key is a visual token (LLM-input layout; generated tokens are
@@ -581,7 +680,7 @@ class Session:
         for img in stats.images:
             counts = [img.n_tokens] * L
             for st in img.stages:
-                start = 0 if st.layer is None else st.layer
+                start = st.layer if st.stage == "llm" else 0
                 for l in range(start, L):
                     counts[l] = st.tokens_out
             img.equivalent_tokens = sum(counts) / L if L else float(img.n_tokens)
@@ -659,8 +758,11 @@ class Session:
         if position_ids.dim() != 2:
             raise PruneError("vtprune: 3-D (multimodal rope) position ids are not supported")
         if self.method.stage in ("pre_llm", "vision"):
-            views = [self._image_view(s, base, embeds, "pre_llm") for s in fwd.spans]
-            selections = self._select(views)
+            if self.method.stage == "vision":
+                selections = self._selections_from_vision()
+            else:
+                views = [self._image_view(s, base, embeds, "pre_llm") for s in fwd.spans]
+                selections = self._select(views)
             new, keep_index, counts = self._cut(base, selections)
             self._record_stage("pre_llm", None, base, new, selections)
             new_position_ids = self._positions(position_ids, new)

@@ -108,6 +108,10 @@ class Method:
         """LLM layer indices K before which the ``llm`` stage cuts (empty for other stages)."""
         return ()
 
+    def vision_cut_layers(self) -> tuple[int, ...]:
+        """Vision-encoder layer indices j before which the ``vision`` stage cuts patches (CLS always stays)."""
+        return ()
+
     def attention_rows(self) -> dict[int, str]:
         """LLM layers whose attention probabilities the method needs, with which query rows ("last")."""
         return {}

@@ -11,6 +11,7 @@ import torch
 
 import vtprune
 from vtprune.methods.base import Method
+from vtprune.methods.fastv import FastV
 from vtprune.registry import register
 
 from .conftest import FAMILIES, build_model, collate, make_prompt
@@ -45,7 +46,7 @@ def test_pre_llm_generate_equals_manually_pruned_sequence(models, family, positi
     torch.testing.assert_close(first_logits, ref_logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llava", "internvl"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("layer_k", [1, 2])
 def test_in_llm_cache_holds_kept_tokens_and_decode_matches_slow_reference(models, family, layer_k):
     model = models(family)
@@ -64,6 +65,77 @@ def test_in_llm_cache_holds_kept_tokens_and_decode_matches_slow_reference(models
                                    [i.kept_index for i in stats.images], [i.n_tokens for i in stats.images])
     ref_tokens, ref_logits = slow_in_llm_generate(model, merged_embeds(model, batch), keep, layer_k, STEPS)
     assert tokens == ref_tokens
+    torch.testing.assert_close(first_logits, ref_logits, atol=1e-5, rtol=0)
+
+
+@register
+@dataclass
+class _TwoCuts(FastV):
+    """Test-only multi-K method (PyramidDrop-like): FastV scoring before layers 1 and 3, half each time."""
+
+    name: ClassVar[str] = "_test_two_cuts"
+    description: ClassVar[str] = "test multi-cut"
+
+    def cut_layers(self):
+        return (1, 3)
+
+    def attention_rows(self):
+        return {0: "last", 2: "last"}
+
+    def n_keep(self, image, reference):
+        return max(1, image.n // 2)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_several_cut_layers_shrink_the_cache_stepwise_and_batch_equals_single(models, family):
+    model = models(family)
+    prompts = [make_prompt(model, family, 3 + 4 * i, i) for i in range(3)]
+    with vtprune.pruned(model, "_test_two_cuts", ratio=0.5), torch.no_grad():
+        out = model(**collate(prompts[:1]), use_cache=True)
+        img = model.vtprune.stats.images[0]
+        n, T = img.n_tokens, prompts[0].input_ids.numel()
+        assert [st.layer for st in img.stages] == [1, 3]
+        assert [st.tokens_out for st in img.stages] == [n // 2, n // 4]
+        lengths = [layer.keys.shape[-2] for layer in out.cache.layers]
+        assert lengths == [T, T - (n - n // 2), T - (n - n // 2), T - (n - n // 4)]
+        assert img.equivalent_tokens == (n + 2 * (n // 2) + n // 4) / 4
+        batched = model.generate(**collate(prompts), max_new_tokens=STEPS)[:, -STEPS:].tolist()
+        singles = [model.generate(**collate([p]), max_new_tokens=STEPS)[0, -STEPS:].tolist() for p in prompts]
+    assert batched == singles
+
+
+def test_in_llm_renumbered_positions_match_slow_reference(models):
+    """positions="renumber" inside the LLM: layers >= K see contiguous positions over the kept tokens."""
+    model = models("llava")
+    batch = collate([make_prompt(model, "llava", 5, 2)])
+    with vtprune.pruned(model, "fastv", ratio=0.5, layer=2, positions="renumber"):
+        tokens, first_logits = _pruned_generate(model, batch)
+        stats = model.vtprune.stats
+    keep = kept_sequence_positions(batch["input_ids"][0], model.config.image_token_id,
+                                   [i.kept_index for i in stats.images], [i.n_tokens for i in stats.images])
+    lm = model.model.language_model
+    seq, T = merged_embeds(model, batch), batch["input_ids"].shape[1]
+    ref = []
+    with torch.no_grad():
+        for _ in range(STEPS):
+            n = seq.shape[1]
+            h = seq
+            pos = torch.arange(n)[None]
+            cos, sin = lm.rotary_emb(h, position_ids=pos)
+            for i, layer in enumerate(lm.layers):
+                if i == 2:
+                    idx = torch.cat([keep, torch.arange(T, n)])
+                    h = h[:, idx]
+                    pos = torch.arange(idx.numel())[None]
+                    cos, sin = lm.rotary_emb(h, position_ids=pos)
+                h = layer(h, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
+            logits = model.lm_head(lm.norm(h))[:, -1]
+            if not ref:
+                ref_logits = logits
+            tok = logits.argmax(-1, keepdim=True)
+            ref.append(int(tok))
+            seq = torch.cat([seq, model.get_input_embeddings()(tok)], 1)
+    assert tokens == ref
     torch.testing.assert_close(first_logits, ref_logits, atol=1e-5, rtol=0)
 
 

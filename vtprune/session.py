@@ -113,11 +113,16 @@ class _VisionRecord:
     n_crops: int | None = None
     cls: torch.Tensor | None = None  # [crops, S] CLS attention at the feature layer, summed over heads
     keys: torch.Tensor | None = None  # [crops, S, d] head-averaged keys of that layer
+    layer_cls: dict = field(default_factory=dict)  # vision layer -> [crops, H, n] CLS attention row
+    layer_values: dict = field(default_factory=dict)  # vision layer -> [crops, H, n, d] values
+    crop_state: list | None = None  # per-crop dicts for vision-stage methods
+    last_cut: int = 0
+    vision_mask: torch.Tensor | None = None  # [crops, 1, K, K] additive mask once crops keep different counts
     hidden_cls: torch.Tensor | None = None  # [crops, D_v] CLS hidden state output by that layer
     projector_in: torch.Tensor | None = None  # [rows, t, D_in] the model's own projector input
     crop_keep: torch.Tensor | None = None  # [crops, S] bool: vision-sequence positions surviving the vision stage
-    crop_index: torch.Tensor | None = None  # [crops, n] kept patch indices (0-based, CLS excluded)
-    vision_stages: list = field(default_factory=list)  # (layer, n_in, n_out, [crops, n_out] kept patch indices)
+    crop_index: list | None = None  # per crop: [n] kept patch indices (0-based, CLS excluded)
+    vision_stages: list = field(default_factory=list)  # (layer, n_in, n_out, kept patch indices), per crop lists
 
 
 @dataclass
@@ -197,19 +202,26 @@ class Session:
             return  # ratio 0: nothing is cut and nothing is computed; stats still report the spans
         self._handles.append(a.language_model.register_forward_pre_hook(self._on_llm_start, with_kwargs=True))
         self._handles.append(a.language_model.register_forward_hook(self._on_llm_end, with_kwargs=True))
+        observe = set(method.vision_observe_layers(len(a.vision_layers), a.vision_feature_layer))
         if method.needs_vision:
+            observe.add(a.vision_feature_layer)
             layer = a.vision_layers[a.vision_feature_layer]
-            self._hook_attention(a.vision_attention(layer), self._record_vision_attention)
             self._handles.append(layer.register_forward_hook(self._record_vision_hidden))
             self._handles.append(a.projector.register_forward_pre_hook(self._record_projector_input))
+        for j in sorted(observe):
+            if not 0 <= j < len(a.vision_layers):
+                raise PruneError(f"vtprune: {method.name} observes vision layer {j}; the tower has 0..{len(a.vision_layers) - 1}")
+            self._hook_attention(a.vision_attention(a.vision_layers[j]), functools.partial(self._record_vision_attention, j))
         if method.stage == "vision":
             n_vision = len(a.vision_layers)
-            for j in method.vision_cut_layers():
+            vision_cuts = method.vision_cut_layers()
+            for j in vision_cuts:
                 if not 0 < j <= a.vision_feature_layer:
                     raise PruneError(
                         f"vtprune: {method.name} cuts before vision layer {j}; use a layer in 1..{a.vision_feature_layer} "
                         f"(the model reads features after layer {a.vision_feature_layer} of 0..{n_vision - 1})"
                     )
+            for j in range(min(vision_cuts), n_vision) if vision_cuts else ():
                 self._handles.append(
                     a.vision_layers[j].register_forward_pre_hook(functools.partial(self._on_vision_layer, j), with_kwargs=True)
                 )
@@ -397,17 +409,22 @@ class Session:
 
     # ---------------------------------------------------------------------------------------------------
     # recording
-    def _record_vision_attention(self, base, module, query, key, value, attention_mask, **kwargs):
+    def _record_vision_attention(self, layer_idx, base, module, query, key, value, attention_mask, **kwargs):
         rec = self._vision
-        if rec is not None and rec.cls is None:
+        if rec is not None and layer_idx not in rec.layer_cls:
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
             logits = (query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling  # CLS query only
             if isinstance(attention_mask, torch.Tensor):
                 am = attention_mask[:, :, :1]
                 logits = logits.masked_fill(~am, float("-inf")) if am.dtype == torch.bool else logits + am.float()
-            rec.cls = logits.softmax(-1)[:, :, 0].sum(1)  # [crops, S], summed over heads
-            rec.keys = key.float().mean(1)  # [crops, S, d]
-            rec.n_crops = query.shape[0]
+            probs = logits.softmax(-1)[:, :, 0]  # [crops, H, n]
+            rec.layer_cls[layer_idx] = probs
+            if self.method.needs_values:
+                rec.layer_values[layer_idx] = value.float()
+            if layer_idx == self.adapter.vision_feature_layer and rec.cls is None:
+                rec.cls = probs.sum(1)  # [crops, S], summed over heads
+                rec.keys = key.float().mean(1)  # [crops, S, d]
+                rec.n_crops = query.shape[0]
         return base(module, query, key, value, attention_mask, **kwargs)
 
     def _record_vision_hidden(self, module, args, output):
@@ -447,31 +464,73 @@ class Session:
         if rec is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        crops, S_cur, _ = hidden.shape
+        crops = hidden.shape[0]
         if rec.crop_index is None:
-            rec.crop_keep = torch.ones(crops, S_cur, dtype=torch.bool, device=hidden.device)
-            rec.crop_index = torch.arange(S_cur - 1, device=hidden.device).expand(crops, -1)
-        n_patches = self.adapter.vision_seq_len - 1
-        keep_rows = []
-        for c in range(crops):
-            view = ImageView(sample=-1, image=c, index_in_sample=c, n_tokens=n_patches, index=rec.crop_index[c],
-                             embeds=hidden[c, 1:], stage="vision", layer=layer_idx)
-            n_keep = min(self.method.n_keep(view, n_patches), view.n)
-            sel = self.method.select(view, n_keep)
-            keep_rows.append(sel.keep.to(hidden.device))
-        counts = {int(k.numel()) for k in keep_rows}
-        if len(counts) != 1:
-            raise PruneError("vtprune: a vision-stage method must keep the same number of patches in every crop")
-        keep = torch.stack(keep_rows)  # [crops, n] indices into current patches
-        index = torch.cat([torch.zeros(crops, 1, dtype=torch.long, device=hidden.device), keep + 1], 1)  # CLS stays
-        rec.vision_stages.append((layer_idx, rec.crop_index.shape[1], keep.shape[1], rec.crop_index.gather(1, keep)))
-        rec.crop_index = rec.crop_index.gather(1, keep)
-        hidden = compact_(hidden, index, dim=1) if not hidden.requires_grad else hidden.gather(
-            1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+            n0 = hidden.shape[1] - 1
+            rec.crop_index = [torch.arange(n0, device=hidden.device) for _ in range(crops)]
+            rec.crop_state = [{} for _ in range(crops)]
+        if layer_idx in self.method.vision_cut_layers():
+            hidden = self._cut_in_vision(layer_idx, hidden, rec)
+        if rec.vision_mask is not None:
+            if args and len(args) >= 2:
+                args = (hidden, rec.vision_mask) + tuple(args[2:])
+            elif "attention_mask" in kwargs or len(args) == 1 and self.adapter.vision_layer_takes_mask:
+                kwargs["attention_mask"] = rec.vision_mask
+            else:
+                raise PruneError(
+                    "vtprune: this vision tower takes no attention mask, so every crop must keep the same number of "
+                    "patches (use the method's shared prune count)"
+                )
         if args:
             return (hidden,) + tuple(args[1:]), kwargs
         kwargs["hidden_states"] = hidden
         return args, kwargs
+
+    def _cut_in_vision(self, layer_idx: int, hidden: torch.Tensor, rec: "_VisionRecord") -> torch.Tensor:
+        crops = hidden.shape[0]
+        n_patches = self.adapter.vision_seq_len - 1
+        units = self.adapter.patch_units().to(hidden.device)
+        observed = sorted(l for l in rec.layer_cls if rec.last_cut <= l < layer_idx)
+        views = []
+        for c in range(crops):
+            n = rec.crop_index[c].numel()
+            obs = [
+                (l, rec.layer_cls[l][c][:, : n + 1],
+                 rec.layer_values[l][c][:, : n + 1] if l in rec.layer_values else None)
+                for l in observed
+            ]
+            views.append(ImageView(sample=-1, image=c, index_in_sample=c, n_tokens=n_patches, index=rec.crop_index[c],
+                                   embeds=hidden[c, 1 : n + 1], stage="vision", layer=layer_idx, observations=obs,
+                                   state=rec.crop_state[c], units=units[rec.crop_index[c]]))
+        selections = self.method.select_crops(views)
+        keeps = []
+        for v, sel in zip(views, selections):
+            keep = sel.keep.to(torch.long).to(hidden.device).flatten()
+            if keep.numel() == 0 or bool((keep[1:] <= keep[:-1]).any()) or int(keep.min()) < 0 or int(keep.max()) >= v.n:
+                raise PruneError(f"vtprune: {self.method.name} returned patch indices that are not sorted, unique and in range")
+            keeps.append(keep)
+        counts = torch.tensor([1 + k.numel() for k in keeps], device=hidden.device)
+        K = int(counts.max())
+        index = torch.zeros(crops, K, dtype=torch.long, device=hidden.device)
+        for c, keep in enumerate(keeps):
+            index[c, 1 : 1 + keep.numel()] = keep + 1  # CLS (row 0) always stays
+        rec.vision_stages.append(
+            (layer_idx, [v.n for v in views], [k.numel() for k in keeps],
+             [rec.crop_index[c][k].tolist() for c, k in enumerate(keeps)])
+        )
+        rec.crop_index = [rec.crop_index[c][k] for c, k in enumerate(keeps)]
+        rec.last_cut = layer_idx
+        if hidden.requires_grad:
+            hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        else:
+            hidden = compact_(hidden, index, dim=1, counts=counts)
+        if bool((counts == K).all()):
+            rec.vision_mask = None
+        else:  # ragged crops: padded keys are masked out (additive, accepted by eager and SDPA alike)
+            valid = torch.arange(K, device=hidden.device)[None] < counts[:, None]
+            mask = torch.zeros(crops, 1, K, K, dtype=hidden.dtype, device=hidden.device)
+            rec.vision_mask = mask.masked_fill(~valid[:, None, None, :], torch.finfo(hidden.dtype).min)
+        return hidden
 
     @_guard
     def _on_vision_end(self, module, args, output):
@@ -482,18 +541,27 @@ class Session:
         if rec is None or rec.crop_index is None:
             return None
         S = self.adapter.vision_seq_len
-        crops = rec.crop_index.shape[0]
-        full_index = torch.cat([torch.zeros(crops, 1, dtype=torch.long, device=rec.crop_index.device), rec.crop_index + 1], 1)
-        rec.crop_keep = torch.zeros(crops, S, dtype=torch.bool, device=full_index.device)
-        rec.crop_keep.scatter_(1, full_index, True)
+        crops = len(rec.crop_index)
+        counts = [1 + idx.numel() for idx in rec.crop_index]
+        K = max(counts)
+        device = rec.crop_index[0].device
+        full_index = torch.zeros(crops, K, dtype=torch.long, device=device)
+        row_valid = torch.zeros(crops, K, dtype=torch.bool, device=device)
+        for c, idx in enumerate(rec.crop_index):
+            full_index[c, 1 : counts[c]] = idx + 1
+            row_valid[c, : counts[c]] = True
+        rec.crop_keep = torch.zeros(crops, S, dtype=torch.bool, device=device)
+        rec.crop_keep.scatter_(1, full_index, row_valid)
+        rec.crop_keep[:, 0] = True
 
         def restore(x):
             if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] == S:
                 return x
-            if x.shape[1] != full_index.shape[1]:
+            if x.shape[1] != K:
                 raise PruneError("vtprune: vision hidden states were cut at more than one granularity")
             out = x.new_zeros(x.shape[0], S, x.shape[2])
-            return out.scatter(1, full_index[..., None].expand(-1, -1, x.shape[2]), x)
+            src = x * row_valid[..., None].to(x.dtype)  # padded rows must not overwrite CLS (index 0)
+            return out.scatter_add(1, full_index[..., None].expand(-1, -1, x.shape[2]), src)
 
         if getattr(output, "last_hidden_state", None) is not None:
             output.last_hidden_state = restore(output.last_hidden_state)
@@ -515,11 +583,11 @@ class Session:
             src = a.token_sources(span, fwd.image_sizes).to(alive.device)
             keep_tok = (alive[src.clamp(min=0)] & (src >= 0)).any(1)
             out.append(Selection(keep=torch.nonzero(keep_tok).flatten()))
-        for span in fwd.spans:  # stats: the vision stages, per image (first crop's view for multi-crop images)
+        for span in fwd.spans:  # stats: the vision stages, per image (its first crop, for multi-crop images)
             first = sum(crops[: span.image])
             for layer, n_in, n_out, kept in rec.vision_stages:
                 fwd.stats.images[span.image].stages.append(
-                    StageStats("vision", layer, n_in, n_out, kept[first].tolist())
+                    StageStats("vision", layer, n_in[first], n_out[first], kept[first])
                 )
         return out
 
@@ -572,7 +640,14 @@ class Session:
                 project = a.projector
                 if a.cls_in_projector_space and rec.hidden_cls is not None and n_crops == 1:
                     cls_pre = rec.hidden_cls[first_crop]
-        return VisionView(cls_attention=cls_tok, keys=keys_tok, pre_projector=pre, cls_pre_projector=cls_pre, project=project)
+        layer_cls = {}
+        for layer, probs in rec.layer_cls.items():
+            if probs.shape[-1] != seq:
+                continue  # recorded after a vision-stage cut: not on the full grid
+            flat = probs[first_crop : first_crop + n_crops].mean(1).reshape(-1)
+            layer_cls[layer] = (flat[safe] * has).sum(1)
+        return VisionView(cls_attention=cls_tok, keys=keys_tok, pre_projector=pre, cls_pre_projector=cls_pre,
+                          project=project, layer_cls=layer_cls)
 
     def _image_view(self, span: VisualSpan, layout: _Layout, hidden: torch.Tensor, stage: str, layer=None,
                     attention=None) -> ImageView:

@@ -101,6 +101,13 @@ class Adapter:
         token has no projector input (newline tokens)."""
         raise NotImplementedError
 
+    vision_layer_takes_mask: bool = True  # CLIP layers accept an attention mask; InternVL's do not
+
+    def patch_units(self) -> torch.Tensor:
+        """[S-1] id of the LLM-side token each vision patch of a crop feeds (patches are their own tokens unless
+        the model pools them, as InternVL's pixel shuffle does)."""
+        return torch.arange(self.vision_seq_len - 1)
+
     @property
     def cls_in_projector_space(self) -> bool:
         """Whether the vision CLS vector can be fed to the projector (true when the projector reads raw

@@ -35,9 +35,18 @@ class InternVLAdapter(Adapter):
     def nominal_tokens(self) -> int:
         return self.tokens_per_tile
 
+    vision_layer_takes_mask = False
+
     @property
     def cls_in_projector_space(self) -> bool:
         return False
+
+    def patch_units(self) -> torch.Tensor:
+        per_tile = self._per_tile()  # [tokens, 4] vision-sequence positions (CLS = 0) of each token's patches
+        offset = 1 if self.drops_cls else 0
+        units = torch.empty(self.vision_seq_len - 1, dtype=torch.long)
+        units[(per_tile - offset).flatten()] = torch.arange(per_tile.shape[0]).repeat_interleave(per_tile.shape[1])
+        return units
 
     def count_images(self, pixel_values, image_sizes):
         return None  # pixel_values hold tiles; each <IMG_CONTEXT> run is one image

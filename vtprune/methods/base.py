@@ -36,6 +36,7 @@ class VisionView:
     pre_projector: torch.Tensor | None
     cls_pre_projector: torch.Tensor | None
     project: Callable[[torch.Tensor], torch.Tensor] | None
+    layer_cls: dict[int, torch.Tensor] | None = None  # vision layer -> [N] head-mean CLS->patch attention
 
 
 @dataclass
@@ -59,6 +60,10 @@ class ImageView:
     layer: int | None = None
     attention: torch.Tensor | None = None
     _vision: Callable[[], VisionView] | None = None
+    observations: list | None = None  # vision stage: [(layer, cls_row [H, n+1], values [H, n+1, d] | None)]
+    state: dict | None = None  # vision stage: per-crop scratch space kept across the cuts of one forward
+    qkv: dict | None = None  # llm stage, "qkv_last" rows: q_last [H, d], v_last [H, d], keys/values [H, n, d]
+    units: torch.Tensor | None = None  # vision stage: [n] id of the LLM token each patch feeds (tile-local)
 
     @property
     def n(self) -> int:
@@ -107,6 +112,17 @@ class Method:
     def cut_layers(self) -> tuple[int, ...]:
         """LLM layer indices K before which the ``llm`` stage cuts (empty for other stages)."""
         return ()
+
+    def vision_observe_layers(self, n_layers: int, feature_layer: int) -> tuple[int, ...]:
+        """Vision layers whose CLS attention row (all heads) is recorded; with ``needs_values`` also the values."""
+        return ()
+
+    needs_values: ClassVar[bool] = False
+
+    def select_crops(self, views: list[ImageView]) -> list[Selection]:
+        """``vision`` stage: choose the patches of every crop of the batch at once (a batch-level schedule may
+        need all crops). Default: each crop on its own with ``n_keep``/``select``."""
+        return [self.select(v, min(self.n_keep(v, v.n_tokens), v.n)) for v in views]
 
     def vision_cut_layers(self) -> tuple[int, ...]:
         """Vision-encoder layer indices j before which the ``vision`` stage cuts patches (CLS always stays)."""

@@ -15,7 +15,14 @@ from vtprune.budget import tokens_to_keep
 
 from .conftest import FAMILIES, collate, make_prompt
 
-METHODS = {"random": dict(ratio=0.6), "fastv": dict(ratio=0.6), "visionzip": dict(keep=12)}
+METHODS = {
+    "random": dict(ratio=0.6),
+    "fastv": dict(ratio=0.6),
+    "visionzip": dict(keep=12),
+    "vtc_cls": dict(ratio=0.6, start_layer=0),
+    "flowcut": dict(ratio=0.75, shared_prune_count=False),
+}
+BUDGET_KEYS = ("ratio", "keep")
 STEPS = 8
 
 
@@ -38,7 +45,10 @@ def test_batch_equals_single_and_budget(models, family, method, batch_size):
         assert len(stats.images) == batch_size
         for img in stats.images:
             expected = tokens_to_keep(img.n_tokens, METHODS[method].get("ratio"), METHODS[method].get("keep"), nominal)
-            assert img.kept == expected
+            if method == "flowcut" and family == "llava_next":
+                assert img.kept <= expected  # the ViT stage may already leave fewer than the budget
+            else:
+                assert img.kept == expected
             idx = img.kept_index
             assert idx == sorted(set(idx)) and all(0 <= i < img.n_tokens for i in idx)
             assert img.equivalent_tokens <= img.n_tokens

@@ -28,7 +28,7 @@ class _NormVisionCut(Method):
     description: ClassVar[str] = "test vision-stage method"
     stage: ClassVar[str] = "vision"
 
-    def vision_cut_layers(self):
+    def vision_cut_layers(self, n_layers, feature_layer):
         return (self.layer,)
 
     def score(self, image):

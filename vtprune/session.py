@@ -18,6 +18,7 @@ Installing and removing the session is the only way vtprune touches a model; rem
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -214,7 +215,7 @@ class Session:
             self._hook_attention(a.vision_attention(a.vision_layers[j]), functools.partial(self._record_vision_attention, j))
         if method.stage == "vision":
             n_vision = len(a.vision_layers)
-            vision_cuts = method.vision_cut_layers()
+            vision_cuts = method.vision_cut_layers(n_vision, a.vision_feature_layer)
             for j in vision_cuts:
                 if not 0 < j <= a.vision_feature_layer:
                     raise PruneError(
@@ -264,10 +265,12 @@ class Session:
         inner = self.model.model
         original = inner.get_image_features
 
+        signature = inspect.signature(original)
+
         @functools.wraps(original)
         def get_image_features(*args, **kwargs):
-            pixel_values = kwargs.get("pixel_values", args[0] if args else None)
-            record = _VisionRecord(pixel_values=pixel_values, image_sizes=kwargs.get("image_sizes"))
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            record = _VisionRecord(pixel_values=bound.get("pixel_values"), image_sizes=bound.get("image_sizes"))
             self._vision = record
             if self._fwd is not None and self._fwd.vision is None:
                 self._fwd.vision = record
@@ -445,6 +448,11 @@ class Session:
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
             groups = query.shape[1] // key.shape[1]
             k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+            if self.method.attention_rows()[layer_idx] == "qkv_last":  # post-RoPE q/k of this layer, kv heads repeated
+                v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+                fwd.attention_rows[layer_idx] = {"q_last": query[:, :, -1].float(), "keys": k.float(),
+                                                 "values": v.float(), "scaling": scaling}
+                return base(module, query, key, value, attention_mask, **kwargs)
             logits = (query[:, :, -1:].float() @ k.float().transpose(-1, -2)) * scaling
             if isinstance(attention_mask, torch.Tensor):
                 am = attention_mask[:, :, -1:, : k.shape[2]]
@@ -469,7 +477,7 @@ class Session:
             n0 = hidden.shape[1] - 1
             rec.crop_index = [torch.arange(n0, device=hidden.device) for _ in range(crops)]
             rec.crop_state = [{} for _ in range(crops)]
-        if layer_idx in self.method.vision_cut_layers():
+        if layer_idx in self.method.vision_cut_layers(len(self.adapter.vision_layers), self.adapter.vision_feature_layer):
             hidden = self._cut_in_vision(layer_idx, hidden, rec)
         if rec.vision_mask is not None:
             if args and len(args) >= 2:
@@ -490,6 +498,9 @@ class Session:
         crops = hidden.shape[0]
         n_patches = self.adapter.vision_seq_len - 1
         units = self.adapter.patch_units().to(hidden.device)
+        per_unit = n_patches // int(units.max() + 1)
+        per_image = self.adapter.crop_counts(rec.pixel_values, rec.image_sizes) if rec.pixel_values is not None else []
+        crops_in_image = [c for c in per_image for _ in range(c)] if sum(per_image) == crops else [1] * crops
         observed = sorted(l for l in rec.layer_cls if rec.last_cut <= l < layer_idx)
         views = []
         for c in range(crops):
@@ -501,7 +512,9 @@ class Session:
             ]
             views.append(ImageView(sample=-1, image=c, index_in_sample=c, n_tokens=n_patches, index=rec.crop_index[c],
                                    embeds=hidden[c, 1 : n + 1], stage="vision", layer=layer_idx, observations=obs,
-                                   state=rec.crop_state[c], units=units[rec.crop_index[c]]))
+                                   state=rec.crop_state[c], units=units[rec.crop_index[c]],
+                                   crops_in_image=crops_in_image[c], patches_per_unit=per_unit,
+                                   vision_feature_layer=self.adapter.vision_feature_layer))
         selections = self.method.select_crops(views)
         keeps = []
         for v, sel in zip(views, selections):
@@ -662,7 +675,14 @@ class Session:
             embeds=hidden[span.sample, slots],
             stage=stage,
             layer=layer,
-            attention=None if attention is None else attention[span.sample][:, slots],
+            attention=None if attention is None or isinstance(attention, dict) else attention[span.sample][:, slots],
+            qkv=None if not isinstance(attention, dict) else {
+                "q_last": attention["q_last"][span.sample],
+                "v_last": attention["values"][span.sample][:, -1],
+                "keys": attention["keys"][span.sample][:, slots],
+                "values": attention["values"][span.sample][:, slots],
+                "scaling": attention["scaling"],
+            },
             _vision=(lambda s=span: self._vision_view(s)) if self.method.needs_vision else None,
         )
 

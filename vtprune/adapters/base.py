@@ -88,6 +88,10 @@ class Adapter:
         """How many vision-tower crops (rows of the flattened pixel batch) each image uses."""
         raise NotImplementedError
 
+    def crop_counts(self, pixel_values: torch.Tensor, image_sizes) -> list[int]:
+        """Vision crops of each image, from the pixel inputs alone (before input_ids are seen)."""
+        return [1] * int(pixel_values.shape[0])
+
     def count_images(self, pixel_values: torch.Tensor, image_sizes) -> int:
         return int(pixel_values.shape[0])
 

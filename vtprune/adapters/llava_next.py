@@ -64,6 +64,9 @@ class LlavaNextAdapter(Adapter):
             self._layout_cache[key] = packed.reshape(-1).round().long()
         return self._layout_cache[key]
 
+    def crop_counts(self, pixel_values, image_sizes):
+        return [self._num_crops(s) for s in image_sizes]
+
     def image_token_counts(self, n_images, image_sizes, run_lengths):
         if image_sizes is None:
             raise ValueError("vtprune: LLaVA-NeXT needs image_sizes (the processor returns them)")

@@ -2,7 +2,9 @@
 
 from .base import ImageView, Method, Selection, VisionView, top_k_sorted
 from .fastv import FastV
+from .flowcut import FlowCut
 from .random import RandomPrune
 from .visionzip import VisionZip
+from .vtc_cls import VTCCLS
 
-__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "FastV", "RandomPrune", "VisionZip"]
+__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "FastV", "FlowCut", "RandomPrune", "VisionZip", "VTCCLS"]

@@ -64,6 +64,9 @@ class ImageView:
     state: dict | None = None  # vision stage: per-crop scratch space kept across the cuts of one forward
     qkv: dict | None = None  # llm stage, "qkv_last" rows: q_last [H, d], v_last [H, d], keys/values [H, n, d]
     units: torch.Tensor | None = None  # vision stage: [n] id of the LLM token each patch feeds (tile-local)
+    crops_in_image: int = 1  # vision stage: how many crops the image this crop belongs to has (anyres)
+    patches_per_unit: int = 1  # vision stage: patches pooled into one LLM token (4 for a 2x2 pixel shuffle)
+    vision_feature_layer: int | None = None  # vision stage: the layer whose output the model reads
 
     @property
     def n(self) -> int:
@@ -124,7 +127,7 @@ class Method:
         need all crops). Default: each crop on its own with ``n_keep``/``select``."""
         return [self.select(v, min(self.n_keep(v, v.n_tokens), v.n)) for v in views]
 
-    def vision_cut_layers(self) -> tuple[int, ...]:
+    def vision_cut_layers(self, n_layers: int, feature_layer: int) -> tuple[int, ...]:
         """Vision-encoder layer indices j before which the ``vision`` stage cuts patches (CLS always stays)."""
         return ()
 

@@ -1,0 +1,1 @@
+"""Benchmarks: synthetic data, MME and GQA loaders and scorers, prompts, tiny LLaVA."""

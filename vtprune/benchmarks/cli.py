@@ -1,0 +1,209 @@
+"""``vtprune bench`` / ``vtprune-bench`` / ``python -m vtprune.benchmarks``: accuracy and speed of pruning methods.
+
+With no arguments: the embedded tiny LLaVA on the embedded synthetic MME and GQA sets, vanilla plus every
+token-removing method at LLaVA's 192/128/64-of-576 budgets scaled to the model, into ./out/bench. ::
+
+    vtprune bench --task gqa --methods fastv,visionzip --keep 48,16 --limit 100
+    vtprune bench --model ./llava-1.5-7b-hf --data /data/MME_Benchmark_release_version --dtype float16
+    torchrun --nproc_per_node 2 -m vtprune.benchmarks --limit 40      # data-parallel, same scores
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["add_arguments", "build_parser", "settings_from_args", "parse_data", "run_from_args", "main"]
+
+EPILOG = """\
+--data takes a folder and works out its format (a GQA folder has testdev_balanced_questions.json and images/;
+an MME folder has one folder per subtask, as MME_Benchmark_release_version); prefix it with mme= or gqa= to say
+which, and repeat the flag to give both. Without --data the embedded synthetic sets are used.
+
+Outputs in --out: results.json (scores, per-question predictions, timings), results.csv, results.png (score vs
+kept tokens per image) and predictions/<config>/ in the official MME eval_tool / GQA eval.py formats.
+Under torchrun (WORLD_SIZE > 1) questions are sharded over ranks and rank 0 scores and writes.
+"""
+
+
+def _csv_list(kind):
+    def parse(text: str):
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            return [kind(x) for x in items]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"bad list {text!r}: {err}") from None
+
+    parse.__name__ = f"comma-separated {kind.__name__} list"
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the bench flags to ``p`` (used by ``vtprune bench`` and the standalone entry points)."""
+    from .prompts import PROMPT_STYLES
+
+    g = p.add_argument_group("what to run")
+    g.add_argument("--model", default=None,
+                   help="local model folder (or a hub id where the hub is reachable); default: the embedded tiny LLaVA")
+    g.add_argument("--task", choices=("mme", "gqa", "all"), default="all", help="benchmark(s) to run (default: all)")
+    g.add_argument("--data", action="append", default=[], metavar="[TASK=]DIR",
+                   help="benchmark folder (MME release folder or GQA folder); repeatable")
+    g.add_argument("--methods", type=_csv_list(str), default=None, metavar="M1,M2",
+                   help="methods to compare with vanilla (default: every token-removing method)")
+    g.add_argument("--keep", type=_csv_list(int), default=None, metavar="K1,K2",
+                   help="visual tokens kept per image (default: 192/128/64 of 576 scaled to the model)")
+    g.add_argument("--ratio", type=_csv_list(float), default=None, metavar="R1,R2",
+                   help="fractions of visual tokens removed, e.g. 0.5,0.75 (in addition to --keep)")
+    g.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="first N questions per task (MME: N/2 images, round-robin over subtasks)")
+    g = p.add_argument_group("how to run")
+    g.add_argument("--batch-size", type=_positive_int, default=16)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=8, help="greedy decoding length cap (default 8)")
+    g.add_argument("--prompt-style", choices=PROMPT_STYLES, default="llava_v1",
+                   help="llava_v1 = LLaVA-1.5 paper prompt (Vicuna system prompt); chat_template = the processor's")
+    g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                   help="auto: float16 on CUDA, float32 on CPU")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    g = p.add_argument_group("timing pass")
+    g.add_argument("--timing-samples", type=int, default=4, metavar="N",
+                   help="single-sample inputs timed per configuration (0 = no timing)")
+    g.add_argument("--timing-repeats", type=_positive_int, default=5, help="timed repeats per sample (median)")
+    g.add_argument("--decode-tokens", type=int, default=8, help="tokens for decode ms/token (0 = skip)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=os.path.join("out", "bench"), help="output folder (default: out/bench)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--list-methods", action="store_true", help="print the available methods and exit")
+    return p
+
+
+def build_parser(prog: str = "vtprune-bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_arguments(p)
+
+
+def parse_data(task: str, entries: list[str]) -> tuple[list[str], dict]:
+    """(tasks to run, task -> folder) from ``--task`` and the ``--data`` entries."""
+    from .runner import TASKS, detect_task
+
+    data: dict[str, Path] = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if sep and name in TASKS:
+            folder = Path(path).expanduser()
+            if not folder.is_dir():
+                raise FileNotFoundError(f"--data {entry}: folder {folder} does not exist")
+        else:
+            folder = Path(entry).expanduser()
+            name = detect_task(folder)
+        if name in data:
+            raise ValueError(f"--data given twice for {name}: {data[name]} and {folder}")
+        data[name] = folder
+    if task == "all":
+        tasks = [t for t in TASKS if t in data] if data else list(TASKS)
+    else:
+        other = sorted(set(data) - {task})
+        if other:
+            raise ValueError(f"--task {task} but --data points to a {', '.join(other)} folder "
+                             f"({', '.join(str(data[o]) for o in other)})")
+        tasks = [task]
+    return tasks, data
+
+
+def settings_from_args(args):
+    from .runner import BenchSettings, validate_methods
+
+    tasks, data = parse_data(args.task, args.data)
+    methods = validate_methods(args.methods) if args.methods is not None else None
+    return BenchSettings(
+        model=args.model, tasks=tuple(tasks), data=data, methods=methods, keeps=args.keep, ratios=args.ratio,
+        limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        prompt_style=args.prompt_style, dtype=args.dtype, device=args.device, out=args.out, seed=args.seed,
+        timing_samples=max(0, args.timing_samples), timing_repeats=args.timing_repeats,
+        decode_tokens=max(0, args.decode_tokens), threads=args.threads, progress=not args.no_progress,
+    )
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No transformers info logs / loading bars and one-line warnings while the bench runs (restored after)."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    old_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
+    from transformers.utils import logging as hf_logging
+
+    old_verbosity, old_bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old_verbosity)
+        if old_bars:
+            hf_logging.enable_progress_bar()
+        warnings.formatwarning = old_format
+
+
+def _print_methods() -> None:
+    from .runner import default_methods
+    from ..registry import list_methods
+
+    default = set(default_methods())
+    for name, desc in list_methods().items():
+        mark = "*" if name in default else " "
+        print(f"{mark} {name:<14} {desc}")
+    print("(* = in the default bench list)")
+
+
+def run_from_args(args, prog: str = "vtprune bench") -> int:
+    """Run a parsed bench command line; returns the exit status (2 for bad input, with a one-line error)."""
+    from .runner import format_table, run_bench
+
+    if args.list_methods:
+        _print_methods()
+        return 0
+    debug = os.environ.get("VTPRUNE_DEBUG", "") not in ("", "0")
+    try:
+        settings = settings_from_args(args)
+        start = time.perf_counter()
+        with _quiet_transformers():
+            results = run_bench(settings)
+    except (ValueError, FileNotFoundError) as err:  # bad flags, unknown methods, malformed data folders
+        if debug:
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    if results is None:  # a non-zero rank of a torchrun job
+        return 0
+    out = Path(settings.out)
+    print(format_table(results))
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.png'} "
+          f"({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of ``vtprune-bench`` and ``python -m vtprune.benchmarks``."""
+    parser = build_parser()
+    return run_from_args(parser.parse_args(argv), prog=parser.prog)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,884 @@
+"""The benchmark runner behind ``vtprune bench``: vanilla + pruning methods x budgets on MME / GQA.
+
+One process (or one ``torchrun`` job) loads the model once and, for every configuration (vanilla, then each
+method at each budget), prunes the model, answers every question with greedy decoding (left-padded batches),
+unprunes it, and scores the answers with :mod:`.mme` / :mod:`.gqa`. A separate timing pass (:mod:`.perf`)
+measures prefill latency, decode ms/token, KV bytes and analytic FLOPs on a few single-sample inputs, so the
+speed-ups are ratios measured in the same process. Rank 0 writes ``results.json``, ``results.csv`` and
+``results.png`` (plus eval-tool style prediction files) into the output folder. ::
+
+    from vtprune.benchmarks.runner import BenchSettings, run_bench
+    results = run_bench(BenchSettings(tasks=("gqa",), methods=["fastv"], keeps=[32], limit=20))
+
+Data-parallel: under ``torchrun`` (``WORLD_SIZE`` > 1) every rank takes the global batches ``rank,
+rank + world, ...`` (the same batches a single process would run, so results are identical), and the
+predictions are gathered on rank 0, which scores them and writes the outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .. import methods as _methods  # noqa: F401  (registers the built-in methods)
+from ..adapters import get_adapter
+from ..api import prune, unprune
+from ..registry import list_methods, method_class
+from . import gqa as gqa_mod
+from . import mme as mme_mod
+from . import perf, synthetic
+from .prompts import PROMPT_STYLES, build_prompt
+
+__all__ = [
+    "TASKS",
+    "REFERENCE_KEEPS",
+    "BenchConfig",
+    "BenchSettings",
+    "TaskData",
+    "TokenCounts",
+    "default_methods",
+    "scaled_keeps",
+    "build_configs",
+    "validate_methods",
+    "load_model",
+    "default_data_dir",
+    "detect_task",
+    "load_task",
+    "limit_mme",
+    "prediction_ids",
+    "generate_answers",
+    "score_task",
+    "task_score",
+    "run_bench",
+    "format_table",
+    "write_outputs",
+]
+
+TASKS = ("mme", "gqa")
+REFERENCE_KEEPS = (192, 128, 64)  # LLaVA-1.5's standard budgets ...
+REFERENCE_TOKENS = 576  # ... out of its 576 visual tokens
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+ASSET_DATA = {"mme": ASSETS_DIR / "synthetic_mme", "gqa": ASSETS_DIR / "synthetic_gqa"}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# configurations
+@dataclass(frozen=True)
+class BenchConfig:
+    """One point of the sweep: vanilla (``method=None``) or a method with a ``keep`` or ``ratio`` budget."""
+
+    method: str | None = None
+    keep: int | None = None
+    ratio: float | None = None
+    hyper: tuple = ()  # sorted (key, value) pairs of method hyper-parameters
+
+    @property
+    def label(self) -> str:
+        if self.method is None:
+            return "vanilla"
+        budget = f"keep{self.keep}" if self.keep is not None else f"ratio{self.ratio:g}"
+        extra = "".join(f",{k}={v}" for k, v in self.hyper if k != "seed")  # the run's --seed is in meta
+        return f"{self.method}@{budget}{extra}"
+
+    def prune_kwargs(self) -> dict:
+        kw = dict(self.hyper)
+        if self.keep is not None:
+            kw["keep"] = self.keep
+        if self.ratio is not None:
+            kw["ratio"] = self.ratio
+        return kw
+
+
+@dataclass
+class BenchSettings:
+    """Everything ``vtprune bench`` takes (CLI flags map 1:1 onto these fields)."""
+
+    model: str | None = None  # local path or hub id; None = the embedded tiny LLaVA
+    tasks: Sequence[str] = TASKS
+    data: dict = field(default_factory=dict)  # task -> folder; missing = embedded synthetic set
+    methods: Sequence[str] | None = None  # None = default_methods()
+    keeps: Sequence[int] | None = None  # None (and no ratios) = scaled_keeps(visual tokens)
+    ratios: Sequence[float] | None = None
+    limit: int | None = None  # questions per task (MME: whole images, subtasks interleaved)
+    batch_size: int = 16
+    max_new_tokens: int = 8
+    prompt_style: str = "llava_v1"
+    dtype: str = "auto"
+    device: str = "auto"
+    out: str | os.PathLike = "out/bench"
+    seed: int = 0
+    timing_samples: int = 4  # single-sample inputs for the timing pass (0 = no timing)
+    timing_repeats: int = 5
+    decode_tokens: int = 8  # tokens for decode ms/token (0 = skip)
+    threads: int | None = None  # torch.set_num_threads for the run (restored afterwards)
+    progress: bool = True
+
+    def __post_init__(self):
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks:
+            raise ValueError(f"unknown task(s) {bad}; expected a subset of {TASKS}")
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"unknown prompt style {self.prompt_style!r}; expected one of {PROMPT_STYLES}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def default_methods() -> list[str]:
+    """Every registered method that removes tokens (attention-modulation-only methods excluded)."""
+    return [name for name in list_methods() if method_class(name).stage != "attention"]
+
+
+def scaled_keeps(visual_tokens: int, reference: Sequence[int] = REFERENCE_KEEPS,
+                 reference_tokens: int = REFERENCE_TOKENS) -> list[int]:
+    """LLaVA's 192/128/64-of-576 budgets scaled to ``visual_tokens`` (144 -> 48/32/16), largest first."""
+    keeps = [max(1, int(round(k * visual_tokens / reference_tokens))) for k in reference]
+    return sorted(set(keeps), reverse=True)
+
+
+def validate_methods(names: Sequence[str]) -> list[str]:
+    """Canonical names; an unknown one raises the registry's ValueError (with close matches)."""
+    return [method_class(n).name for n in names]
+
+
+def build_configs(methods: Sequence[str], keeps: Sequence[int] = (), ratios: Sequence[float] = (),
+                  seed: int = 0, hyper: dict | None = None) -> list[BenchConfig]:
+    """Vanilla first, then every method at every keep, then at every ratio. Methods with a ``seed``
+    hyper-parameter get ``seed``; ``hyper`` maps method name -> extra keyword arguments."""
+    configs = [BenchConfig()]
+    for name in validate_methods(methods):
+        cls = method_class(name)
+        kw = dict((hyper or {}).get(name, {}))
+        if "seed" in {f.name for f in dataclasses.fields(cls)}:
+            kw.setdefault("seed", seed)
+        items = tuple(sorted(kw.items()))
+        configs += [BenchConfig(name, keep=int(k), hyper=items) for k in keeps]
+        configs += [BenchConfig(name, ratio=float(r), hyper=items) for r in ratios]
+    return configs
+
+
+# ------------------------------------------------------------------------------------------------------------
+# model
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto, float32, float16 or bfloat16")
+    return table[dtype]
+
+
+def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto"):
+    """(model, processor, description). ``spec`` None = the shipped tiny LLaVA, or a random-init one (with a
+    warning) while no trained checkpoint is shipped; else a local folder or a hub id (offline: cached only)."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if spec is None:
+        from . import tiny_llava
+
+        try:
+            model, processor = tiny_llava.load_tiny_llava(dtype=dt)
+            desc = {"name": "tiny-llava", "path": str(tiny_llava.DEFAULT_ASSET_DIR), "trained": True}
+        except FileNotFoundError as err:
+            warnings.warn(f"vtprune bench: {err}; using a random-init tiny LLaVA instead (scores are meaningless)",
+                          stacklevel=2)
+            model, processor = tiny_llava.build_untrained_tiny_llava(seed=0)
+            model = model.to(dt)
+            desc = {"name": "tiny-llava (untrained: no shipped checkpoint)", "path": None, "trained": False}
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        local = Path(spec).is_dir()
+        offline = local or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        if not local and os.path.sep in spec and not Path(spec).exists():
+            raise FileNotFoundError(f"vtprune bench: --model {spec!r} is neither a folder nor a hub id")
+        model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dt, local_files_only=offline)
+        processor = AutoProcessor.from_pretrained(spec, local_files_only=offline)
+        desc = {"name": Path(spec).name if local else spec, "path": str(Path(spec).resolve()) if local else spec}
+    model = model.to(dev).eval()
+    desc.update({"class": type(model).__name__, "dtype": str(dt).replace("torch.", ""), "device": str(dev),
+                 "parameters": int(sum(p.numel() for p in model.parameters()))})
+    return model, processor, desc
+
+
+def visual_tokens_of(model) -> int:
+    """Visual tokens of one standard image for this model (the reference for ``keep``)."""
+    return int(get_adapter(model).nominal_tokens)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# data
+@dataclass
+class TaskData:
+    name: str  # "mme" or "gqa"
+    root: Path
+    questions: list
+
+    @property
+    def metric(self) -> str:
+        if self.name == "gqa":
+            return "GQA accuracy (%)"
+        return "MME Perception+Cognition" if _has_cognition(self.questions) else "MME Perception"
+
+
+def _has_cognition(questions) -> bool:
+    return any(q.subtask in mme_mod.COGNITION_SUBTASKS for q in questions)
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("VTPRUNE_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vtprune"
+
+
+def default_data_dir(task: str) -> Path:
+    """The embedded synthetic set of ``task``: ``vtprune/assets/synthetic_<task>``, or (while it is not shipped)
+    the same set generated once, deterministically, into the vtprune cache folder."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    shipped = ASSET_DATA[task]
+    if shipped.is_dir() and any(shipped.iterdir()):
+        return shipped
+    target = _cache_dir() / f"synthetic_{task}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".synthetic_{task}-", dir=target.parent))
+    try:
+        if task == "mme":
+            synthetic.write_mme(tmp, seed=synthetic.MME_SEED, per_subtask=30)
+        else:
+            synthetic.write_gqa(tmp, seed=synthetic.GQA_SEED, n_questions=200)
+        try:
+            tmp.rename(target)  # atomic: concurrent ranks / runs never see a half-written set
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def detect_task(root: str | os.PathLike) -> str:
+    """``gqa`` for a folder with a ``*questions*.json`` file, ``mme`` for one with subtask folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"vtprune bench: data folder {root} does not exist")
+    if (root / gqa_mod.QUESTIONS_FILE).is_file() or any(root.glob("*questions*.json")):
+        return "gqa"
+    if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
+        return "mme"
+    raise ValueError(f"vtprune bench: {root} is neither an MME release folder (one folder per subtask) nor a "
+                     f"GQA folder ({gqa_mod.QUESTIONS_FILE} + images/)")
+
+
+def limit_mme(questions: Sequence, limit: int | None) -> list:
+    """The first ``ceil(limit / 2)`` images taken round-robin over subtasks (both questions of each image, so
+    acc+ stays defined), in the loader's order."""
+    if limit is None:
+        return list(questions)
+    images: dict[str, list[tuple[int, str]]] = {}
+    for i, q in enumerate(questions):
+        keys = images.setdefault(q.subtask, [])
+        if not keys or keys[-1][1] != q.image_name:
+            keys.append((i, q.image_name))
+    want = (limit + 1) // 2
+    chosen: set[tuple[str, str]] = set()
+    queues = [list(v) for v in images.values()]
+    depth = 0
+    while len(chosen) < want and any(depth < len(qs) for qs in queues):
+        for subtask, qs in zip(images, queues):
+            if depth < len(qs) and len(chosen) < want:
+                chosen.add((subtask, qs[depth][1]))
+        depth += 1
+    return [q for q in questions if (q.subtask, q.image_name) in chosen]
+
+
+def load_task(task: str, root: str | os.PathLike | None = None, limit: int | None = None) -> TaskData:
+    root = Path(root) if root is not None else default_data_dir(task)
+    if task == "mme":
+        questions = limit_mme(mme_mod.load_mme(root), limit)
+    elif task == "gqa":
+        questions = gqa_mod.load_gqa(root, limit=limit)
+    else:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    return TaskData(task, root, questions)
+
+
+def prediction_ids(task: str, questions: Sequence) -> list[str]:
+    if task == "mme":
+        return [f"{q.question_id}#{q.index}" for q in questions]
+    return [str(q.question_id) for q in questions]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# distributed helpers
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the ``torchrun`` process group (gloo) when ``WORLD_SIZE`` > 1; single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+        owns = True
+    return DistInfo(dist.get_rank(), dist.get_world_size(), owns)
+
+
+def shard_batches(n_items: int, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """Global batches of consecutive indices; rank r takes batches r, r + world, ... (strided, deterministic)."""
+    batches = [list(range(i, min(i + batch_size, n_items))) for i in range(0, n_items, batch_size)]
+    return batches[rank::world]
+
+
+def gather_to_main(obj, info: DistInfo):
+    """List of every rank's ``obj`` on rank 0 (None elsewhere); ``[obj]`` in a single process."""
+    if info.world <= 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * info.world if info.main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# answering
+@dataclass
+class TokenCounts:
+    """Visual-token totals over answered images (divide by ``images`` for per-image means)."""
+
+    images: int = 0
+    visual: float = 0.0
+    kept: float = 0.0
+    equivalent: float = 0.0
+
+    def add(self, other: "TokenCounts") -> "TokenCounts":
+        return TokenCounts(self.images + other.images, self.visual + other.visual, self.kept + other.kept,
+                           self.equivalent + other.equivalent)
+
+    def per_image(self) -> dict:
+        n = max(1, self.images)
+        return {"visual_tokens": self.visual / n, "kept_tokens": self.kept / n,
+                "equivalent_tokens": self.equivalent / n}
+
+
+def _to_device(inputs: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+        out[k] = v
+    return out
+
+
+def _model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _open_image(path):
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def encode(processor, image_paths: Sequence, prompts: Sequence[str], model) -> dict:
+    """Left-padded processor batch on the model's device and dtype."""
+    tok = getattr(processor, "tokenizer", processor)
+    old = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = processor(images=[_open_image(p) for p in image_paths], text=list(prompts), return_tensors="pt",
+                        padding=True)
+    finally:
+        tok.padding_side = old
+    return _to_device(dict(enc), next(model.parameters()).device, _model_dtype(model))
+
+
+def _token_counts(model, inputs: dict) -> TokenCounts:
+    session = getattr(model, "vtprune", None)
+    stats = getattr(session, "stats", None)
+    if stats is not None and stats.images:
+        return TokenCounts(len(stats.images), float(stats.visual_tokens), float(stats.kept_tokens),
+                           float(stats.equivalent_tokens))
+    image_id = getattr(model.config, "image_token_id", None)
+    n_images = int(inputs["input_ids"].shape[0])
+    visual = float((inputs["input_ids"] == image_id).sum()) if image_id is not None else 0.0
+    return TokenCounts(n_images, visual, visual, visual)
+
+
+def _pad_token_id(processor, model):
+    tok = getattr(processor, "tokenizer", processor)
+    if getattr(tok, "pad_token_id", None) is not None:
+        return tok.pad_token_id
+    eos = getattr(model.generation_config, "eos_token_id", None) or getattr(tok, "eos_token_id", None)
+    return eos[0] if isinstance(eos, (list, tuple)) else eos
+
+
+@torch.inference_mode()
+def generate_answers(model, processor, task: TaskData, indices: Sequence[int], prompts: Sequence[str],
+                     settings: BenchSettings) -> tuple[list[str], TokenCounts]:
+    """Greedy answers for one batch (question ``indices`` of ``task``) and its visual-token counts."""
+    paths = [task.questions[i].image_path for i in indices]
+    inputs = encode(processor, paths, [prompts[i] for i in indices], model)
+    out = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
+                         pad_token_id=_pad_token_id(processor, model))
+    tok = getattr(processor, "tokenizer", processor)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    answers = [s.strip() for s in tok.batch_decode(new, skip_special_tokens=True)]
+    return answers, _token_counts(model, inputs)
+
+
+Predictor = Callable[..., tuple[list[str], TokenCounts]]
+
+
+def answer_task(model, processor, task: TaskData, prompts: Sequence[str], settings: BenchSettings,
+                info: DistInfo, predictor: Predictor, progress=None) -> tuple[list, TokenCounts]:
+    """This rank's shard of ``task``: ([(index, answer), ...], token counts)."""
+    answers, counts = [], TokenCounts()
+    for batch in shard_batches(len(task.questions), settings.batch_size, info.rank, info.world):
+        texts, c = predictor(model, processor, task, batch, prompts, settings)
+        if len(texts) != len(batch):
+            raise RuntimeError(f"predictor returned {len(texts)} answers for a batch of {len(batch)}")
+        answers += list(zip(batch, texts))
+        counts = counts.add(c)
+        if progress is not None:
+            progress.update(len(batch))
+    return answers, counts
+
+
+# ------------------------------------------------------------------------------------------------------------
+# scoring
+def score_task(task: str, questions: Sequence, predictions: Sequence[str]):
+    """The task's report object (:class:`MMEReport` / :class:`GQAReport`)."""
+    if task == "mme":
+        return mme_mod.score_mme(questions, predictions)
+    if task == "gqa":
+        return gqa_mod.score_gqa(questions, predictions)
+    raise ValueError(f"unknown task {task!r}")
+
+
+def task_score(task: str, report) -> float:
+    """The headline number: MME Perception + Cognition (the subtasks present), GQA accuracy in %."""
+    return float(report.total if task == "mme" else report.accuracy)
+
+
+def _score_entry(task: str, report) -> dict:
+    d = report.to_dict()
+    d["score"] = task_score(task, report)
+    return d
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the run
+@contextlib.contextmanager
+def _num_threads(n: int | None):
+    if not n:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def _applied(model, config: BenchConfig):
+    if config.method is None:
+        yield model
+        return
+    prune(model, config.method, **config.prune_kwargs())
+    try:
+        yield model
+    finally:
+        if getattr(model, "vtprune", None) is not None:
+            unprune(model)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _progress(total: int, enabled: bool, unit: str = "q"):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, desc="bench", dynamic_ncols=True, file=sys.stderr)
+
+
+def _timing_inputs(model, processor, tasks: list[TaskData], prompts: dict, n: int) -> list[dict]:
+    """Single-sample inputs for the timing pass: the first questions of the tasks, in turn."""
+    picks = []
+    for i in range(max(len(t.questions) for t in tasks)):
+        for t in tasks:
+            if i < len(t.questions) and len(picks) < n:
+                picks.append((t, i))
+    return [encode(processor, [t.questions[i].image_path], [prompts[t.name][i]], model) for t, i in picks]
+
+
+def _timing_pass(model, configs: list[BenchConfig], inputs: list[dict], settings: BenchSettings) -> dict:
+    """perf.compare over every configuration, interleaved round by round (fair ratios under background load)."""
+    if not inputs:
+        return {c.label: None for c in configs}
+    rounds = 1 + settings.timing_repeats
+    bar = _progress(rounds, settings.progress, unit="round")
+    if bar is not None:
+        bar.set_description(f"timing {len(configs)} configs")
+    setups = {c.label: (lambda c=c: _applied(model, c)) for c in configs}
+    try:
+        return perf.compare(model, setups, inputs, warmup=1, repeats=settings.timing_repeats,
+                            decode_tokens=settings.decode_tokens,
+                            on_round=(lambda _: bar.update(1)) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def run_bench(settings: BenchSettings, *, model=None, processor=None, predictor: Predictor | None = None,
+              write: bool = True) -> dict | None:
+    """Run the sweep; rank 0 returns the results dict (and writes the outputs), other ranks return None.
+
+    ``model``/``processor`` skip loading (use an already built model); ``predictor`` replaces
+    :func:`generate_answers` (same signature) -- tests feed hand-made predictions through it.
+    """
+    info = init_distributed()
+    try:
+        with _num_threads(settings.threads):
+            return _run(settings, info, model, processor, predictor or generate_answers, write)
+    finally:
+        if info.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(settings, info, model, processor, predictor, write) -> dict | None:
+    _seed_everything(settings.seed)
+    methods = validate_methods(settings.methods if settings.methods is not None else default_methods())
+    if model is None:
+        model, processor, model_desc = load_model(settings.model, settings.dtype, settings.device)
+    else:
+        model_desc = {"name": type(model).__name__, "class": type(model).__name__, "path": None}
+    n_visual = visual_tokens_of(model)
+    keeps = list(settings.keeps or [])
+    ratios = list(settings.ratios or [])
+    if not keeps and not ratios:
+        keeps = scaled_keeps(n_visual)
+    too_big = [k for k in keeps if k > n_visual]
+    if too_big:
+        raise ValueError(f"vtprune bench: --keep {too_big} exceeds the {n_visual} visual tokens an image has "
+                         f"for this model; use keeps <= {n_visual}")
+    configs = build_configs(methods, keeps, ratios, seed=settings.seed)
+
+    tasks = [load_task(t, settings.data.get(t), settings.limit) for t in settings.tasks]
+    prompts = {t.name: [build_prompt(q.question, benchmark=t.name, style=settings.prompt_style,
+                                     processor=processor) for q in t.questions] for t in tasks}
+    shard_size = sum(len(b) for t in tasks for b in shard_batches(len(t.questions), settings.batch_size,
+                                                                  info.rank, info.world))
+    bar = _progress(shard_size * len(configs), settings.progress and info.main)
+    local = {}
+    try:
+        for config in configs:
+            if bar is not None:
+                bar.set_description(config.label)
+            with _applied(model, config):
+                local[config.label] = {t.name: answer_task(model, processor, t, prompts[t.name], settings, info,
+                                                           predictor, bar) for t in tasks}
+    finally:
+        if bar is not None:
+            bar.close()
+    gathered = gather_to_main(local, info)
+
+    timing = {}
+    if info.main and settings.timing_samples > 0:
+        inputs = _timing_inputs(model, processor, tasks, prompts, settings.timing_samples)
+        timing = _timing_pass(model, configs, inputs, settings)
+    _barrier(info)
+    if not info.main:
+        return None
+
+    results = _assemble(settings, info, model_desc, n_visual, tasks, configs, gathered, timing)
+    if write:
+        write_outputs(results, settings.out, tasks)
+    return results
+
+
+def _merge(gathered: list, label: str, task: TaskData) -> tuple[list[str], TokenCounts]:
+    by_index, counts = {}, TokenCounts()
+    for rank_result in gathered:
+        pairs, c = rank_result[label][task.name]
+        by_index.update(pairs)
+        counts = counts.add(c)
+    if len(by_index) != len(task.questions):
+        raise RuntimeError(f"gathered {len(by_index)} answers for {len(task.questions)} {task.name} questions")
+    return [by_index[i] for i in range(len(task.questions))], counts
+
+
+def _assemble(settings, info, model_desc, n_visual, tasks, configs, gathered, timing) -> dict:
+    runs = []
+    vanilla_ms = None
+    for config in configs:
+        counts = TokenCounts()
+        scores, predictions = {}, {}
+        for t in tasks:
+            preds, c = _merge(gathered, config.label, t)
+            counts = counts.add(c)
+            scores[t.name] = _score_entry(t.name, score_task(t.name, t.questions, preds))
+            predictions[t.name] = [{"id": i, "prediction": p} for i, p in zip(prediction_ids(t.name, t.questions),
+                                                                              preds)]
+        report = timing.get(config.label)
+        perf_dict = report.to_dict() if report is not None else perf.PerfReport().to_dict()
+        if config.method is None:
+            vanilla_ms = perf_dict["prefill_ms"]
+        ms = perf_dict["prefill_ms"]
+        runs.append({
+            "label": config.label, "method": config.method or "vanilla", "keep": config.keep,
+            "ratio": config.ratio, "hyper": dict(config.hyper), **counts.per_image(),
+            "scores": scores, "perf": perf_dict,
+            "speedup": (vanilla_ms / ms) if (vanilla_ms and ms) else None,
+            "predictions": predictions,
+        })
+    return {
+        "meta": {
+            "vtprune_bench": 1,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": model_desc, "visual_tokens": n_visual,
+            "settings": {"tasks": list(settings.tasks), "limit": settings.limit, "batch_size": settings.batch_size,
+                         "max_new_tokens": settings.max_new_tokens, "prompt_style": settings.prompt_style,
+                         "seed": settings.seed, "timing_samples": settings.timing_samples,
+                         "timing_repeats": settings.timing_repeats, "decode_tokens": settings.decode_tokens,
+                         "threads": settings.threads or torch.get_num_threads()},
+            "world_size": info.world,
+            "versions": _versions(),
+        },
+        "tasks": {t.name: {"data": str(t.root), "questions": len(t.questions), "metric": t.metric} for t in tasks},
+        "runs": runs,
+    }
+
+
+def _versions() -> dict:
+    import transformers
+
+    try:
+        from .. import __version__
+    except ImportError:  # vtprune imported as a namespace package (stale editable install)
+        from importlib.metadata import version
+
+        __version__ = version("vtprune")
+    return {"vtprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# outputs
+def _mme_columns(results: dict) -> tuple[bool, bool]:
+    reports = [r["scores"]["mme"] for r in results["runs"] if "mme" in r["scores"]]
+    return (any(r["perception"] is not None for r in reports), any(r["cognition"] is not None for r in reports))
+
+
+def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    has_p, has_c = _mme_columns(results)
+    runs = results["runs"]
+    header = ["method", "budget", "kept", "equiv"]
+    if has_p:
+        header.append(f"MME-P/{runs[0]['scores']['mme']['perception_max']:.0f}")
+    if has_c:
+        header.append(f"MME-C/{runs[0]['scores']['mme']['cognition_max']:.0f}")
+    if "gqa" in results["tasks"]:
+        header.append("GQA %")
+    header += ["prefill ms", "speed-up", "decode ms/tok", "KV KiB", "GFLOPs"]
+    rows = []
+
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    for r in runs:
+        budget = "-" if r["method"] == "vanilla" else (f"keep {r['keep']}" if r["keep"] is not None
+                                                       else f"ratio {r['ratio']:g}")
+        row = [r["method"], budget, num(r["kept_tokens"], ".1f"), num(r["equivalent_tokens"], ".1f")]
+        if has_p:
+            row.append(num(r["scores"]["mme"]["perception"], ".1f"))
+        if has_c:
+            row.append(num(r["scores"]["mme"]["cognition"], ".1f"))
+        if "gqa" in results["tasks"]:
+            row.append(num(r["scores"]["gqa"]["accuracy"], ".1f"))
+        p = r["perf"]
+        row += [num(p["prefill_ms"], ".2f"), "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+                num(p["decode_ms_per_token"], ".2f"),
+                "-" if p["kv_bytes"] is None else f"{p['kv_bytes'] / 1024:.0f}",
+                "-" if p["prefill_flops"] is None else f"{p['prefill_flops'] / 1e9:.3f}"]
+        rows.append(row)
+    return header, rows
+
+
+def format_table(results: dict) -> str:
+    """The summary table ``vtprune bench`` prints (plus the MME per-subtask scores and a legend)."""
+    header, rows = _table_rows(results)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    lines = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+    if "mme" in results["tasks"]:
+        subtasks = list(results["runs"][0]["scores"]["mme"]["subtasks"])
+        lines += ["", "MME subtask score (acc + acc+, max 200 each):"]
+        sub_rows = [[r["label"]] + [f"{r['scores']['mme']['subtasks'][s]['score']:.1f}" for s in subtasks]
+                    for r in results["runs"]]
+        sw = [max(len(x) for x in col) for col in zip(["config"] + subtasks, *sub_rows)]
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(["config"] + subtasks, sw))))
+        lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, sw)))
+                  for row in sub_rows]
+    meta = results["meta"]
+    lines += ["", f"model: {meta['model']['name']} ({meta['visual_tokens']} visual tokens/image); "
+                  f"kept/equiv = visual tokens per image (equiv = layer-averaged); prefill ms = median per sample "
+                  f"over {meta['settings']['timing_samples']} samples; speed-up = vanilla prefill / prefill"]
+    return "\n".join(lines)
+
+
+def _csv_rows(results: dict) -> list[dict]:
+    rows = []
+    for r in results["runs"]:
+        row = {k: r[k] for k in ("label", "method", "keep", "ratio", "visual_tokens", "kept_tokens",
+                                 "equivalent_tokens")}
+        if "mme" in r["scores"]:
+            m = r["scores"]["mme"]
+            row.update({"mme_perception": m["perception"], "mme_cognition": m["cognition"], "mme_total": m["total"]})
+            for name, s in m["subtasks"].items():
+                row.update({f"mme_{name}_acc": s["acc"], f"mme_{name}_acc_plus": s["acc_plus"],
+                            f"mme_{name}_score": s["score"]})
+        if "gqa" in r["scores"]:
+            row["gqa_accuracy"] = r["scores"]["gqa"]["accuracy"]
+        row.update(r["perf"])
+        row["speedup"] = r["speedup"]
+        rows.append(row)
+    return rows
+
+
+def write_csv(results: dict, path: Path) -> Path:
+    rows = _csv_rows(results)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def plot_results(results: dict, path: Path) -> Path:
+    """Score vs kept tokens per image: one panel per task, one line per method, vanilla as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    tasks = list(results["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        by_method: dict[str, list[tuple[float, float]]] = {}
+        for r in results["runs"]:
+            score = r["scores"][task]["score"]
+            if r["method"] == "vanilla":
+                ax.axhline(score, color="black", linestyle="--", linewidth=1.2, label=f"vanilla ({score:.1f})")
+            else:
+                by_method.setdefault(r["method"], []).append((r["kept_tokens"], score))
+        for method, pts in by_method.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        title = results["tasks"][task]["metric"]
+        if task == "mme":
+            title += f" (max {results['runs'][0]['scores']['mme']['total_max']:.0f})"
+        ax.set_title(title)
+        ax.set_xlim(0, results["meta"]["visual_tokens"] * 1.05)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("kept visual tokens per image")
+        ax.set_ylabel("score")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{results['meta']['model']['name']}: score vs kept tokens", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.@=" else "_" for c in label)
+
+
+def write_outputs(results: dict, out: str | os.PathLike, tasks: Sequence[TaskData] = ()) -> dict:
+    """``results.json``, ``results.csv``, ``results.png`` and, per configuration, the official result formats
+    (MME ``eval_tool`` folder, GQA predictions file) under ``predictions/<label>/``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "csv": out / "results.csv", "png": out / "results.png"}
+    paths["json"].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    write_csv(results, paths["csv"])
+    plot_results(results, paths["png"])
+    by_name = {t.name: t for t in tasks}
+    for r in results["runs"]:
+        target = out / "predictions" / _safe(r["label"])
+        for name, entries in r["predictions"].items():
+            if name not in by_name:
+                continue
+            preds = [e["prediction"] for e in entries]
+            if name == "mme":
+                mme_mod.write_results_dir(target / "mme", by_name[name].questions, preds)
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                gqa_mod.write_predictions(target / "gqa_predictions.json", by_name[name].questions, preds)
+    return paths

@@ -55,9 +55,10 @@ def greedy_from_embeds(model, embeds, position_ids, steps: int):
     return tokens, logits0
 
 
-def slow_in_llm_generate(model, embeds, kept_positions: torch.Tensor, layer_k: int, steps: int):
+def slow_in_llm_generate(model, embeds, kept_positions: torch.Tensor, layer_k: int, steps: int, renumber=False):
     """Reference for in-LLM pruning: recompute the whole forward per step, no cache. Layers < K see every token;
-    from layer K on only the kept prompt tokens (at their original positions) and all generated tokens."""
+    from layer K on only the kept prompt tokens and all generated tokens, at their original positions (or at
+    contiguous ones with ``renumber``)."""
     lm = model.model.language_model
     seq = embeds
     T = embeds.shape[1]
@@ -72,6 +73,9 @@ def slow_in_llm_generate(model, embeds, kept_positions: torch.Tensor, layer_k: i
                 if i == layer_k:
                     keep = torch.cat([kept_positions, torch.arange(T, n)])
                     h, cos, sin, pos = h[:, keep], cos[:, keep], sin[:, keep], pos[:, keep]
+                    if renumber:
+                        pos = torch.arange(keep.numel())[None]
+                        cos, sin = lm.rotary_emb(h, position_ids=pos)
                 h = layer(h, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
                 h = h[0] if isinstance(h, tuple) else h
             logits = model.lm_head(lm.norm(h))[:, -1]

@@ -113,28 +113,7 @@ def test_in_llm_renumbered_positions_match_slow_reference(models):
         stats = model.vtprune.stats
     keep = kept_sequence_positions(batch["input_ids"][0], model.config.image_token_id,
                                    [i.kept_index for i in stats.images], [i.n_tokens for i in stats.images])
-    lm = model.model.language_model
-    seq, T = merged_embeds(model, batch), batch["input_ids"].shape[1]
-    ref = []
-    with torch.no_grad():
-        for _ in range(STEPS):
-            n = seq.shape[1]
-            h = seq
-            pos = torch.arange(n)[None]
-            cos, sin = lm.rotary_emb(h, position_ids=pos)
-            for i, layer in enumerate(lm.layers):
-                if i == 2:
-                    idx = torch.cat([keep, torch.arange(T, n)])
-                    h = h[:, idx]
-                    pos = torch.arange(idx.numel())[None]
-                    cos, sin = lm.rotary_emb(h, position_ids=pos)
-                h = layer(h, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
-            logits = model.lm_head(lm.norm(h))[:, -1]
-            if not ref:
-                ref_logits = logits
-            tok = logits.argmax(-1, keepdim=True)
-            ref.append(int(tok))
-            seq = torch.cat([seq, model.get_input_embeddings()(tok)], 1)
+    ref, ref_logits = slow_in_llm_generate(model, merged_embeds(model, batch), keep, 2, STEPS, renumber=True)
     assert tokens == ref
     torch.testing.assert_close(first_logits, ref_logits, atol=1e-5, rtol=0)
 

@@ -10,27 +10,17 @@ from __future__ import annotations
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from .base import Adapter, VisualSpan, clip_encoder_layers
+from .base import VisualSpan
+from .llava import LlavaAdapter
 
 
-class LlavaNextAdapter(Adapter):
+class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
 
     def __init__(self, model):
         super().__init__(model)
         self._layout_cache: dict[tuple[int, int], torch.Tensor] = {}
-
-    @property
-    def vision_layers(self):
-        return clip_encoder_layers(self.vision_tower)
-
-    def vision_attention(self, layer):
-        return layer.self_attn
-
-    @property
-    def nominal_tokens(self) -> int:
-        return self.vision_seq_len - (1 if self.drops_cls else 0)
 
     def count_images(self, pixel_values, image_sizes) -> int:
         return int(len(image_sizes)) if image_sizes is not None else int(pixel_values.shape[0])

@@ -49,8 +49,9 @@ def main():
     ids = torch.tensor([[1] + list(range(3, 38)) + [999] * 576 + list(range(40, 60))])
     inputs = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 96, 96)}
     runs = [("vanilla", None, {})]
+    methods = [m for m in vtprune.list_methods() if not m.startswith("_")]
     for keep in (192, 128, 64):
-        for method in ("random", "fastv", "visionzip"):
+        for method in methods:
             runs.append((method, keep, {"keep": keep}))
     base = None
     print(f"{'method':<10} {'keep':>5} {'equiv. tokens':>13} {'prefill ms':>10} {'speed-up':>8}")

@@ -21,7 +21,7 @@ def _add_bench(subparsers) -> None:
 
     p = subparsers.add_parser(
         "bench", help="benchmark pruning methods (accuracy + prefill speed) on MME / GQA",
-        description=bench_cli.__doc__.split("\n\n")[0], epilog=bench_cli.EPILOG,
+        description=bench_cli.DESCRIPTION, epilog=bench_cli.EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench_cli.add_arguments(p)

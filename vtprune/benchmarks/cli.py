@@ -19,7 +19,18 @@ from pathlib import Path
 
 __all__ = ["add_arguments", "build_parser", "settings_from_args", "parse_data", "run_from_args", "main"]
 
+DESCRIPTION = """\
+Accuracy and speed of visual-token pruning methods on MME / GQA: vanilla and every pruned configuration in
+one process, greedy decoding, official scoring, a separate timing pass for prefill / decode / KV / FLOPs.
+With no arguments: the embedded tiny LLaVA on the embedded synthetic MME and GQA sets, every token-removing
+method at LLaVA's 192/128/64-of-576 budgets scaled to the model, into ./out/bench."""
+
 EPILOG = """\
+examples:
+  vtprune bench --task gqa --methods fastv,visionzip --keep 48,16 --limit 100
+  vtprune bench --model ./llava-1.5-7b-hf --data /data/MME_Benchmark_release_version --dtype float16
+  torchrun --nproc_per_node 2 -m vtprune.benchmarks --limit 40
+
 --data takes a folder and works out its format (a GQA folder has testdev_balanced_questions.json and images/;
 an MME folder has one folder per subtask, as MME_Benchmark_release_version); prefix it with mme= or gqa= to say
 which, and repeat the flag to give both. Without --data the embedded synthetic sets are used.
@@ -92,7 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser(prog: str = "vtprune-bench") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     return add_arguments(p)
 
@@ -185,10 +196,11 @@ def run_from_args(args, prog: str = "vtprune bench") -> int:
         start = time.perf_counter()
         with _quiet_transformers():
             results = run_bench(settings)
-    except (ValueError, FileNotFoundError) as err:  # bad flags, unknown methods, malformed data folders
+    except (ValueError, OSError) as err:  # bad flags, unknown methods, missing models, malformed data folders
         if debug:
             raise
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        message = str(err).removeprefix("vtprune bench: ")
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     if results is None:  # a non-zero rank of a torchrun job
         return 0
@@ -196,6 +208,10 @@ def run_from_args(args, prog: str = "vtprune bench") -> int:
     print(format_table(results))
     print(f"\nwrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.png'} "
           f"({time.perf_counter() - start:.1f} s)")
+    failed = [r["label"] for r in results["runs"] if r.get("error")]
+    if failed:
+        print(f"{prog}: {len(failed)} configuration(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

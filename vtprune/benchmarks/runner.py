@@ -218,8 +218,8 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
 
         local = Path(spec).is_dir()
         offline = local or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-        if not local and os.path.sep in spec and not Path(spec).exists():
-            raise FileNotFoundError(f"vtprune bench: --model {spec!r} is neither a folder nor a hub id")
+        if not local and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+            raise FileNotFoundError(f"vtprune bench: --model {spec!r}: no such folder (and not a hub id)")
         model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dt, local_files_only=offline)
         processor = AutoProcessor.from_pretrained(spec, local_files_only=offline)
         desc = {"name": Path(spec).name if local else spec, "path": str(Path(spec).resolve()) if local else spec}
@@ -549,17 +549,22 @@ def _applied(model, config: BenchConfig):
             unprune(model)
 
 
+def _notice(message: str, info: DistInfo) -> None:
+    print(f"vtprune bench [rank {info.rank}]: {message}" if info.world > 1 else f"vtprune bench: {message}",
+          file=sys.stderr, flush=True)
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _progress(total: int, enabled: bool, unit: str = "q"):
+def _progress(total: int, enabled: bool, unit: str = "q", desc: str = "bench"):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit=unit, desc="bench", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, file=sys.stderr)
 
 
 def _timing_inputs(model, processor, tasks: list[TaskData], prompts: dict, n: int) -> list[dict]:
@@ -577,14 +582,20 @@ def _timing_pass(model, configs: list[BenchConfig], inputs: list[dict], settings
     if not inputs:
         return {c.label: None for c in configs}
     rounds = 1 + settings.timing_repeats
-    bar = _progress(rounds, settings.progress, unit="round")
-    if bar is not None:
-        bar.set_description(f"timing {len(configs)} configs")
+    bar = _progress(rounds, settings.progress, unit="round", desc=f"timing {len(configs)} configs")
     setups = {c.label: (lambda c=c: _applied(model, c)) for c in configs}
+    kwargs = dict(warmup=1, repeats=settings.timing_repeats, decode_tokens=settings.decode_tokens)
     try:
-        return perf.compare(model, setups, inputs, warmup=1, repeats=settings.timing_repeats,
-                            decode_tokens=settings.decode_tokens,
-                            on_round=(lambda _: bar.update(1)) if bar is not None else None)
+        return perf.compare(model, setups, inputs, on_round=(lambda _: bar.update(1)) if bar else None, **kwargs)
+    except Exception:  # noqa: BLE001 - find the failing configuration(s), time the others alone
+        out = {}
+        for label, setup in setups.items():
+            try:
+                out.update(perf.compare(model, {label: setup}, inputs, **kwargs))
+            except Exception as err:  # noqa: BLE001
+                _notice(f"timing {label} failed: {type(err).__name__}: {err}", DistInfo())
+                out[label] = None
+        return out
     finally:
         if bar is not None:
             bar.close()
@@ -634,12 +645,20 @@ def _run(settings, info, model, processor, predictor, write) -> dict | None:
     bar = _progress(shard_size * len(configs), settings.progress and info.main)
     local = {}
     try:
-        for config in configs:
+        for k, config in enumerate(configs):
             if bar is not None:
                 bar.set_description(config.label)
-            with _applied(model, config):
-                local[config.label] = {t.name: answer_task(model, processor, t, prompts[t.name], settings, info,
-                                                           predictor, bar) for t in tasks}
+            try:
+                with _applied(model, config):
+                    local[config.label] = {t.name: answer_task(model, processor, t, prompts[t.name], settings,
+                                                               info, predictor, bar) for t in tasks}
+            except Exception as err:  # noqa: BLE001 - one failing method must not sink the sweep
+                if config.method is None:
+                    raise
+                local[config.label] = {"error": f"{type(err).__name__}: {err}"}
+                _notice(f"{config.label} failed: {local[config.label]['error']}", info)
+                if bar is not None:
+                    bar.update(shard_size * (k + 1) - bar.n)
     finally:
         if bar is not None:
             bar.close()
@@ -647,8 +666,9 @@ def _run(settings, info, model, processor, predictor, write) -> dict | None:
 
     timing = {}
     if info.main and settings.timing_samples > 0:
+        failed = {label for rank in gathered for label, entry in rank.items() if "error" in entry}
         inputs = _timing_inputs(model, processor, tasks, prompts, settings.timing_samples)
-        timing = _timing_pass(model, configs, inputs, settings)
+        timing = _timing_pass(model, [c for c in configs if c.label not in failed], inputs, settings)
     _barrier(info)
     if not info.main:
         return None
@@ -676,6 +696,13 @@ def _assemble(settings, info, model_desc, n_visual, tasks, configs, gathered, ti
     for config in configs:
         counts = TokenCounts()
         scores, predictions = {}, {}
+        errors = [rank[config.label]["error"] for rank in gathered if "error" in rank[config.label]]
+        if errors:
+            runs.append({"label": config.label, "method": config.method, "keep": config.keep,
+                         "ratio": config.ratio, "hyper": dict(config.hyper), **TokenCounts().per_image(),
+                         "scores": {}, "perf": perf.PerfReport().to_dict(), "speedup": None, "predictions": {},
+                         "error": errors[0]})
+            continue
         for t in tasks:
             preds, c = _merge(gathered, config.label, t)
             counts = counts.add(c)
@@ -751,6 +778,9 @@ def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     for r in runs:
         budget = "-" if r["method"] == "vanilla" else (f"keep {r['keep']}" if r["keep"] is not None
                                                        else f"ratio {r['ratio']:g}")
+        if r.get("error"):
+            rows.append([r["method"], budget, "failed (see results.json)"] + [""] * (len(header) - 3))
+            continue
         row = [r["method"], budget, num(r["kept_tokens"], ".1f"), num(r["equivalent_tokens"], ".1f")]
         if has_p:
             row.append(num(r["scores"]["mme"]["perception"], ".1f"))
@@ -777,12 +807,15 @@ def format_table(results: dict) -> str:
         subtasks = list(results["runs"][0]["scores"]["mme"]["subtasks"])
         lines += ["", "MME subtask score (acc + acc+, max 200 each):"]
         sub_rows = [[r["label"]] + [f"{r['scores']['mme']['subtasks'][s]['score']:.1f}" for s in subtasks]
-                    for r in results["runs"]]
+                    for r in results["runs"] if not r.get("error")]
         sw = [max(len(x) for x in col) for col in zip(["config"] + subtasks, *sub_rows)]
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(["config"] + subtasks, sw))))
         lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, sw)))
                   for row in sub_rows]
+    failed = [r for r in results["runs"] if r.get("error")]
+    if failed:
+        lines += ["", "failed configurations:"] + [f"  {r['label']}: {r['error']}" for r in failed]
     meta = results["meta"]
     lines += ["", f"model: {meta['model']['name']} ({meta['visual_tokens']} visual tokens/image); "
                   f"kept/equiv = visual tokens per image (equiv = layer-averaged); prefill ms = median per sample "
@@ -795,6 +828,7 @@ def _csv_rows(results: dict) -> list[dict]:
     for r in results["runs"]:
         row = {k: r[k] for k in ("label", "method", "keep", "ratio", "visual_tokens", "kept_tokens",
                                  "equivalent_tokens")}
+        row["error"] = r.get("error")
         if "mme" in r["scores"]:
             m = r["scores"]["mme"]
             row.update({"mme_perception": m["perception"], "mme_cognition": m["cognition"], "mme_total": m["total"]})
@@ -831,6 +865,8 @@ def plot_results(results: dict, path: Path) -> Path:
     for ax, task in zip(axes[0], tasks):
         by_method: dict[str, list[tuple[float, float]]] = {}
         for r in results["runs"]:
+            if r.get("error"):
+                continue
             score = r["scores"][task]["score"]
             if r["method"] == "vanilla":
                 ax.axhline(score, color="black", linestyle="--", linewidth=1.2, label=f"vanilla ({score:.1f})")

@@ -51,6 +51,8 @@ __all__ = [
     "mme_pair",
     "gqa_question",
     "training_samples",
+    "training_conversations",
+    "Conversation",
     "validation_samples",
     "write_mme",
     "write_gqa",
@@ -494,6 +496,60 @@ def training_samples(seed: int = 0, max_objects: int | Callable[[], int] = DEFAU
     rest are GQA-style questions with one-word answers.
     """
     return _sample_stream(random.Random(f"train-{seed}"), max_objects, mme_fraction)
+
+
+@dataclass
+class Conversation:
+    """One image with several questions about it (multi-turn training example)."""
+    image: Image.Image
+    turns: list            # list of (question, answer, family, style) tuples, like Sample fields
+    scene: Scene = field(repr=False, default=None)
+
+
+def _candidates(scene: Scene, rng: random.Random) -> tuple[list, list]:
+    """All MME-style (yes and no) and GQA-style questions that apply to ``scene``."""
+    mme, gqa = [], []
+    for sub in MME_SUBTASKS:
+        pair = mme_pair(scene, sub, rng)
+        if pair:
+            mme += [(with_mme_suffix(qa.question), qa.answer.lower(), sub, "mme") for qa in pair]
+    for fam in GQA_FAMILIES:
+        out = gqa_question(scene, fam, rng)
+        if out:
+            gqa.append((out[0].question, out[0].answer, fam, "gqa"))
+    return mme, gqa
+
+
+def training_conversations(seed: int = 0, max_objects: int | Callable[[], int] = DEFAULT_MAX_OBJECTS,
+                           mme_fraction: float | Callable[[], float] = 0.5, turns: int = 4,
+                           text_fraction: float = 1 / 6) -> Iterator[Conversation]:
+    """Endless stream of images with up to ``turns`` distinct questions each (LLaVA-style multi-turn data).
+
+    The first turn follows the same family mix as :func:`training_samples`; later turns
+    are drawn from the remaining questions about the same image (a Yes and a No question
+    of one MME subtask can both appear, which gives a contrastive signal).
+    """
+    rng = random.Random(f"conv-{seed}")
+    while True:
+        mo = _value(max_objects)
+        mf = _value(mme_fraction)
+        text = rng.random() < text_fraction
+        is_mme = rng.random() < mf
+        if is_mme:
+            first_family = "OCR" if text else rng.choice(MME_SUBTASKS[:-1])
+        else:
+            first_family = "ocr" if text else rng.choice(GQA_FAMILIES[:-1])
+        scene, _ = _scene_for(rng, first_family, mo, mme=is_mme)
+        mme, gqa = _candidates(scene, rng)
+        first_pool = [c for c in (mme if is_mme else gqa) if c[2] == first_family]
+        first = rng.choice(first_pool)
+        chosen = [first]
+        mme = [c for c in mme if c != first]
+        gqa = [c for c in gqa if c != first]
+        while len(chosen) < turns and (mme or gqa):
+            pool = mme if (mme and (not gqa or rng.random() < mf)) else gqa
+            chosen.append(pool.pop(rng.randrange(len(pool))))
+        yield Conversation(render_scene(scene), chosen, scene)
 
 
 def validation_samples(n: int, seed: int = VALIDATION_SEED, max_objects: int = DEFAULT_MAX_OBJECTS,

@@ -176,18 +176,28 @@ def load_tiny_llava(path: str | os.PathLike | None = None, dtype: torch.dtype = 
 
 # --------------------------------------------------------------------------- training helpers
 
-def encode_training_batch(processor, images: Sequence, prompts: Sequence[str], answers: Sequence[str]) -> dict:
+def encode_training_batch(processor, images: Sequence, prompts: Sequence[str], answers: Sequence[str],
+                          followups: Sequence[Sequence[tuple[str, str]]] | None = None) -> dict:
     """Right-padded batch: prompt ids (image placeholders expanded) + answer ids + ``</s>``.
 
-    ``labels`` are -100 everywhere except the answer tokens and the closing ``</s>``.
+    ``followups[i]`` optionally adds more turns to sample ``i``: ``(user_text, answer)``
+    pairs rendered as ``USER: {user_text} ASSISTANT: {answer}</s>`` after the first
+    answer (the Vicuna v1 multi-turn layout, which the chat template renders too).
+    ``labels`` are -100 everywhere except the answer tokens and their closing ``</s>``.
     """
     tok = processor.tokenizer
     enc = processor(images=list(images), text=list(prompts), return_tensors=None)
     rows, labels = [], []
-    for ids, ans in zip(enc["input_ids"], answers):
+    for i, (ids, ans) in enumerate(zip(enc["input_ids"], answers)):
         a = tok(ans, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append(list(ids) + a)
-        labels.append([-100] * len(ids) + a)
+        row, lab = list(ids) + a, [-100] * len(ids) + a
+        for user_text, answer in (followups[i] if followups else ()):
+            q = tok(f"USER: {user_text} ASSISTANT:", add_special_tokens=False)["input_ids"]
+            a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            row += q + a
+            lab += [-100] * len(q) + a
+        rows.append(row)
+        labels.append(lab)
     width = max(len(r) for r in rows)
     pad = tok.pad_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -203,8 +213,13 @@ def encode_training_batch(processor, images: Sequence, prompts: Sequence[str], a
     return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values, "labels": label_t}
 
 
-def training_step(model, batch: dict, optimizer, scheduler=None, max_grad_norm: float | None = 1.0) -> float:
-    """One AdamW step on a batch from :func:`encode_training_batch`; returns the loss."""
+def training_step(model, batch: dict, optimizer, scheduler=None, max_grad_norm: float | None = 1.0,
+                  return_accuracy: bool = False):
+    """One AdamW step on a batch from :func:`encode_training_batch`; returns the loss.
+
+    With ``return_accuracy`` returns ``(loss, acc)`` where ``acc`` is the teacher-forced
+    argmax accuracy on the labelled non-``</s>`` tokens (the answers).
+    """
     model.train()
     out = model(**batch)
     loss = out.loss
@@ -215,7 +230,14 @@ def training_step(model, batch: dict, optimizer, scheduler=None, max_grad_norm: 
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return float(loss.detach())
+    if not return_accuracy:
+        return float(loss.detach())
+    with torch.no_grad():
+        labels = batch["labels"][:, 1:]
+        pred = out.logits[:, :-1].argmax(-1)
+        sel = (labels != -100) & (labels != EOS_ID)
+        acc = float((pred[sel] == labels[sel]).float().mean()) if sel.any() else float("nan")
+    return float(loss.detach()), acc
 
 
 # --------------------------------------------------------------------------- inference helpers

@@ -1,0 +1,337 @@
+#!/usr/bin/env python
+"""Train the embedded tiny LLaVA from scratch on synthetic visual QA (CPU, one thread by default).
+
+Recipe: AdamW (lr 3e-4, weight decay 0.01), linear warm-up over 100 steps then cosine
+decay to 5% of the peak, batch 8, loss on the answer tokens (and the closing ``</s>``)
+only, a curriculum on the number of objects per image (1 at the start, up to
+``--max-objects`` after ``--curriculum-frac`` of the run), prompts in both the
+``llava_v1`` (Vicuna system prompt) and the ``chat_template`` style.
+
+Progress (for the schedule and the curriculum) is the larger of step/--max-steps and
+elapsed/--minutes, so a time budget gives a complete schedule.  Every --eval-every
+seconds the model is scored on a small held-out validation set (its own seed; MME-style
+and GQA-style folders written under <out>/val) and the best checkpoint (by the mean of
+GQA accuracy and MME total as % of max) is saved to <out>/best with save_pretrained.
+At the end the best checkpoint is evaluated on the shipped held-out sets
+(vtprune/assets/synthetic_mme and synthetic_gqa, regenerated into <out>/test if absent)
+in both prompt styles and <out>/best/MODEL_CARD.md is written.  SIGINT/SIGTERM stop
+training early but still run the final evaluation.
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/train_tiny_llava.py --out runs/tiny-llava --minutes 75
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from vtprune.benchmarks import synthetic  # noqa: E402
+from vtprune.benchmarks import tiny_llava as TL  # noqa: E402
+from vtprune.benchmarks.gqa import load_gqa  # noqa: E402
+from vtprune.benchmarks.mme import load_mme  # noqa: E402
+from vtprune.benchmarks.prompts import build_prompt, question_text  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = REPO / "vtprune" / "assets"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(REPO / "runs" / "tiny-llava"))
+    p.add_argument("--minutes", type=float, default=75.0, help="training time budget (0 = none; needs --max-steps)")
+    p.add_argument("--max-steps", type=int, default=0, help="step budget (0 = none)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--min-lr-ratio", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--max-objects", type=int, default=synthetic.DEFAULT_MAX_OBJECTS)
+    p.add_argument("--curriculum-frac", type=float, default=0.6,
+                   help="fraction of the run by which images have up to --max-objects objects at the latest")
+    p.add_argument("--advance-acc", type=float, default=0.85,
+                   help="raise the object limit early once the training answer accuracy (last 50 steps) reaches this")
+    p.add_argument("--turns", type=int, default=4, help="questions per image (multi-turn training examples)")
+    p.add_argument("--mme-fraction", type=float, default=0.5, help="share of yes/no (MME-style) questions")
+    p.add_argument("--text-fraction", type=float, default=0.25, help="share of OCR (glyph) images")
+    p.add_argument("--chat-template-frac", type=float, default=0.4, help="share of chat_template-style prompts")
+    p.add_argument("--keep-suffix-frac", type=float, default=0.1,
+                   help="share of MME-style questions that keep ' Please answer yes or no.'")
+    p.add_argument("--eval-every", type=float, default=150.0, help="seconds between validation runs")
+    p.add_argument("--val-per-subtask", type=int, default=12, help="validation MME images per subtask")
+    p.add_argument("--val-gqa", type=int, default=120, help="validation GQA questions")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--card-only", action="store_true", help="skip training; evaluate <out>/best and write its card")
+    return p.parse_args(argv)
+
+
+class Stop:
+    flag = False
+
+
+def _on_signal(signum, frame):  # noqa: ARG001
+    Stop.flag = True
+    print(f"signal {signum}: stopping after this step", flush=True)
+
+
+def lr_factor(step: int, progress: float, warmup: int, min_ratio: float) -> float:
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return warm * (min_ratio + (1.0 - min_ratio) * cos)
+
+
+def val_sets(out: Path, per_subtask: int, n_gqa: int):
+    vdir = out / "val"
+    synthetic.write_mme(vdir / "mme", seed=synthetic.VALIDATION_SEED, per_subtask=per_subtask)
+    synthetic.write_gqa(vdir / "gqa", seed=synthetic.VALIDATION_SEED, n_questions=n_gqa)
+    return load_mme(vdir / "mme"), load_gqa(vdir / "gqa")
+
+
+def test_sets(out: Path):
+    mme_dir, gqa_dir = ASSETS / "synthetic_mme", ASSETS / "synthetic_gqa"
+    if not (mme_dir.is_dir() and gqa_dir.is_dir()):
+        mme_dir, gqa_dir = synthetic.write_heldout_assets(out / "test")
+    return mme_dir, gqa_dir, load_mme(mme_dir), load_gqa(gqa_dir)
+
+
+def combined(res: dict) -> float:
+    return 0.5 * (res["gqa"].accuracy + res["mme"].total_percent)
+
+
+def evaluate_ckpt(model, processor, mme_q, gqa_q, style="llava_v1", max_new_tokens=4):
+    return TL.evaluate(model, processor, mme_questions=mme_q, gqa_questions=gqa_q, style=style,
+                       max_new_tokens=max_new_tokens, batch_size=16)
+
+
+def write_card(path: Path, state: dict, results: dict, mme_dir: Path, gqa_dir: Path, model) -> None:
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    lines = [
+        "# tiny-llava (vtprune test model)",
+        "",
+        "A ~{:.1f}M-parameter LLaVA-1.5-style model (`LlavaForConditionalGeneration`: CLIP vision tower + "
+        "2-layer MLP projector + Llama LM) trained from scratch on CPU on vtprune's synthetic visual-QA data "
+        "(`vtprune/benchmarks/synthetic.py`). It exists so that token-pruning methods can be tested and "
+        "benchmarked offline on a model that actually uses its visual tokens. It knows nothing about real images."
+        .format(n_params / 1e6),
+        "",
+        "## Architecture",
+        "",
+        f"- vision: CLIP {cfg.vision_config.num_hidden_layers} layers x {cfg.vision_config.hidden_size}, "
+        f"image {cfg.vision_config.image_size} px, patch {cfg.vision_config.patch_size} -> "
+        f"**{cfg.image_seq_length} visual tokens** per image (`vision_feature_layer={cfg.vision_feature_layer}`, "
+        f"strategy `{cfg.vision_feature_select_strategy}`)",
+        f"- LM: Llama {cfg.text_config.num_hidden_layers} layers x {cfg.text_config.hidden_size}, "
+        f"{cfg.text_config.num_attention_heads} heads, word-level vocabulary of {cfg.text_config.vocab_size} tokens "
+        "(lower-cased, punctuation split; `<pad> <s> </s> <unk> <image>` = ids 0-4)",
+        "- processor: `LlavaProcessor` = `CLIPImageProcessorPil` + `PreTrainedTokenizerFast`, with a "
+        "`USER: <image>\\n... ASSISTANT:` chat template; loads offline with `AutoProcessor.from_pretrained`",
+        f"- parameters: {n_params:,} (fp32 safetensors)",
+        "",
+        "## Training",
+        "",
+        f"- command: `{state['command']}`",
+        f"- seed {state['seed']}, {state['threads']} CPU thread(s), batch {state['batch_size']}, "
+        f"AdamW lr {state['lr']} (warm-up {state['warmup']} steps, cosine decay to {state['min_lr_ratio']} x), "
+        "loss on answer tokens only",
+        f"- curriculum: 1 object per image at the start, up to {state['max_objects']} after "
+        f"{int(100 * state['curriculum_frac'])}% of the run; prompts {int(100 * (1 - state['chat_template_frac']))}% "
+        f"`llava_v1`, {int(100 * state['chat_template_frac'])}% `chat_template`",
+        f"- wall time: {state['elapsed_s'] / 60:.1f} min of training, {state['steps']} steps, "
+        f"{state['samples']:,} samples seen (fresh samples, never repeated)",
+        f"- selected checkpoint: step {state['best_step']} ({state['best_samples']:,} samples, "
+        f"{state['best_elapsed_s'] / 60:.1f} min) by validation score {state['best_val']:.2f} "
+        "(mean of GQA accuracy and MME total % of max; validation seed "
+        f"{synthetic.VALIDATION_SEED}, distinct from the test sets below)",
+        "",
+        "## Held-out accuracy (full 144 visual tokens, greedy decoding)",
+        "",
+        f"Test sets: `{mme_dir.name}` (MME release layout, seed {synthetic.MME_SEED}) and `{gqa_dir.name}` "
+        f"(GQA layout, seed {synthetic.GQA_SEED}), shipped in `vtprune/assets/`; training used a different random "
+        "stream. MME scoring = official rule (acc + acc+ per subtask); GQA = lmms-eval exact match.",
+        "",
+    ]
+    for style, res in results.items():
+        mme, gqa = res["mme"], res["gqa"]
+        lines += [
+            f"### prompt style `{style}`",
+            "",
+            f"- **GQA-style exact match: {gqa.accuracy:.1f}%** ({gqa.correct}/{gqa.n}; binary "
+            f"{gqa.binary:.1f}%, open {gqa.open:.1f}%)",
+            f"- **MME-style total (Perception, 5 subtasks): {mme.total:.1f} / {mme.total_max:.0f} = "
+            f"{mme.total_percent:.1f}% of max**",
+            "",
+            "| MME subtask | acc | acc+ | score |",
+            "|---|---|---|---|",
+        ]
+        for k, v in mme.subtasks.items():
+            lines.append(f"| {k} | {v.acc:.1f} | {v.acc_plus:.1f} | {v.score:.1f} |")
+        lines += ["", "| GQA family | accuracy | n |", "|---|---|---|"]
+        for k, (a, n) in gqa.by_family.items():
+            lines.append(f"| {k} | {a:.1f} | {n} |")
+        lines.append("")
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from vtprune.benchmarks.tiny_llava import load_tiny_llava",
+        "model, processor = load_tiny_llava()   # this folder, offline",
+        "```",
+        "",
+    ]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def final_eval(out: Path, state: dict) -> dict:
+    best = out / "best"
+    model, processor = TL.load_tiny_llava(best)
+    mme_dir, gqa_dir, mme_q, gqa_q = test_sets(out)
+    results = {}
+    for style in ("llava_v1", "chat_template"):
+        t0 = time.time()
+        results[style] = evaluate_ckpt(model, processor, mme_q, gqa_q, style=style, max_new_tokens=16)
+        r = results[style]
+        print(f"[test {style}] GQA {r['gqa'].accuracy:.2f}%  MME total {r['mme'].total:.1f}/"
+              f"{r['mme'].total_max:.0f} ({r['mme'].total_percent:.1f}%)  ({time.time() - t0:.1f}s)", flush=True)
+        print(r["mme"].format(), flush=True)
+        print(r["gqa"].format(), flush=True)
+    write_card(best / "MODEL_CARD.md", state, results, mme_dir, gqa_dir, model)
+    (out / "test_results.json").write_text(json.dumps(
+        {s: {"mme": r["mme"].to_dict(), "gqa": r["gqa"].to_dict()} for s, r in results.items()}, indent=1))
+    print(f"wrote {best / 'MODEL_CARD.md'}", flush=True)
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "train_state.json"
+    if args.card_only:
+        final_eval(out, json.loads(state_file.read_text()))
+        return 0
+    if not args.minutes and not args.max_steps:
+        raise SystemExit("give --minutes and/or --max-steps")
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+    random.seed(args.seed)
+    model, processor = TL.build_untrained_tiny_llava(seed=args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params:,}; visual tokens {model.config.image_seq_length}; threads {torch.get_num_threads()}",
+          flush=True)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    val_mme, val_gqa = val_sets(out, args.val_per_subtask, args.val_gqa)
+
+    cur_max = [1]
+    level, level_since = 1, 0
+    accs: list[float] = []
+    stream = synthetic.training_conversations(args.seed, max_objects=lambda: cur_max[0],
+                                              mme_fraction=args.mme_fraction, turns=args.turns,
+                                              text_fraction=args.text_fraction)
+    style_rng = random.Random(f"styles-{args.seed}")
+    budget_s = args.minutes * 60.0
+    state = {k: getattr(args, k) for k in ("seed", "threads", "batch_size", "lr", "warmup", "min_lr_ratio",
+                                           "max_objects", "curriculum_frac", "chat_template_frac", "turns",
+                                           "advance_acc", "mme_fraction")}
+    state["command"] = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
+    state.update(best_val=-1.0, best_step=0, best_samples=0, best_elapsed_s=0.0)
+    t0 = time.time()
+    last_eval = t0
+    step = samples = questions = 0
+    losses: list[float] = []
+    history = []
+    while True:
+        elapsed = time.time() - t0
+        progress = max(step / args.max_steps if args.max_steps else 0.0, elapsed / budget_s if budget_s else 0.0)
+        done = progress >= 1.0 or Stop.flag
+        if done or time.time() - last_eval >= args.eval_every:
+            ev_t = time.time()
+            res = evaluate_ckpt(model, processor, val_mme, val_gqa, max_new_tokens=3)
+            score = combined(res)
+            eval_s = time.time() - ev_t
+            t0 += eval_s  # evaluation time does not count against the training budget
+            elapsed = time.time() - t0
+            fam = " ".join(f"{k}={a:.0f}" for k, (a, _) in res["gqa"].by_family.items())
+            sub = " ".join(f"{k}={v.score:.0f}" for k, v in res["mme"].subtasks.items())
+            print(f"[{elapsed:7.1f}s] EVAL step {step} samples {samples}: GQA {res['gqa'].accuracy:.1f}% "
+                  f"MME {res['mme'].total_percent:.1f}% combined {score:.2f} | gqa {fam} | mme {sub} "
+                  f"(eval {eval_s:.1f}s)", flush=True)
+            history.append({"step": step, "samples": samples, "elapsed_s": elapsed, "gqa": res["gqa"].accuracy,
+                            "mme_pct": res["mme"].total_percent, "combined": score})
+            if score > state["best_val"]:
+                state.update(best_val=score, best_step=step, best_samples=samples, best_questions=questions,
+                             best_elapsed_s=elapsed)
+                model.save_pretrained(out / "best")
+                processor.save_pretrained(out / "best")
+                print(f"           saved best -> {out / 'best'}", flush=True)
+            state.update(steps=step, samples=samples, questions=questions, elapsed_s=elapsed, history=history)
+            state_file.write_text(json.dumps(state, indent=1))
+            last_eval = time.time()
+            if done:
+                break
+        # curriculum: object limit rises when the model masters the current level, and on a schedule
+        if (level < args.max_objects and step - level_since >= 100 and len(accs) >= 50
+                and sum(accs[-50:]) / 50 >= args.advance_acc):
+            level, level_since = level + 1, step
+            print(f"[{time.time() - t0:7.1f}s] curriculum: max objects -> {level} (train acc "
+                  f"{sum(accs[-50:]) / 50:.3f})", flush=True)
+        forced = 1 + int((args.max_objects - 1) * min(1.0, progress / max(1e-9, args.curriculum_frac)))
+        if forced > level:
+            level, level_since = forced, step
+        cur_max[0] = level
+        batch = [next(stream) for _ in range(args.batch_size)]
+        prompts, answers, followups = [], [], []
+        for conv in batch:
+            style = "chat_template" if style_rng.random() < args.chat_template_frac else "llava_v1"
+            extra = []
+            for j, (question, answer, _family, kind) in enumerate(conv.turns):
+                bench = "gqa" if kind == "gqa" or style_rng.random() < args.keep_suffix_frac else "mme"
+                if j == 0:
+                    prompts.append(build_prompt(question, benchmark=bench, style=style, processor=processor))
+                    answers.append(answer)
+                else:
+                    extra.append((question_text(question, bench), answer))
+            followups.append(extra)
+        enc = TL.encode_training_batch(processor, [c.image for c in batch], prompts, answers, followups)
+        lr = args.lr * lr_factor(step, progress, args.warmup, args.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss, acc = TL.training_step(model, enc, opt, return_accuracy=True)
+        losses.append(loss)
+        accs.append(acc)
+        step += 1
+        samples += len(batch)
+        questions += sum(len(c.turns) for c in batch)
+        if step % args.log_every == 0:
+            print(f"[{time.time() - t0:7.1f}s] step {step} images {samples} loss {sum(losses) / len(losses):.4f} "
+                  f"train-acc {sum(accs[-args.log_every:]) / args.log_every:.3f} lr {lr:.2e} max_objects "
+                  f"{cur_max[0]} ({samples / (time.time() - t0):.1f} images/s)", flush=True)
+            losses.clear()
+            del accs[:-200]
+    print(f"training done: {step} steps, {samples} samples, {state['elapsed_s'] / 60:.1f} min; best step "
+          f"{state['best_step']} (val {state['best_val']:.2f})", flush=True)
+    final_eval(out, state)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,3 +43,16 @@ def test_panels_and_dimming(model_and_processor, tmp_path, method, n_panels):
     cells_last = last[: side * cell, : side * cell].reshape(side, cell, side, cell, 3).mean((1, 3, 4))
     darker = cells_last < cells_first - 1
     assert darker.sum() == side * side - 16  # exactly the pruned patches are dimmed
+
+
+def test_viz_command_line(tmp_path):
+    from vtprune.cli import main
+
+    image = tmp_path / "shapes.png"
+    _image().save(image)
+    out = tmp_path / "kept.png"
+    assert main(["viz", "--image", str(image), "--question", "what color is the circle ?", "--method", "flowcut",
+                 "--keep", "16", "--set", "cumulative_weight=0.5", "--out", str(out)]) == 0
+    assert Image.open(out).width > 336
+    assert main(["viz", "--image", str(image), "--question", "q", "--method", "flowcat", "--keep", "16",
+                 "--out", str(out)]) == 2

@@ -146,6 +146,7 @@ class _Generation:
     deep: dict
     prompt_length: int  # original prompt length (padding included)
     spans: list
+    step_mask: torch.Tensor | None = None  # this decode step's 2-D mask in the compacted layout
 
 
 def _guard(fn):
@@ -928,7 +929,7 @@ class Session:
             kwargs["position_ids"] = last + 1 + (new_tokens - q) + torch.arange(q, device=last.device)[None]
         else:
             kwargs["position_ids"] = pos - base.position_shift[:, None].to(pos.device)
-        gen.current_tail = kwargs.get("attention_mask")
+        gen.step_mask = kwargs.get("attention_mask")
         return (), kwargs
 
     # ---------------------------------------------------------------------------------------------------
@@ -994,7 +995,7 @@ class Session:
         cached = compat.cache_length(gen.cache, layer_idx)
         T_seg = seg.valid.shape[1]
         new_tokens = cached - T_seg + q
-        am2d = getattr(gen, "current_tail", None)
+        am2d = gen.step_mask
         if isinstance(am2d, torch.Tensor):
             tail = am2d[:, am2d.shape[1] - new_tokens:].bool()
         else:

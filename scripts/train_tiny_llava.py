@@ -2,10 +2,13 @@
 """Train the embedded tiny LLaVA from scratch on synthetic visual QA (CPU, one thread by default).
 
 Recipe: AdamW (lr 3e-4, weight decay 0.01), linear warm-up over 100 steps then cosine
-decay to 5% of the peak, batch 8, loss on the answer tokens (and the closing ``</s>``)
-only, a curriculum on the number of objects per image (1 at the start, up to
-``--max-objects`` after ``--curriculum-frac`` of the run), prompts in both the
-``llava_v1`` (Vicuna system prompt) and the ``chat_template`` style.
+decay to 5% of the peak, batch 8 images, loss on the answer tokens (and the closing
+``</s>``) only.  Each image carries ``--turns`` questions as a multi-turn conversation
+(the first turn is exactly the evaluation prompt; later turns reuse the image at ~20
+extra tokens each).  Curriculum on the number of objects per image: 1 at the start,
+raised by one whenever the training answer accuracy reaches ``--advance-acc`` and at the
+latest linearly up to ``--max-objects`` by ``--curriculum-frac`` of the run.  Prompts in
+both the ``llava_v1`` (Vicuna system prompt) and the ``chat_template`` style.
 
 Progress (for the schedule and the curriculum) is the larger of step/--max-steps and
 elapsed/--minutes, so a time budget gives a complete schedule.  Every --eval-every
@@ -148,12 +151,17 @@ def write_card(path: Path, state: dict, results: dict, mme_dir: Path, gqa_dir: P
         f"- seed {state['seed']}, {state['threads']} CPU thread(s), batch {state['batch_size']}, "
         f"AdamW lr {state['lr']} (warm-up {state['warmup']} steps, cosine decay to {state['min_lr_ratio']} x), "
         "loss on answer tokens only",
-        f"- curriculum: 1 object per image at the start, up to {state['max_objects']} after "
+        f"- data: fresh synthetic images generated on the fly (never repeated), {state.get('turns', 1)} questions per "
+        f"image as a multi-turn conversation (the first turn is exactly the evaluation prompt), "
+        f"{int(100 * state.get('mme_fraction', 0.5))}% yes/no (MME-style) and the rest one-word (GQA-style) questions",
+        f"- curriculum: 1 object per image at the start; the limit rises by one when the training answer accuracy "
+        f"reaches {state.get('advance_acc', 0.85)} and at the latest linearly to {state['max_objects']} objects by "
         f"{int(100 * state['curriculum_frac'])}% of the run; prompts {int(100 * (1 - state['chat_template_frac']))}% "
         f"`llava_v1`, {int(100 * state['chat_template_frac'])}% `chat_template`",
-        f"- wall time: {state['elapsed_s'] / 60:.1f} min of training, {state['steps']} steps, "
-        f"{state['samples']:,} samples seen (fresh samples, never repeated)",
-        f"- selected checkpoint: step {state['best_step']} ({state['best_samples']:,} samples, "
+        f"- wall time: {state['elapsed_s'] / 60:.1f} min of training (evaluation excluded), {state['steps']} steps, "
+        f"{state['samples']:,} images / {state.get('questions', state['samples']):,} questions seen",
+        f"- selected checkpoint: step {state['best_step']} ({state['best_samples']:,} images / "
+        f"{state.get('best_questions', state['best_samples']):,} questions, "
         f"{state['best_elapsed_s'] / 60:.1f} min) by validation score {state['best_val']:.2f} "
         "(mean of GQA accuracy and MME total % of max; validation seed "
         f"{synthetic.VALIDATION_SEED}, distinct from the test sets below)",

@@ -366,3 +366,11 @@ def test_chat_template_style_and_fallback():
         prompts.build_prompt("x", style="nope")
     with pytest.raises(ValueError):
         prompts.build_prompt("x", benchmark="vqav2")
+
+
+def test_score_mme_accepts_lmms_eval_field_names():
+    qs = [{"category": "artwork", "question_id": "artwork/1.jpg", "answer": "Yes"},
+          {"category": "artwork", "question_id": "artwork/1.jpg", "answer": "No"}]
+    assert score_mme(qs, ["Yes", "No"]).subtasks["artwork"].score == 200
+    with pytest.raises(KeyError):
+        score_mme([{"answer": "Yes"}, {"answer": "No"}], ["yes", "no"])

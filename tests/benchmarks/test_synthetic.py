@@ -226,3 +226,27 @@ def test_shipped_heldout_sets_match_the_generator(tmp_path):
     assert shipped_pngs == sorted(p.relative_to(mme) for p in mme.rglob("*.png"))
     assert len(shipped_pngs) == 30 * len(S.MME_SUBTASKS)
     assert len(json.loads((gqa / "testdev_balanced_questions.json").read_text())) == 200
+
+
+def test_training_conversations_are_deterministic_and_correct():
+    a = S.training_conversations(5, max_objects=4)
+    b = S.training_conversations(5, max_objects=4)
+    convs = [next(a) for _ in range(150)]
+    assert [c.turns for c in convs] == [next(b).turns for _ in range(150)]
+    firsts = set()
+    for c in convs:
+        assert 1 <= len(c.turns) <= 4
+        assert len({t[0] for t in c.turns}) == len(c.turns)          # distinct questions
+        assert len(c.scene.shapes) <= 4
+        firsts.add((c.turns[0][2], c.turns[0][3]))
+        for question, answer, family, kind in c.turns:
+            if kind == "mme":
+                assert question.endswith(" Please answer yes or no.") and answer in ("yes", "no")
+                qa = S.QA(question[: -len(" Please answer yes or no.")], answer.capitalize(), family, True)
+                _check_mme(c.scene, family, qa)
+            else:
+                assert family in S.GQA_FAMILIES and re.fullmatch(r"[a-z0-9]+", answer)
+    assert {f for f, k in firsts if k == "mme"} == set(S.MME_SUBTASKS)
+    assert {f for f, k in firsts if k == "gqa"} == set(S.GQA_FAMILIES)
+    only_open = S.training_conversations(5, mme_fraction=0.0)
+    assert all(t[3] == "gqa" for _ in range(30) for t in next(only_open).turns)

@@ -171,3 +171,27 @@ def test_shipped_checkpoint_answers_heldout_questions():
                             [build_prompt(q.question, processor=proc)], max_new_tokens=8)[0]
     assert ans and " " not in ans
     assert score_gqa([q], [ans]).n == 1 and score_mme(mme_q[:2], ["yes", "no"]).subtasks
+
+
+def test_multi_turn_batch_and_training_accuracy():
+    model, proc = TL.build_untrained_tiny_llava(seed=2, vision_layers=2, text_layers=2)
+    convs = [next(S.training_conversations(0)) for _ in range(1)] + \
+        [c for c, _ in zip(S.training_conversations(1), range(2))]
+    prompts = [build_prompt(c.turns[0][0], benchmark=c.turns[0][3], processor=proc) for c in convs]
+    from vtprune.benchmarks.prompts import question_text
+
+    follow = [[(question_text(q, k), a) for q, a, _f, k in c.turns[1:]] for c in convs]
+    b = TL.encode_training_batch(proc, [c.image for c in convs], prompts, [c.turns[0][1] for c in convs], follow)
+    tok = proc.tokenizer
+    for i, c in enumerate(convs):
+        lab = b["labels"][i][b["labels"][i] != -100].tolist()
+        want = []
+        for _q, a, _f, _k in c.turns:
+            want += tok(a, add_special_tokens=False)["input_ids"] + [TL.EOS_ID]
+        assert lab == want
+        ids = b["input_ids"][i][b["attention_mask"][i].bool()].tolist()
+        assert ids.count(tok.convert_tokens_to_ids(":")) == 2 * len(c.turns)   # "user :" ... "assistant :"
+        assert ids.count(TL.IMAGE_ID) == 144
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss, acc = TL.training_step(model, b, opt, return_accuracy=True)
+    assert loss > 0 and 0.0 <= acc <= 1.0

@@ -242,14 +242,19 @@ class MMEReport:
         return "\n".join(lines)
 
 
+def _field(q, *names):
+    for name in names:
+        if isinstance(q, dict):
+            if name in q:
+                return q[name]
+        elif hasattr(q, name):
+            return getattr(q, name)
+    raise KeyError(f"MME record {q!r} has none of the fields {names}")
+
+
 def _key(q) -> tuple[str, str, str]:
-    """(subtask, image key, gt) for an MMEQuestion or a mapping with those fields."""
-    if isinstance(q, MMEQuestion):
-        return q.subtask, q.image_name, q.answer
-    get = q.get if isinstance(q, dict) else (lambda k: getattr(q, k))
-    subtask = get("subtask") if (isinstance(q, dict) and "subtask" in q) or hasattr(q, "subtask") else get("category")
-    image = get("image_name") if (isinstance(q, dict) and "image_name" in q) or hasattr(q, "image_name") else get("question_id")
-    return subtask, image, get("answer")
+    """(subtask, image key, ground truth) of an MMEQuestion or a dict (lmms-eval names accepted)."""
+    return _field(q, "subtask", "category"), _field(q, "image_name", "question_id"), _field(q, "answer")
 
 
 def score_mme(questions: Sequence, predictions: Sequence[str]) -> MMEReport:

@@ -544,8 +544,8 @@ def training_conversations(seed: int = 0, max_objects: int | Callable[[], int] =
         first_pool = [c for c in (mme if is_mme else gqa) if c[2] == first_family]
         first = rng.choice(first_pool)
         chosen = [first]
-        mme = [c for c in mme if c != first]
-        gqa = [c for c in gqa if c != first]
+        mme = [c for c in mme if c != first] if mf > 0 else []
+        gqa = [c for c in gqa if c != first] if mf < 1 else []
         while len(chosen) < turns and (mme or gqa):
             pool = mme if (mme and (not gqa or rng.random() < mf)) else gqa
             chosen.append(pool.pop(rng.randrange(len(pool))))

@@ -329,6 +329,17 @@ def _referable(scene: Scene) -> list[tuple[ShapeObj, str]]:
     return out
 
 
+def _position_candidates(scene: Scene) -> list[tuple[str, str, str]]:
+    """(name, axis "h"|"v", side) for every referable shape that is clearly on one side of the image."""
+    cands = []
+    for s, name in _referable(scene):
+        for axis in "hv":
+            side = _side(s, scene.size, axis)
+            if side:
+                cands.append((name, axis, side))
+    return cands
+
+
 def mme_pair(scene: Scene, subtask: str, rng: random.Random) -> tuple[QA, QA] | None:
     """One Yes and one No question for ``subtask`` about ``scene`` (None if not applicable)."""
     if subtask == "existence":
@@ -356,12 +367,7 @@ def mme_pair(scene: Scene, subtask: str, rng: random.Random) -> tuple[QA, QA] | 
         return (QA(_count_question(n, noun, nouns, rng), "Yes", subtask, True),
                 QA(_count_question(m, noun, nouns, rng), "No", subtask, True))
     if subtask == "position":
-        cands = []
-        for s, name in _referable(scene):
-            for axis in "hv":
-                side = _side(s, scene.size, axis)
-                if side:
-                    cands.append((name, axis, side))
+        cands = _position_candidates(scene)
         if not cands:
             return None
         name, axis, side = rng.choice(cands)
@@ -419,12 +425,7 @@ def gqa_question(scene: Scene, family: str, rng: random.Random) -> tuple[QA, str
         return (QA(q, str(n), family, False, (("select", nouns), ("count", "?"))),
                 FULL_ANSWERS["count"].format(n=n, nouns=nouns if n != 1 else noun).replace("There are 1", "There is 1"))
     if family == "position":
-        cands = []
-        for s, name in _referable(scene):
-            for axis in "hv":
-                side = _side(s, scene.size, axis)
-                if side:
-                    cands.append((name, axis, side))
+        cands = _position_candidates(scene)
         if not cands:
             return None
         name, axis, side = rng.choice(cands)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
-import vtprune
 from vtprune.viz import kept_token_pictures
 
 tiny = pytest.importorskip("vtprune.benchmarks.tiny_llava")

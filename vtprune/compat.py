@@ -97,7 +97,3 @@ def mask_is_boolean(implementation: str) -> bool:
     base = implementation[len(WRAPPED_PREFIX):] if implementation.startswith(WRAPPED_PREFIX) else implementation
     return base != "eager"
 
-
-def cache_layers(cache: Any) -> list:
-    """Per-layer cache objects with ``keys``/``values`` tensors of shape [B, H_kv, T, d]."""
-    return list(cache.layers)

@@ -183,7 +183,7 @@ class Session:
         self._gen: _Generation | None = None
         self._vision: _VisionRecord | None = None
         self._wrapped_image_features = False
-        self.active = False
+        self._vision_cuts: tuple[int, ...] = ()
 
     # ---------------------------------------------------------------------------------------------------
     # install / remove
@@ -193,7 +193,6 @@ class Session:
         except Exception:
             self.remove()
             raise
-        self.active = True
 
     def _install(self) -> None:
         m, a, method = self.model, self.adapter, self.method
@@ -216,7 +215,7 @@ class Session:
             self._hook_attention(a.vision_attention(a.vision_layers[j]), functools.partial(self._record_vision_attention, j))
         if method.stage == "vision":
             n_vision = len(a.vision_layers)
-            vision_cuts = method.vision_cut_layers(n_vision, a.vision_feature_layer)
+            vision_cuts = self._vision_cuts = tuple(method.vision_cut_layers(n_vision, a.vision_feature_layer))
             for j in vision_cuts:
                 if not 0 < j <= a.vision_feature_layer:
                     raise PruneError(
@@ -300,7 +299,6 @@ class Session:
         self._saved_impl.clear()
         self._fwd = None
         self._gen = None
-        self.active = False
         if getattr(self.model, "vtprune", None) is self:
             del self.model.vtprune
 
@@ -478,7 +476,7 @@ class Session:
             n0 = hidden.shape[1] - 1
             rec.crop_index = [torch.arange(n0, device=hidden.device) for _ in range(crops)]
             rec.crop_state = [{} for _ in range(crops)]
-        if layer_idx in self.method.vision_cut_layers(len(self.adapter.vision_layers), self.adapter.vision_feature_layer):
+        if layer_idx in self._vision_cuts:
             hidden = self._cut_in_vision(layer_idx, hidden, rec)
         if rec.vision_mask is not None:
             if args and len(args) >= 2:
@@ -519,9 +517,9 @@ class Session:
         selections = self.method.select_crops(views)
         keeps = []
         for v, sel in zip(views, selections):
-            keep = sel.keep.to(torch.long).to(hidden.device).flatten()
-            if keep.numel() == 0 or bool((keep[1:] <= keep[:-1]).any()) or int(keep.min()) < 0 or int(keep.max()) >= v.n:
-                raise PruneError(f"vtprune: {self.method.name} returned patch indices that are not sorted, unique and in range")
+            keep = self._checked_keep(sel.keep, v.n).to(hidden.device)
+            if keep.numel() == 0:
+                raise PruneError(f"vtprune: {self.method.name} kept no patch of a crop; keep at least one")
             keeps.append(keep)
         counts = torch.tensor([1 + k.numel() for k in keeps], device=hidden.device)
         K = int(counts.max())
@@ -589,21 +587,24 @@ class Session:
         rec = fwd.vision
         if rec is None or rec.crop_keep is None:
             raise PruneError("vtprune: the vision stage did not run (was pixel_values given?)")
-        crops = a.crops_per_image(fwd.spans, fwd.image_sizes)
         out = []
-        for span in fwd.spans:
-            first = sum(crops[: span.image])
-            alive = rec.crop_keep[first:first + crops[span.image]].reshape(-1)
+        for span, (first, n_crops) in zip(fwd.spans, self._crop_ranges()):
+            alive = rec.crop_keep[first:first + n_crops].reshape(-1)
             src = a.token_sources(span, fwd.image_sizes).to(alive.device)
             keep_tok = (alive[src.clamp(min=0)] & (src >= 0)).any(1)
             out.append(Selection(keep=torch.nonzero(keep_tok).flatten()))
-        for span in fwd.spans:  # stats: the vision stages, per image (its first crop, for multi-crop images)
-            first = sum(crops[: span.image])
+            # stats: the vision stages of the image's first crop
             for layer, n_in, n_out, kept in rec.vision_stages:
                 fwd.stats.images[span.image].stages.append(
                     StageStats("vision", layer, n_in[first], n_out[first], kept[first])
                 )
         return out
+
+    def _crop_ranges(self) -> list[tuple[int, int]]:
+        """(first crop, crop count) of every image of the current forward in the vision tower's batch."""
+        crops = self.adapter.crops_per_image(self._fwd.spans, self._fwd.image_sizes)
+        starts = [sum(crops[:i]) for i in range(len(crops))]
+        return list(zip(starts, crops))
 
     # ---------------------------------------------------------------------------------------------------
     # what attention-stage methods may ask
@@ -627,14 +628,14 @@ class Session:
         rec = fwd.vision
         if rec is None or rec.cls is None:
             raise PruneError("vtprune: the vision tower's attention was not recorded (was pixel_values given?)")
-        crops = a.crops_per_image(fwd.spans, fwd.image_sizes)
-        if sum(crops) != rec.n_crops:
+        ranges = self._crop_ranges()
+        needed = sum(n for _, n in ranges)
+        if needed != rec.n_crops:
             raise PruneError(
-                f"vtprune: image-token count mismatch: the prompt's image tokens need {sum(crops)} vision crops/tiles "
+                f"vtprune: image-token count mismatch: the prompt's image tokens need {needed} vision crops/tiles "
                 f"but the vision tower ran on {rec.n_crops}; build prompts with the model's processor"
             )
-        first_crop = sum(crops[: span.image])
-        n_crops = crops[span.image]
+        first_crop, n_crops = ranges[span.image]
         seq = rec.cls.shape[1]
         cls = rec.cls[first_crop : first_crop + n_crops].reshape(-1)
         keys = rec.keys[first_crop : first_crop + n_crops].reshape(n_crops * seq, -1)
@@ -693,14 +694,16 @@ class Session:
             n_keep = self.method.n_keep(v, self.adapter.nominal_tokens)
             n_keep = min(n_keep, v.n)
             sel = self.method.select(v, n_keep)
-            keep = sel.keep.to(torch.long).flatten()
-            if keep.numel() and (
-                bool((keep[1:] <= keep[:-1]).any()) or int(keep.min()) < 0 or int(keep.max()) >= v.n
-            ):
-                raise PruneError(f"vtprune: {self.method.name} returned keep indices that are not sorted, unique and in range")
-            sel.keep = keep
+            sel.keep = self._checked_keep(sel.keep, v.n)
             out.append(sel)
         return out
+
+    def _checked_keep(self, keep: torch.Tensor, n: int) -> torch.Tensor:
+        """keep as a flat long tensor, after checking it is sorted, unique and within [0, n)."""
+        keep = keep.to(torch.long).flatten()
+        if keep.numel() and (bool((keep[1:] <= keep[:-1]).any()) or int(keep.min()) < 0 or int(keep.max()) >= n):
+            raise PruneError(f"vtprune: {self.method.name} returned keep indices that are not sorted, unique and in range")
+        return keep
 
     # ---------------------------------------------------------------------------------------------------
     # layouts

@@ -108,7 +108,7 @@ class FlowCut(Method):
         plans = []
         for v in views:
             st = v.state
-            for layer, cls_row, values in v.observations:
+            for _layer, cls_row, values in v.observations:
                 score, a = self._layer_score(cls_row, values)
                 w = float(self.cumulative_weight)
                 st["score"] = score if "score" not in st else w * st["score"] + (1 - w) * score

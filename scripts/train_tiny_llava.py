@@ -68,6 +68,14 @@ def parse_args(argv=None):
                    help="fraction of the run by which images have up to --max-objects objects at the latest")
     p.add_argument("--advance-acc", type=float, default=0.85,
                    help="raise the object limit early once the training answer accuracy (last 50 steps) reaches this")
+    p.add_argument("--family-order", default="color,shape,existence,ocr,position,count",
+                   help="family curriculum: training starts with the first family and adds the next ones in order")
+    p.add_argument("--family-min-steps", type=int, default=150,
+                   help="steps a family set is trained before the next family may join on --advance-acc")
+    p.add_argument("--family-max-steps", type=int, default=400,
+                   help="steps after which the next family joins regardless of accuracy")
+    p.add_argument("--describe-prob", type=float, default=0.0,
+                   help="share of images with an extra 'list the objects' turn (dense auxiliary target)")
     p.add_argument("--turns", type=int, default=4, help="questions per image (multi-turn training examples)")
     p.add_argument("--mme-fraction", type=float, default=0.5, help="share of yes/no (MME-style) questions")
     p.add_argument("--text-fraction", type=float, default=0.25, help="share of OCR (glyph) images")
@@ -159,7 +167,11 @@ def write_card(path: Path, state: dict, results: dict, mme_dir: Path, gqa_dir: P
         f"- data: fresh synthetic images generated on the fly (never repeated), {state.get('turns', 1)} questions per "
         f"image as a multi-turn conversation (the first turn is exactly the evaluation prompt), "
         f"{int(100 * state.get('mme_fraction', 0.5))}% yes/no (MME-style) and the rest one-word (GQA-style) questions",
-        f"- curriculum: 1 object per image at the start; the limit rises by one when the training answer accuracy "
+        f"- family curriculum: questions of `{state.get('family_order', 'all families')}` join one family at a "
+        f"time (after at least {state.get('family_min_steps', '-')} steps once the training answer accuracy reaches "
+        f"{state.get('advance_acc', 0.85)}, at the latest after {state.get('family_max_steps', '-')} steps); "
+        f"{int(100 * state.get('describe_prob', 0.0))}% of images add a last turn listing the objects left to right",
+        f"- object curriculum: 1 object per image at the start; the limit rises by one when the training answer accuracy "
         f"reaches {state.get('advance_acc', 0.85)} and at the latest linearly to {state['max_objects']} objects by "
         f"{int(100 * state['curriculum_frac'])}% of the run; prompts {int(100 * (1 - state['chat_template_frac']))}% "
         f"`llava_v1`, {int(100 * state['chat_template_frac'])}% `chat_template`",
@@ -265,14 +277,22 @@ def main(argv=None):
     cur_max = [1]
     level, level_since = 1, 0
     accs: list[float] = []
+    order = [f.strip() for f in args.family_order.split(",") if f.strip()]
+    unknown = sorted(set(order) - set(synthetic.GQA_FAMILIES))
+    if unknown or sorted(set(order)) != sorted(synthetic.GQA_FAMILIES):
+        raise SystemExit(f"--family-order must list each of {synthetic.GQA_FAMILIES} once (got {order})")
+    n_families, families_since = 1, 0
     stream = synthetic.training_conversations(args.seed, max_objects=lambda: cur_max[0],
                                               mme_fraction=args.mme_fraction, turns=args.turns,
-                                              text_fraction=args.text_fraction)
+                                              text_fraction=args.text_fraction,
+                                              families=lambda: order[:n_families],
+                                              describe_prob=args.describe_prob)
     style_rng = random.Random(f"styles-{args.seed}")
     budget_s = args.minutes * 60.0
     state = {k: getattr(args, k) for k in ("seed", "threads", "batch_size", "lr", "warmup", "min_lr_ratio",
                                            "max_objects", "curriculum_frac", "chat_template_frac", "turns",
-                                           "advance_acc", "mme_fraction")}
+                                           "advance_acc", "mme_fraction", "family_order", "family_min_steps",
+                                           "family_max_steps", "describe_prob")}
     state["command"] = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
     state.update(best_val=-1.0, best_step=0, best_samples=0, best_elapsed_s=0.0)
     t0 = time.time()
@@ -309,6 +329,16 @@ def main(argv=None):
             last_eval = time.time()
             if done:
                 break
+        # family curriculum: one family at a time joins once the current mix is learnt (or after a while);
+        # all families at once leave the yes/no questions at chance on this model size
+        recent = sum(accs[-50:]) / 50 if len(accs) >= 50 else 0.0
+        since = step - families_since
+        if n_families < len(order) and (since >= args.family_max_steps
+                                        or (since >= args.family_min_steps and recent >= args.advance_acc)):
+            n_families, families_since = n_families + 1, step
+            level, level_since = max(1, level - 1), step
+            print(f"[{time.time() - t0:7.1f}s] curriculum: families -> {order[:n_families]} (train acc "
+                  f"{recent:.3f})", flush=True)
         # curriculum: object limit rises when the model masters the current level, and on a schedule
         if (level < args.max_objects and step - level_since >= 100 and len(accs) >= 50
                 and sum(accs[-50:]) / 50 >= args.advance_acc):

@@ -49,6 +49,9 @@ def test_curriculum_knob_limits_objects():
     it = S.training_samples(0, max_objects=1)
     for _ in range(100):
         s = next(it)
+        if s.family == "count" and s.style == "mme":
+            assert len(s.scene.shapes) == 2  # MME count questions need a target counted twice
+            continue
         assert len(s.scene.shapes) <= 1
         if s.scene.glyph is None:
             assert len(s.scene.shapes) == 1
@@ -250,3 +253,56 @@ def test_training_conversations_are_deterministic_and_correct():
     assert {f for f, k in firsts if k == "gqa"} == set(S.GQA_FAMILIES)
     only_open = S.training_conversations(5, mme_fraction=0.0)
     assert all(t[3] == "gqa" for _ in range(30) for t in next(only_open).turns)
+
+
+def test_mme_count_wording_does_not_give_the_answer_away():
+    """Yes and No count questions share the plural wording and the count range (>= 2)."""
+    rng = random.Random("count-leak")
+    counts = {"Yes": [], "No": []}
+    for _ in range(300):
+        scene = S.random_scene(rng, max_objects=S.DEFAULT_MAX_OBJECTS)
+        pair = S.mme_pair(scene, "count", rng)
+        if pair is None:
+            assert all(t[2] < 2 for t in S._count_targets(scene))
+            continue
+        for qa in pair:
+            m = re.match(r"Are there (?:exactly )?(\d) \w+(?: \w+)?s in the image\?$", qa.question)
+            assert m, qa.question
+            counts[qa.answer].append(int(m.group(1)))
+    assert min(counts["Yes"] + counts["No"]) >= 2
+    # every asked number occurs with both answers (the number alone does not decide)
+    assert set(counts["Yes"]) & set(counts["No"]) >= {2, 3, 4}
+
+
+def test_gqa_count_answers_are_not_dominated_by_one():
+    rng = random.Random("count-balance")
+    answers = []
+    for _ in range(400):
+        scene = S.random_scene(rng, max_objects=S.DEFAULT_MAX_OBJECTS)
+        out = S.gqa_question(scene, "count", rng)
+        if out:
+            answers.append(out[0].answer)
+    assert answers.count("1") / len(answers) < 0.5
+    assert {"1", "2", "3", "4"} <= set(answers)
+
+
+def test_training_conversations_family_curriculum_and_describe_turn():
+    allowed = ["color", "ocr"]
+    stream = S.training_conversations(3, families=lambda: allowed, describe_prob=1.0)
+    seen = set()
+    for _ in range(60):
+        conv = next(stream)
+        *questions, last = conv.turns
+        assert last[2] == "describe"
+        expected = sorted([(s.x, s.name) for s in conv.scene.shapes]
+                          + ([(conv.scene.glyph.x + conv.scene.glyph.size // 4,
+                               f"{conv.scene.glyph.kind} {conv.scene.glyph.char.lower()}")]
+                             if conv.scene.glyph else []))
+        assert last[1] == " ".join(name for _, name in expected)
+        for _q, _a, family, _kind in questions:
+            assert S.family_key(family) in allowed
+            seen.add(S.family_key(family))
+    assert seen == set(allowed)
+    # the vocabulary covers the describe turn
+    words = " ".join(S.vocabulary_texts()).lower().split()
+    assert all(w in words for w in "list the objects in image from left to right which are".split())

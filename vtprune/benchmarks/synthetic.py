@@ -52,6 +52,8 @@ __all__ = [
     "gqa_question",
     "training_samples",
     "training_conversations",
+    "family_key",
+    "describe",
     "Conversation",
     "validation_samples",
     "write_mme",
@@ -91,8 +93,8 @@ MME_SUBTASKS = ("existence", "count", "position", "color", "OCR")
 GQA_FAMILIES = ("existence", "shape", "count", "position", "color", "ocr")
 MME_SUFFIX = "Please answer yes or no."
 
-DEFAULT_MAX_OBJECTS = 5
-MAX_COUNT = 7  # largest number that may appear in a count question
+DEFAULT_MAX_OBJECTS = 4
+MAX_COUNT = 6  # largest number that may appear in a count question
 MME_SEED = 2024
 GQA_SEED = 2025
 VALIDATION_SEED = 77
@@ -261,7 +263,6 @@ def random_scene(rng: random.Random, *, text: bool = False, max_objects: int = D
 T = {
     "exist_cs": ["Is there a {color} {shape} in the image?", "Is there a {color} {shape}?"],
     "exist_s": ["Is there a {shape} in the image?"],
-    "count_q1": ["Is there exactly 1 {noun} in the image?"],
     "count_qn": ["Are there exactly {n} {nouns} in the image?", "Are there {n} {nouns} in the image?"],
     "count_open": ["How many {nouns} are there?", "How many {nouns} are in the image?"],
     "pos_h": ["Is the {name} on the {side} side of the image?"],
@@ -273,6 +274,7 @@ T = {
     "shape_open": ["What shape is the {color} object?", "Which shape is {color}?"],
     "ocr_yn": ["Does the image show the {kind} {char}?", "Is the {kind} {char} shown in the image?"],
     "ocr_open": ["What {kind} is shown in the image?", "Which {kind} is written in the image?"],
+    "describe": ["Which objects are in the image?", "List the objects in the image from left to right."],
 }
 FULL_ANSWERS = {
     "exist_yes": "Yes, there is a {name}.", "exist_no": "No, there is no {name}.",
@@ -282,27 +284,37 @@ FULL_ANSWERS = {
 }
 
 
-def _count_nouns(scene: Scene, rng: random.Random) -> tuple[str, str, int]:
-    """Pick a count target present in the scene: (singular, plural, count)."""
-    r = rng.random()
-    if r < 0.4 or not scene.shapes:
-        noun = rng.choice(("shape", "object"))
-        return noun, PLURAL[noun], len(scene.shapes)
-    s = rng.choice(scene.shapes)
-    if r < 0.7:
-        return s.kind, PLURAL[s.kind], scene.count(kind=s.kind)
-    noun = rng.choice(("shape", "object"))
-    return f"{s.color} {noun}", f"{s.color} {PLURAL[noun]}", scene.count(color=s.color)
+def _count_targets(scene: Scene) -> list[tuple[str, str, int]]:
+    """Every countable phrase for ``scene``: (singular, plural, count) for all shapes, each kind and each colour."""
+    out = [(noun, PLURAL[noun], len(scene.shapes)) for noun in ("shape", "object")]
+    for kind in sorted({s.kind for s in scene.shapes}):
+        out.append((kind, PLURAL[kind], scene.count(kind=kind)))
+    for color in sorted({s.color for s in scene.shapes}):
+        for noun in ("shape", "object"):
+            out.append((f"{color} {noun}", f"{color} {PLURAL[noun]}", scene.count(color=color)))
+    return out
 
 
-def _wrong_count(n: int, rng: random.Random) -> int:
-    options = [m for m in (n - 2, n - 1, n - 1, n + 1, n + 1, n + 2) if 1 <= m <= MAX_COUNT and m != n]
+def _count_nouns(scene: Scene, rng: random.Random, min_count: int = 1) -> tuple[str, str, int] | None:
+    """Pick a count target present in the scene: (singular, plural, count), or None.
+
+    The count is drawn over the distinct counts available (1 at half weight), so that
+    answers are not dominated by "1" (every single shape is a count-1 target).
+    """
+    targets = [t for t in _count_targets(scene) if t[2] >= min_count]
+    if not targets:
+        return None
+    counts = sorted({t[2] for t in targets})
+    n = rng.choices(counts, weights=[0.5 if c == 1 else 1.0 for c in counts])[0]
+    return rng.choice([t for t in targets if t[2] == n])
+
+
+def _wrong_count(n: int, rng: random.Random, low: int = 1) -> int:
+    options = [m for m in (n - 2, n - 1, n - 1, n + 1, n + 1, n + 2) if low <= m <= MAX_COUNT and m != n]
     return rng.choice(options)
 
 
-def _count_question(n: int, noun: str, nouns: str, rng: random.Random) -> str:
-    if n == 1:
-        return rng.choice(T["count_q1"]).format(noun=noun)
+def _count_question(n: int, nouns: str, rng: random.Random) -> str:
     return rng.choice(T["count_qn"]).format(n=n, nouns=nouns)
 
 
@@ -360,12 +372,16 @@ def mme_pair(scene: Scene, subtask: str, rng: random.Random) -> tuple[QA, QA] | 
         no = rng.choice(T["exist_cs"]).format(color=c, shape=k)
         return QA(yes, "Yes", subtask, True), QA(no, "No", subtask, True)
     if subtask == "count":
-        if not scene.shapes:
+        # Both questions count at least 2 so that they share the plural wording: a singular
+        # "Is there exactly 1 ..." would only ever be asked as the Yes question of a
+        # one-object target, and the grammar alone would give the answer away.
+        target = _count_nouns(scene, rng, min_count=2)
+        if target is None:
             return None
-        noun, nouns, n = _count_nouns(scene, rng)
-        m = _wrong_count(n, rng)
-        return (QA(_count_question(n, noun, nouns, rng), "Yes", subtask, True),
-                QA(_count_question(m, noun, nouns, rng), "No", subtask, True))
+        _noun, nouns, n = target
+        m = _wrong_count(n, rng, low=2)
+        return (QA(_count_question(n, nouns, rng), "Yes", subtask, True),
+                QA(_count_question(m, nouns, rng), "No", subtask, True))
     if subtask == "position":
         cands = _position_candidates(scene)
         if not cands:
@@ -418,9 +434,10 @@ def gqa_question(scene: Scene, family: str, rng: random.Random) -> tuple[QA, str
         return (QA(q, s.kind, family, False, (("select", "object"), ("filter color", s.color), ("query", "name"))),
                 FULL_ANSWERS["shape"].format(color=s.color, shape=s.kind))
     if family == "count":
-        if not scene.shapes:
+        target = _count_nouns(scene, rng)
+        if target is None:
             return None
-        noun, nouns, n = _count_nouns(scene, rng)
+        noun, nouns, n = target
         q = rng.choice(T["count_open"]).format(nouns=nouns)
         return (QA(q, str(n), family, False, (("select", nouns), ("count", "?"))),
                 FULL_ANSWERS["count"].format(n=n, nouns=nouns if n != 1 else noun).replace("There are 1", "There is 1"))
@@ -451,6 +468,19 @@ def gqa_question(scene: Scene, family: str, rng: random.Random) -> tuple[QA, str
     raise ValueError(f"unknown GQA family {family!r}; expected one of {GQA_FAMILIES}")
 
 
+def describe(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """(question, answer) listing every object from left to right, e.g. "red circle letter k blue square".
+
+    A dense training target (one word per attribute of every object) that makes the
+    vision tower encode the whole scene; it is never part of the evaluation sets.
+    """
+    items = [(s.x, s.name) for s in scene.shapes]
+    if scene.glyph is not None:
+        g = scene.glyph
+        items.append((g.x + g.size // 4, f"{g.kind} {g.char.lower()}"))
+    return rng.choice(T["describe"]), " ".join(name for _, name in sorted(items))
+
+
 def with_mme_suffix(question: str) -> str:
     return f"{question} {MME_SUFFIX}"
 
@@ -460,6 +490,8 @@ def with_mme_suffix(question: str) -> str:
 def _scene_for(rng: random.Random, family: str, max_objects: int, mme: bool, tries: int = 50):
     """Draw scenes until the family's question applies; returns (scene, generator result)."""
     text = family in ("OCR", "ocr")
+    if mme and family == "count":
+        max_objects = max(2, max_objects)  # MME count questions need a target counted at least twice
     for _ in range(tries):
         scene = random_scene(rng, text=text, max_objects=max_objects)
         out = mme_pair(scene, family, rng) if mme else gqa_question(scene, family, rng)
@@ -521,27 +553,43 @@ def _candidates(scene: Scene, rng: random.Random) -> tuple[list, list]:
     return mme, gqa
 
 
+def family_key(family: str) -> str:
+    """The question family shared by the two formats (MME's ``OCR`` is GQA's ``ocr``)."""
+    return family.lower()
+
+
 def training_conversations(seed: int = 0, max_objects: int | Callable[[], int] = DEFAULT_MAX_OBJECTS,
                            mme_fraction: float | Callable[[], float] = 0.5, turns: int = 4,
-                           text_fraction: float = 1 / 6) -> Iterator[Conversation]:
+                           text_fraction: float = 1 / 6,
+                           families: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+                           describe_prob: float = 0.0) -> Iterator[Conversation]:
     """Endless stream of images with up to ``turns`` distinct questions each (LLaVA-style multi-turn data).
 
     The first turn follows the same family mix as :func:`training_samples`; later turns
     are drawn from the remaining questions about the same image (a Yes and a No question
     of one MME subtask can both appear, which gives a contrastive signal).
+    ``families`` (names as in :func:`family_key`; a sequence or a zero-argument callable
+    read per image) restricts every turn to those families: the trainer's family
+    curriculum.  With probability ``describe_prob`` a last turn asks for the list of
+    objects (:func:`describe`), with family ``"describe"``.
     """
     rng = random.Random(f"conv-{seed}")
     while True:
         mo = _value(max_objects)
         mf = _value(mme_fraction)
-        text = rng.random() < text_fraction
-        is_mme = rng.random() < mf
+        allowed = set(_value(families) or GQA_FAMILIES)
+        shape_mme = [f for f in MME_SUBTASKS[:-1] if family_key(f) in allowed]
+        shape_gqa = [f for f in GQA_FAMILIES[:-1] if f in allowed]
+        text = "ocr" in allowed and (not shape_gqa or rng.random() < text_fraction)
+        is_mme = rng.random() < mf and (text or bool(shape_mme))
         if is_mme:
-            first_family = "OCR" if text else rng.choice(MME_SUBTASKS[:-1])
+            first_family = "OCR" if text else rng.choice(shape_mme)
         else:
-            first_family = "ocr" if text else rng.choice(GQA_FAMILIES[:-1])
+            first_family = "ocr" if text else rng.choice(shape_gqa)
         scene, _ = _scene_for(rng, first_family, mo, mme=is_mme)
         mme, gqa = _candidates(scene, rng)
+        mme = [c for c in mme if family_key(c[2]) in allowed]
+        gqa = [c for c in gqa if c[2] in allowed]
         first_pool = [c for c in (mme if is_mme else gqa) if c[2] == first_family]
         first = rng.choice(first_pool)
         chosen = [first]
@@ -550,6 +598,8 @@ def training_conversations(seed: int = 0, max_objects: int | Callable[[], int] =
         while len(chosen) < turns and (mme or gqa):
             pool = mme if (mme and (not gqa or rng.random() < mf)) else gqa
             chosen.append(pool.pop(rng.randrange(len(pool))))
+        if describe_prob and rng.random() < describe_prob:
+            chosen.append((*describe(scene, rng), "describe", "gqa"))
         yield Conversation(render_scene(scene), chosen, scene)
 
 

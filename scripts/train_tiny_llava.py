@@ -64,6 +64,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--max-objects", type=int, default=synthetic.DEFAULT_MAX_OBJECTS)
+    p.add_argument("--init-from", default=None,
+                   help="checkpoint folder to continue from (fresh optimizer; pair with --family-order and "
+                        "--start-objects to skip the curriculum)")
+    p.add_argument("--start-families", type=int, default=1, help="families enabled at the start of the curriculum")
+    p.add_argument("--start-objects", type=int, default=1, help="object limit at the start of the curriculum")
     p.add_argument("--curriculum-frac", type=float, default=0.6,
                    help="fraction of the run by which images have up to --max-objects objects at the latest")
     p.add_argument("--advance-acc", type=float, default=0.85,
@@ -76,6 +81,9 @@ def parse_args(argv=None):
                    help="steps after which the next family joins regardless of accuracy")
     p.add_argument("--describe-prob", type=float, default=0.0,
                    help="share of images with an extra 'list the objects' turn (dense auxiliary target)")
+    p.add_argument("--aux-weight", type=float, default=0.0,
+                   help="weight of the auxiliary patch-classification loss on the vision features fed to the "
+                        "projector (what each 8x8 patch shows: background, colour+shape or glyph); 0 = off")
     p.add_argument("--turns", type=int, default=4, help="questions per image (multi-turn training examples)")
     p.add_argument("--mme-fraction", type=float, default=0.5, help="share of yes/no (MME-style) questions")
     p.add_argument("--text-fraction", type=float, default=0.25, help="share of OCR (glyph) images")
@@ -91,6 +99,55 @@ def parse_args(argv=None):
     p.add_argument("--target-gqa", type=float, default=90.0, help="GQA-style accuracy target (%%) stated in the card")
     p.add_argument("--target-mme", type=float, default=80.0, help="MME-style total target (%% of max) stated in the card")
     return p.parse_args(argv)
+
+
+class PatchAux:
+    """Auxiliary dense loss: a linear head classifies every patch feature at ``vision_feature_layer``.
+
+    Targets come from :func:`synthetic.label_map`: the class covering most of the patch
+    (background when no object covers at least ``min_pixels``).  The head is discarded
+    after training; it only gives the from-scratch vision tower a per-patch signal.
+    """
+
+    def __init__(self, model, weight: float, min_pixels: int = 6):
+        from vtprune.adapters.base import clip_encoder_layers
+
+        vc = model.config.vision_config
+        self.grid, self.patch = vc.image_size // vc.patch_size, vc.patch_size
+        self.weight, self.min_pixels = weight, min_pixels
+        self.head = torch.nn.Linear(vc.hidden_size, len(synthetic.LABEL_CLASSES))
+        layers = clip_encoder_layers(model.model.vision_tower)
+        layer = layers[model.config.vision_feature_layer] if model.config.vision_feature_layer < 0 else \
+            layers[model.config.vision_feature_layer - 1]
+        self.features = None
+        layer.register_forward_hook(self._grab)
+        self.targets = None
+
+    def _grab(self, module, args, output):  # noqa: ARG002
+        self.features = output[0] if isinstance(output, tuple) else output
+
+    def set_targets(self, scenes) -> None:
+        import numpy as np
+
+        g, p, n_cls = self.grid, self.patch, len(synthetic.LABEL_CLASSES)
+        rows = []
+        for scene in scenes:
+            lm = np.asarray(synthetic.label_map(scene), dtype=np.int64)
+            patches = lm.reshape(g, p, g, p).transpose(0, 2, 1, 3).reshape(g * g, p * p)
+            counts = np.zeros((g * g, n_cls), dtype=np.int64)
+            np.add.at(counts, (np.repeat(np.arange(g * g), p * p), patches.ravel()), 1)
+            counts[:, 0] = 0
+            best = counts.argmax(1)
+            best[counts.max(1) < self.min_pixels] = 0
+            rows.append(best)
+        self.targets = torch.from_numpy(np.stack(rows))
+
+    def loss(self) -> torch.Tensor:
+        feats = self.features[:, 1:]  # drop CLS
+        logits = self.head(feats)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), self.targets.flatten())
+        self.last = float(loss.detach())
+        return self.weight * loss
 
 
 class Stop:
@@ -163,7 +220,9 @@ def write_card(path: Path, state: dict, results: dict, mme_dir: Path, gqa_dir: P
         f"- command: `{state['command']}`",
         f"- seed {state['seed']}, {state['threads']} CPU thread(s), batch {state['batch_size']}, "
         f"AdamW lr {state['lr']} (warm-up {state['warmup']} steps, cosine decay to {state['min_lr_ratio']} x), "
-        "loss on answer tokens only",
+        "loss on answer tokens only" + (f" plus {state['aux_weight']} x an auxiliary patch-classification loss "
+                                        "(a linear head, discarded after training, names what each patch shows: "
+                                        "background, colour+shape or glyph)" if state.get("aux_weight") else ""),
         f"- data: fresh synthetic images generated on the fly (never repeated), {state.get('turns', 1)} questions per "
         f"image as a multi-turn conversation (the first turn is exactly the evaluation prompt), "
         f"{int(100 * state.get('mme_fraction', 0.5))}% yes/no (MME-style) and the rest one-word (GQA-style) questions",
@@ -171,7 +230,7 @@ def write_card(path: Path, state: dict, results: dict, mme_dir: Path, gqa_dir: P
         f"time (after at least {state.get('family_min_steps', '-')} steps once the training answer accuracy reaches "
         f"{state.get('advance_acc', 0.85)}, at the latest after {state.get('family_max_steps', '-')} steps); "
         f"{int(100 * state.get('describe_prob', 0.0))}% of images add a last turn listing the objects left to right",
-        f"- object curriculum: 1 object per image at the start; the limit rises by one when the training answer accuracy "
+        f"- object curriculum: {state.get('start_objects', 1)} object(s) per image at most at the start; the limit rises by one when the training answer accuracy "
         f"reaches {state.get('advance_acc', 0.85)} and at the latest linearly to {state['max_objects']} objects by "
         f"{int(100 * state['curriculum_frac'])}% of the run; prompts {int(100 * (1 - state['chat_template_frac']))}% "
         f"`llava_v1`, {int(100 * state['chat_template_frac'])}% `chat_template`",
@@ -264,24 +323,31 @@ def main(argv=None):
     signal.signal(signal.SIGINT, _on_signal)
 
     random.seed(args.seed)
-    model, processor = TL.build_untrained_tiny_llava(seed=args.seed)
+    if args.init_from:
+        # continue training a saved checkpoint (e.g. the shipped one) with a fresh optimizer and schedule
+        model, processor = TL.load_tiny_llava(args.init_from)
+        print(f"initialised from {args.init_from}", flush=True)
+    else:
+        model, processor = TL.build_untrained_tiny_llava(seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params:,}; visual tokens {model.config.image_seq_length}; threads {torch.get_num_threads()}",
           flush=True)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    aux = PatchAux(model, args.aux_weight) if args.aux_weight > 0 else None
+    params = list(model.named_parameters()) + (list(aux.head.named_parameters()) if aux else [])
+    decay = [p for n, p in params if p.ndim >= 2]
+    no_decay = [p for n, p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
     val_mme, val_gqa = val_sets(out, args.val_per_subtask, args.val_gqa)
 
-    cur_max = [1]
-    level, level_since = 1, 0
+    cur_max = [args.start_objects]
+    level, level_since = args.start_objects, 0
     accs: list[float] = []
     order = [f.strip() for f in args.family_order.split(",") if f.strip()]
     unknown = sorted(set(order) - set(synthetic.GQA_FAMILIES))
     if unknown or sorted(set(order)) != sorted(synthetic.GQA_FAMILIES):
         raise SystemExit(f"--family-order must list each of {synthetic.GQA_FAMILIES} once (got {order})")
-    n_families, families_since = 1, 0
+    n_families, families_since = max(1, min(args.start_families, len(order))), 0
     stream = synthetic.training_conversations(args.seed, max_objects=lambda: cur_max[0],
                                               mme_fraction=args.mme_fraction, turns=args.turns,
                                               text_fraction=args.text_fraction,
@@ -290,9 +356,10 @@ def main(argv=None):
     style_rng = random.Random(f"styles-{args.seed}")
     budget_s = args.minutes * 60.0
     state = {k: getattr(args, k) for k in ("seed", "threads", "batch_size", "lr", "warmup", "min_lr_ratio",
-                                           "max_objects", "curriculum_frac", "chat_template_frac", "turns",
+                                           "max_objects", "start_objects", "curriculum_frac", "chat_template_frac", "turns",
                                            "advance_acc", "mme_fraction", "family_order", "family_min_steps",
-                                           "family_max_steps", "describe_prob")}
+                                           "family_max_steps", "describe_prob", "aux_weight", "init_from",
+                                           "start_families")}
     state["command"] = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
     state.update(best_val=-1.0, best_step=0, best_samples=0, best_elapsed_s=0.0)
     t0 = time.time()
@@ -336,7 +403,7 @@ def main(argv=None):
         if n_families < len(order) and (since >= args.family_max_steps
                                         or (since >= args.family_min_steps and recent >= args.advance_acc)):
             n_families, families_since = n_families + 1, step
-            level, level_since = max(1, level - 1), step
+            level, level_since = max(args.start_objects, level - 1), step
             print(f"[{time.time() - t0:7.1f}s] curriculum: families -> {order[:n_families]} (train acc "
                   f"{recent:.3f})", flush=True)
         # curriculum: object limit rises when the model masters the current level, and on a schedule
@@ -345,7 +412,7 @@ def main(argv=None):
             level, level_since = level + 1, step
             print(f"[{time.time() - t0:7.1f}s] curriculum: max objects -> {level} (train acc "
                   f"{sum(accs[-50:]) / 50:.3f})", flush=True)
-        forced = 1 + int((args.max_objects - 1) * min(1.0, progress / max(1e-9, args.curriculum_frac)))
+        forced = args.start_objects + int((args.max_objects - args.start_objects) * min(1.0, progress / max(1e-9, args.curriculum_frac)))
         if forced > level:
             level, level_since = forced, step
         cur_max[0] = level
@@ -366,7 +433,10 @@ def main(argv=None):
         lr = args.lr * lr_factor(step, progress, args.warmup, args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss, acc = TL.training_step(model, enc, opt, return_accuracy=True)
+        if aux is not None:
+            aux.set_targets([c.scene for c in batch])
+        loss, acc = TL.training_step(model, enc, opt, return_accuracy=True,
+                                     extra_loss=aux.loss if aux is not None else None)
         losses.append(loss)
         accs.append(acc)
         step += 1
@@ -375,7 +445,8 @@ def main(argv=None):
         if step % args.log_every == 0:
             print(f"[{time.time() - t0:7.1f}s] step {step} images {samples} loss {sum(losses) / len(losses):.4f} "
                   f"train-acc {sum(accs[-args.log_every:]) / args.log_every:.3f} lr {lr:.2e} max_objects "
-                  f"{cur_max[0]} ({samples / (time.time() - t0):.1f} images/s)", flush=True)
+                  f"{cur_max[0]}{f' aux {aux.last:.3f}' if aux is not None else ''} "
+                  f"({samples / (time.time() - t0):.1f} images/s)", flush=True)
             losses.clear()
             del accs[:-200]
     print(f"training done: {step} steps, {samples} samples, {state['elapsed_s'] / 60:.1f} min; best step "

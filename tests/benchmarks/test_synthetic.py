@@ -306,3 +306,25 @@ def test_training_conversations_family_curriculum_and_describe_turn():
     # the vocabulary covers the describe turn
     words = " ".join(S.vocabulary_texts()).lower().split()
     assert all(w in words for w in "list the objects in image from left to right which are".split())
+
+
+def test_label_map_matches_the_rendered_pixels():
+    import numpy as np
+
+    rng = random.Random("labels")
+    for i in range(20):
+        scene = S.random_scene(rng, text=i % 2 == 0, max_objects=4)
+        rgb = np.asarray(S.render_scene(scene)).astype(int)
+        lab = np.asarray(S.label_map(scene))
+        assert lab.shape == rgb.shape[:2]
+        for s in scene.shapes:
+            cls = S.LABEL_CLASSES.index(s.name)
+            if scene.count(s.kind, s.color) == 1:
+                assert (lab == cls).sum() > 0
+            assert (rgb[lab == cls] == S.COLORS[s.color]).all()
+        if scene.glyph is not None:
+            ink = lab == S.LABEL_CLASSES.index(scene.glyph.char)
+            assert ink.sum() > 20
+            glyph_rgb = np.array(S.GLYPH_COLORS[scene.glyph.color])
+            assert np.abs(rgb[ink] - glyph_rgb).max(axis=1).mean() < 64   # hard mask vs anti-aliased ink
+        assert (rgb[lab == 0] == scene.background).all(axis=1).mean() > 0.97

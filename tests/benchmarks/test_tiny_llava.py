@@ -137,6 +137,10 @@ def test_greedy_answers_batched_equals_single(untrained):
 # --------------------------------------------------------------------------- shipped checkpoint
 
 needs_ckpt = pytest.mark.skipif(not HAS_CKPT, reason="tiny-llava checkpoint not shipped yet")
+# Floors for the shipped checkpoint, set below its measured numbers with a margin (GQA subset of 40: 42.5%;
+# subset of 80: 46.25% with the images, 33.75% with black images).
+SHIPPED_GQA_FLOOR = 35.0
+SHIPPED_IMAGE_GAIN = 7.5
 
 
 @needs_ckpt
@@ -156,7 +160,7 @@ def test_shipped_checkpoint_answers_heldout_questions():
     """Loads offline and answers held-out questions with vocabulary words, in both prompt styles.
 
     The accuracy floor is deliberately low: the shipped checkpoint did not reach its targets
-    (see MODEL_CARD.md, 45% GQA-style / 35% MME-style on the full held-out sets).
+    (see MODEL_CARD.md: 51.5% GQA-style / 49.8% MME-style on the full held-out sets, 42.5% on this subset).
     """
     from vtprune.benchmarks.gqa import load_gqa
     from vtprune.benchmarks.mme import load_mme, parse_yes_no
@@ -170,8 +174,27 @@ def test_shipped_checkpoint_answers_heldout_questions():
         res = TL.evaluate(model, proc, mme_questions=mme_q, gqa_questions=gqa_q, style=style, max_new_tokens=4)
         assert all(a and " " not in a and a in vocab for a in res["gqa_predictions"]), res["gqa_predictions"]
         assert all(parse_yes_no(a) in ("yes", "no") for a in res["mme_predictions"]), res["mme_predictions"]
-        assert res["gqa"].accuracy >= 30.0, res["gqa"].format()
+        assert res["gqa"].accuracy >= SHIPPED_GQA_FLOOR, res["gqa"].format()
         assert res["mme"].subtasks["color"].n_questions == 20
+
+
+@needs_ckpt
+def test_shipped_checkpoint_uses_the_image(tmp_path):
+    """The same questions on black images must score clearly lower: the answers depend on the visual tokens."""
+    import dataclasses
+
+    from PIL import Image
+
+    from vtprune.benchmarks.gqa import load_gqa
+
+    model, proc = TL.load_tiny_llava()
+    questions = load_gqa(ASSETS / "synthetic_gqa", limit=80)
+    black = tmp_path / "black.png"
+    Image.new("RGB", (S.IMAGE_SIZE, S.IMAGE_SIZE)).save(black)
+    blind = [dataclasses.replace(q, image_path=black) for q in questions]
+    seen = TL.evaluate(model, proc, gqa_questions=questions, max_new_tokens=4)["gqa"].accuracy
+    unseen = TL.evaluate(model, proc, gqa_questions=blind, max_new_tokens=4)["gqa"].accuracy
+    assert seen >= unseen + SHIPPED_IMAGE_GAIN, (seen, unseen)
 
 
 def test_multi_turn_batch_and_training_accuracy():

@@ -47,6 +47,8 @@ __all__ = [
     "QA",
     "Sample",
     "render_scene",
+    "label_map",
+    "LABEL_CLASSES",
     "random_scene",
     "mme_pair",
     "gqa_question",
@@ -193,25 +195,46 @@ def _glyph_mask(char: str, size: int) -> Image.Image:
     return mask
 
 
-def render_scene(scene: Scene) -> Image.Image:
-    img = Image.new("RGB", (scene.size, scene.size), scene.background)
+def _draw_scene(scene: Scene, img: Image.Image, shape_fill: Callable, glyph_fill, hard: bool = False) -> Image.Image:
     draw = ImageDraw.Draw(img)
-    for s in scene.shapes:
-        rgb = COLORS[s.color]
+    for i, s in enumerate(scene.shapes):
+        fill = shape_fill(i, s)
         if s.kind == "circle":
-            draw.ellipse(s.box, fill=rgb)
+            draw.ellipse(s.box, fill=fill)
         elif s.kind == "square":
             q = max(3, round(s.r * 0.88))  # similar area to the circle
-            draw.rectangle((s.x - q, s.y - q, s.x + q, s.y + q), fill=rgb)
+            draw.rectangle((s.x - q, s.y - q, s.x + q, s.y + q), fill=fill)
         elif s.kind == "triangle":
-            draw.polygon([(s.x, s.y - s.r), (s.x - s.r, s.y + s.r), (s.x + s.r, s.y + s.r)], fill=rgb)
+            draw.polygon([(s.x, s.y - s.r), (s.x - s.r, s.y + s.r), (s.x + s.r, s.y + s.r)], fill=fill)
         else:  # pragma: no cover
             raise ValueError(s.kind)
     if scene.glyph is not None:
         g = scene.glyph
         mask = _glyph_mask(g.char, g.size)
-        img.paste(Image.new("RGB", mask.size, GLYPH_COLORS[g.color]), (g.x, g.y), mask)
+        if hard:  # class ids must not be blended by the anti-aliased edge
+            mask = mask.point(lambda v: 255 if v >= 128 else 0)
+        img.paste(Image.new(img.mode, mask.size, glyph_fill), (g.x, g.y), mask)
     return img
+
+
+def render_scene(scene: Scene) -> Image.Image:
+    img = Image.new("RGB", (scene.size, scene.size), scene.background)
+    glyph_rgb = GLYPH_COLORS[scene.glyph.color] if scene.glyph else None
+    return _draw_scene(scene, img, lambda i, s: COLORS[s.color], glyph_rgb)
+
+
+# Classes of :func:`label_map`: 0 background, then every (colour, shape), then every glyph.
+LABEL_CLASSES = ("background", *(f"{c} {k}" for c in COLORS for k in SHAPES), *(LETTERS + DIGITS))
+
+
+def label_map(scene: Scene) -> Image.Image:
+    """Per-pixel class ids (mode 'L', same geometry as :func:`render_scene`): index into ``LABEL_CLASSES``.
+
+    Used by the trainer's auxiliary patch-classification loss, never by evaluation.
+    """
+    img = Image.new("L", (scene.size, scene.size), 0)
+    glyph_id = LABEL_CLASSES.index(scene.glyph.char) if scene.glyph else 0
+    return _draw_scene(scene, img, lambda i, s: LABEL_CLASSES.index(s.name), glyph_id, hard=True)
 
 
 def _boxes_clear(a, b, gap: int) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -214,15 +214,19 @@ def encode_training_batch(processor, images: Sequence, prompts: Sequence[str], a
 
 
 def training_step(model, batch: dict, optimizer, scheduler=None, max_grad_norm: float | None = 1.0,
-                  return_accuracy: bool = False):
+                  return_accuracy: bool = False, extra_loss: Callable[[], torch.Tensor] | None = None):
     """One AdamW step on a batch from :func:`encode_training_batch`; returns the loss.
 
     With ``return_accuracy`` returns ``(loss, acc)`` where ``acc`` is the teacher-forced
-    argmax accuracy on the labelled non-``</s>`` tokens (the answers).
+    argmax accuracy on the labelled non-``</s>`` tokens (the answers).  ``extra_loss``
+    (called after the forward pass, e.g. an auxiliary head on hooked features) is added
+    to the language-model loss before the backward pass; the returned loss excludes it.
     """
     model.train()
     out = model(**batch)
     loss = out.loss
+    if extra_loss is not None:
+        loss = loss + extra_loss()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm:
@@ -230,6 +234,7 @@ def training_step(model, batch: dict, optimizer, scheduler=None, max_grad_norm: 
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
+    loss = out.loss
     if not return_accuracy:
         return float(loss.detach())
     with torch.no_grad():

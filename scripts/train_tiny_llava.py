@@ -5,10 +5,14 @@ Recipe: AdamW (lr 3e-4, weight decay 0.01), linear warm-up over 100 steps then c
 decay to 5% of the peak, batch 8 images, loss on the answer tokens (and the closing
 ``</s>``) only.  Each image carries ``--turns`` questions as a multi-turn conversation
 (the first turn is exactly the evaluation prompt; later turns reuse the image at ~20
-extra tokens each).  Curriculum on the number of objects per image: 1 at the start,
-raised by one whenever the training answer accuracy reaches ``--advance-acc`` and at the
-latest linearly up to ``--max-objects`` by ``--curriculum-frac`` of the run.  Prompts in
-both the ``llava_v1`` (Vicuna system prompt) and the ``chat_template`` style.
+extra tokens each).  Two curricula: question families join one at a time in
+``--family-order`` (after ``--family-min-steps`` once the training answer accuracy reaches
+``--advance-acc``, at the latest after ``--family-max-steps``), and the object limit per
+image starts at ``--start-objects`` and rises on the same accuracy rule, at the latest
+linearly up to ``--max-objects`` by ``--curriculum-frac`` of the run.  Optional: an
+auxiliary patch-classification loss (``--aux-weight``) and continuing a checkpoint
+(``--init-from``).  Prompts in both the ``llava_v1`` (Vicuna system prompt) and the
+``chat_template`` style.
 
 Progress (for the schedule and the curriculum) is the larger of step/--max-steps and
 elapsed/--minutes, so a time budget gives a complete schedule.  Every --eval-every
@@ -110,18 +114,16 @@ class PatchAux:
     """
 
     def __init__(self, model, weight: float, min_pixels: int = 6):
-        from vtprune.adapters.base import clip_encoder_layers
+        from vtprune.adapters import get_adapter
 
         vc = model.config.vision_config
         self.grid, self.patch = vc.image_size // vc.patch_size, vc.patch_size
         self.weight, self.min_pixels = weight, min_pixels
         self.head = torch.nn.Linear(vc.hidden_size, len(synthetic.LABEL_CLASSES))
-        layers = clip_encoder_layers(model.model.vision_tower)
-        layer = layers[model.config.vision_feature_layer] if model.config.vision_feature_layer < 0 else \
-            layers[model.config.vision_feature_layer - 1]
-        self.features = None
-        layer.register_forward_hook(self._grab)
-        self.targets = None
+        adapter = get_adapter(model)
+        adapter.vision_layers[adapter.vision_feature_layer].register_forward_hook(self._grab)
+        self.features = self.targets = None
+        self.last = float("nan")  # unweighted auxiliary loss of the latest step, for the log
 
     def _grab(self, module, args, output):  # noqa: ARG002
         self.features = output[0] if isinstance(output, tuple) else output
@@ -344,8 +346,7 @@ def main(argv=None):
     level, level_since = args.start_objects, 0
     accs: list[float] = []
     order = [f.strip() for f in args.family_order.split(",") if f.strip()]
-    unknown = sorted(set(order) - set(synthetic.GQA_FAMILIES))
-    if unknown or sorted(set(order)) != sorted(synthetic.GQA_FAMILIES):
+    if sorted(order) != sorted(synthetic.GQA_FAMILIES):
         raise SystemExit(f"--family-order must list each of {synthetic.GQA_FAMILIES} once (got {order})")
     n_families, families_since = max(1, min(args.start_families, len(order))), 0
     stream = synthetic.training_conversations(args.seed, max_objects=lambda: cur_max[0],

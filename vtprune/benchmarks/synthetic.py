@@ -197,8 +197,8 @@ def _glyph_mask(char: str, size: int) -> Image.Image:
 
 def _draw_scene(scene: Scene, img: Image.Image, shape_fill: Callable, glyph_fill, hard: bool = False) -> Image.Image:
     draw = ImageDraw.Draw(img)
-    for i, s in enumerate(scene.shapes):
-        fill = shape_fill(i, s)
+    for s in scene.shapes:
+        fill = shape_fill(s)
         if s.kind == "circle":
             draw.ellipse(s.box, fill=fill)
         elif s.kind == "square":
@@ -220,7 +220,7 @@ def _draw_scene(scene: Scene, img: Image.Image, shape_fill: Callable, glyph_fill
 def render_scene(scene: Scene) -> Image.Image:
     img = Image.new("RGB", (scene.size, scene.size), scene.background)
     glyph_rgb = GLYPH_COLORS[scene.glyph.color] if scene.glyph else None
-    return _draw_scene(scene, img, lambda i, s: COLORS[s.color], glyph_rgb)
+    return _draw_scene(scene, img, lambda s: COLORS[s.color], glyph_rgb)
 
 
 # Classes of :func:`label_map`: 0 background, then every (colour, shape), then every glyph.
@@ -234,7 +234,7 @@ def label_map(scene: Scene) -> Image.Image:
     """
     img = Image.new("L", (scene.size, scene.size), 0)
     glyph_id = LABEL_CLASSES.index(scene.glyph.char) if scene.glyph else 0
-    return _draw_scene(scene, img, lambda i, s: LABEL_CLASSES.index(s.name), glyph_id, hard=True)
+    return _draw_scene(scene, img, lambda s: LABEL_CLASSES.index(s.name), glyph_id, hard=True)
 
 
 def _boxes_clear(a, b, gap: int) -> bool:

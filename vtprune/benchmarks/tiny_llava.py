@@ -225,16 +225,14 @@ def training_step(model, batch: dict, optimizer, scheduler=None, max_grad_norm: 
     model.train()
     out = model(**batch)
     loss = out.loss
-    if extra_loss is not None:
-        loss = loss + extra_loss()
+    total = loss if extra_loss is None else loss + extra_loss()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total.backward()
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    loss = out.loss
     if not return_accuracy:
         return float(loss.detach())
     with torch.no_grad():

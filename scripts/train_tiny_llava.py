@@ -1,17 +1,22 @@
 #!/usr/bin/env python
 """Train the embedded tiny LLaVA from scratch on synthetic visual QA (CPU, one thread by default).
 
-Recipe: AdamW (lr 3e-4, weight decay 0.01), linear warm-up over 100 steps then cosine
-decay to 5% of the peak, batch 8 images, loss on the answer tokens (and the closing
-``</s>``) only.  Each image carries ``--turns`` questions as a multi-turn conversation
-(the first turn is exactly the evaluation prompt; later turns reuse the image at ~20
-extra tokens each).  Two curricula: question families join one at a time in
-``--family-order`` (after ``--family-min-steps`` once the training answer accuracy reaches
-``--advance-acc``, at the latest after ``--family-max-steps``), and the object limit per
-image starts at ``--start-objects`` and rises on the same accuracy rule, at the latest
-linearly up to ``--max-objects`` by ``--curriculum-frac`` of the run.  Optional: an
-auxiliary patch-classification loss (``--aux-weight``) and continuing a checkpoint
-(``--init-from``).  Prompts in both the ``llava_v1`` (Vicuna system prompt) and the
+Two stages.  Stage 1 (``--vision-minutes``, optional) trains the CLIP vision tower alone
+on dense per-patch targets (:class:`PatchAux`: what covers each 8x8 patch, whether an
+object's centre lies in it, its row and column); the answer-token loss alone is too
+sparse a signal for a from-scratch vision tower to learn shapes.  Stage 2 trains the
+whole model on the questions: AdamW (lr 3e-4, weight decay 0.01), linear warm-up over
+100 steps then cosine decay to 5% of the peak, batch 8 images, loss on the answer tokens
+(and the closing ``</s>``) only, optionally plus ``--aux-weight`` x the stage-1 loss and
+with the vision tower at ``--vision-lr-mult`` x the learning rate.  Each image carries
+``--turns`` questions as a multi-turn conversation (the first turn is exactly the
+evaluation prompt; later turns reuse the image at ~20 extra tokens each).  Two
+curricula: question families join one at a time in ``--family-order`` (after
+``--family-min-steps`` once the training answer accuracy reaches ``--advance-acc``, at
+the latest after ``--family-max-steps``), and the object limit per image starts at
+``--start-objects`` and rises on the same accuracy rule, at the latest linearly up to
+``--max-objects`` by ``--curriculum-frac`` of the run.  ``--init-from`` continues a
+checkpoint.  Prompts in both the ``llava_v1`` (Vicuna system prompt) and the
 ``chat_template`` style.
 
 Progress (for the schedule and the curriculum) is the larger of step/--max-steps and
@@ -24,7 +29,8 @@ At the end the best checkpoint is evaluated on the shipped held-out sets
 in both prompt styles and <out>/best/MODEL_CARD.md is written.  SIGINT/SIGTERM stop
 training early but still run the final evaluation.
 
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/train_tiny_llava.py --out runs/tiny-llava --minutes 75
+    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python scripts/train_tiny_llava.py --out runs/tiny-llava --threads 2 \\
+        --vision-minutes 8 --vision-lr 1e-3 --aux-weight 0.3 --vision-lr-mult 0.3 --minutes 95
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from vtprune.adapters import get_adapter  # noqa: E402
 from vtprune.benchmarks import synthetic  # noqa: E402
 from vtprune.benchmarks import tiny_llava as TL  # noqa: E402
 from vtprune.benchmarks.gqa import load_gqa  # noqa: E402
@@ -88,6 +95,12 @@ def parse_args(argv=None):
     p.add_argument("--aux-weight", type=float, default=0.0,
                    help="weight of the auxiliary patch-classification loss on the vision features fed to the "
                         "projector (what each 8x8 patch shows: background, colour+shape or glyph); 0 = off")
+    p.add_argument("--vision-minutes", type=float, default=0.0,
+                   help="stage 1: minutes of vision-tower pre-training on the dense patch targets (0 = none)")
+    p.add_argument("--vision-lr", type=float, default=5e-4, help="stage-1 learning rate")
+    p.add_argument("--vision-batch-size", type=int, default=32, help="stage-1 images per step")
+    p.add_argument("--vision-lr-mult", type=float, default=1.0,
+                   help="stage 2: learning-rate multiplier of the vision tower (e.g. 0.3 after stage 1)")
     p.add_argument("--turns", type=int, default=4, help="questions per image (multi-turn training examples)")
     p.add_argument("--mme-fraction", type=float, default=0.5, help="share of yes/no (MME-style) questions")
     p.add_argument("--text-fraction", type=float, default=0.25, help="share of OCR (glyph) images")
@@ -106,24 +119,41 @@ def parse_args(argv=None):
 
 
 class PatchAux:
-    """Auxiliary dense loss: a linear head classifies every patch feature at ``vision_feature_layer``.
+    """Dense per-patch targets on the vision features at ``vision_feature_layer`` (the projector's input).
 
-    Targets come from :func:`synthetic.label_map`: the class covering most of the patch
-    (background when no object covers at least ``min_pixels``).  The head is discarded
-    after training; it only gives the from-scratch vision tower a per-patch signal.
+    Three linear heads, discarded after training, give the from-scratch vision tower a
+    signal that the sparse answer-token loss cannot:
+
+    * class: what covers most of the patch (:func:`synthetic.label_map`: background,
+      colour+shape or glyph; background when fewer than ``min_pixels`` object pixels),
+      cross-entropy with background down-weighted to ``background_weight`` (most of the
+      144 patches are background, so an unweighted loss is satisfied without shapes);
+    * centre: whether an object's centre falls in the patch (one token per object, which
+      makes counting a matter of counting tokens), binary cross-entropy;
+    * row and column of the patch (12-way each), so that position stays linearly
+      readable from every visual token.
     """
 
-    def __init__(self, model, weight: float, min_pixels: int = 6):
-        from vtprune.adapters import get_adapter
-
+    def __init__(self, model, weight: float, min_pixels: int = 6, background_weight: float = 0.1):
         vc = model.config.vision_config
         self.grid, self.patch = vc.image_size // vc.patch_size, vc.patch_size
         self.weight, self.min_pixels = weight, min_pixels
-        self.head = torch.nn.Linear(vc.hidden_size, len(synthetic.LABEL_CLASSES))
+        n_cls = len(synthetic.LABEL_CLASSES)
+        self.head = torch.nn.ModuleDict({
+            "cls": torch.nn.Linear(vc.hidden_size, n_cls),
+            "centre": torch.nn.Linear(vc.hidden_size, 1),
+            "row": torch.nn.Linear(vc.hidden_size, self.grid),
+            "col": torch.nn.Linear(vc.hidden_size, self.grid),
+        })
+        self.class_weight = torch.ones(n_cls)
+        self.class_weight[0] = background_weight
+        idx = torch.arange(self.grid * self.grid)
+        self.rows, self.cols = idx // self.grid, idx % self.grid
         adapter = get_adapter(model)
         adapter.vision_layers[adapter.vision_feature_layer].register_forward_hook(self._grab)
-        self.features = self.targets = None
+        self.features = self.targets = self.centres = None
         self.last = float("nan")  # unweighted auxiliary loss of the latest step, for the log
+        self.metrics: dict[str, float] = {}
 
     def _grab(self, module, args, output):  # noqa: ARG002
         self.features = output[0] if isinstance(output, tuple) else output
@@ -132,7 +162,7 @@ class PatchAux:
         import numpy as np
 
         g, p, n_cls = self.grid, self.patch, len(synthetic.LABEL_CLASSES)
-        rows = []
+        rows, centres = [], []
         for scene in scenes:
             lm = np.asarray(synthetic.label_map(scene), dtype=np.int64)
             patches = lm.reshape(g, p, g, p).transpose(0, 2, 1, 3).reshape(g * g, p * p)
@@ -142,14 +172,121 @@ class PatchAux:
             best = counts.argmax(1)
             best[counts.max(1) < self.min_pixels] = 0
             rows.append(best)
+            c = np.zeros(g * g, dtype=np.float32)
+            points = [(s.x, s.y) for s in scene.shapes]
+            if scene.glyph is not None:
+                gl = scene.glyph
+                mask = synthetic._glyph_mask(gl.char, gl.size)
+                points.append((gl.x + mask.width // 2, gl.y + mask.height // 2))
+            for x, y in points:
+                c[min(g - 1, y // p) * g + min(g - 1, x // p)] = 1.0
+            centres.append(c)
         self.targets = torch.from_numpy(np.stack(rows))
+        self.centres = torch.from_numpy(np.stack(centres))
 
     def loss(self) -> torch.Tensor:
-        feats = self.features[:, 1:]  # drop CLS
-        logits = self.head(feats)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), self.targets.flatten())
+        F = torch.nn.functional
+        feats = self.features[:, 1:]  # drop CLS: (batch, grid*grid, hidden)
+        b = feats.shape[0]
+        cls_logits = self.head["cls"](feats)
+        cls = F.cross_entropy(cls_logits.flatten(0, 1), self.targets.flatten(), weight=self.class_weight)
+        centre_logits = self.head["centre"](feats).squeeze(-1)
+        centre = F.binary_cross_entropy_with_logits(centre_logits, self.centres, pos_weight=torch.tensor(10.0))
+        pos = 0.5 * (F.cross_entropy(self.head["row"](feats).flatten(0, 1), self.rows.repeat(b))
+                     + F.cross_entropy(self.head["col"](feats).flatten(0, 1), self.cols.repeat(b)))
+        loss = cls + centre + 0.2 * pos
         self.last = float(loss.detach())
+        with torch.no_grad():
+            obj = self.targets > 0
+            pred = cls_logits.argmax(-1)
+            self.metrics = {
+                "obj_acc": float((pred[obj] == self.targets[obj]).float().mean()) if obj.any() else float("nan"),
+                "bg_acc": float((pred[~obj] == 0).float().mean()),
+                "shape_acc": _shape_accuracy(pred, self.targets),
+                "centre_f1": _f1(centre_logits > 0, self.centres > 0.5),
+            }
         return self.weight * loss
+
+
+_N_SHAPE_CLASSES = len(synthetic.COLORS) * len(synthetic.SHAPES)
+
+
+def _shape_accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Share of colour+shape patches whose predicted class has the right shape (colour ignored)."""
+    sel = (target >= 1) & (target <= _N_SHAPE_CLASSES)
+    if not sel.any():
+        return float("nan")
+    p, t = pred[sel] - 1, target[sel] - 1
+    ok = (p >= 0) & (p < _N_SHAPE_CLASSES) & (p % len(synthetic.SHAPES) == t % len(synthetic.SHAPES))
+    return float(ok.float().mean())
+
+
+def _f1(pred: torch.Tensor, true: torch.Tensor) -> float:
+    tp = float((pred & true).sum())
+    return 2 * tp / max(1.0, float(pred.sum()) + float(true.sum()))
+
+
+def pretrain_vision(model, processor, aux: PatchAux, args) -> dict:
+    """Stage 1: train the vision tower alone on the dense patch targets for ``--vision-minutes``.
+
+    Same AdamW recipe (warm-up, cosine decay) at ``--vision-lr``; images come from their
+    own random stream (``vision-<seed>``), a ``--text-fraction`` share with a glyph.
+    Returns the last logged metrics.
+    """
+    adapter = get_adapter(model)
+    vision = adapter.vision_tower
+    # layers above the feature layer get no gradient; AdamW skips parameters whose grad is None
+    params = list(vision.parameters())
+    head_params = list(aux.head.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params + head_params if p.ndim >= 2], "weight_decay": 0.01},
+                             {"params": [p for p in params + head_params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=args.vision_lr, betas=(0.9, 0.98))
+
+    class _Enough(Exception):
+        pass
+
+    def _stop(module, inputs, output):  # noqa: ARG001
+        raise _Enough  # the layers above the feature layer never reach the projector: skip them
+
+    stopper = adapter.vision_layers[adapter.vision_feature_layer].register_forward_hook(_stop)
+    rng = random.Random(f"vision-{args.seed}")
+    budget = args.vision_minutes * 60.0
+    t0 = time.time()
+    step = 0
+    log: dict[str, list[float]] = {}
+    metrics: dict = {}
+    vision.train()
+    while time.time() - t0 < budget and not Stop.flag:
+        scenes = [synthetic.random_scene(rng, text=rng.random() < args.text_fraction,
+                                         max_objects=args.max_objects) for _ in range(args.vision_batch_size)]
+        images = [synthetic.render_scene(s) for s in scenes]
+        pv = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        aux.set_targets(scenes)
+        progress = (time.time() - t0) / budget
+        lr = args.vision_lr * lr_factor(step, progress, args.warmup, args.min_lr_ratio)
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        try:
+            vision(pixel_values=pv)
+        except _Enough:
+            pass
+        loss = aux.loss() / aux.weight
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params + head_params, 1.0)
+        opt.step()
+        step += 1
+        for k, v in {"loss": aux.last, **aux.metrics}.items():
+            log.setdefault(k, []).append(v)
+        if step % args.log_every == 0:
+            metrics = {k: sum(v) / len(v) for k, v in log.items()}
+            log.clear()
+            print(f"[vision {time.time() - t0:7.1f}s] step {step} images {step * args.vision_batch_size} "
+                  + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" lr {lr:.2e}", flush=True)
+    vision.eval()
+    stopper.remove()
+    metrics.update(steps=step, images=step * args.vision_batch_size, minutes=(time.time() - t0) / 60)
+    return metrics
 
 
 class Stop:
@@ -220,11 +357,22 @@ def write_card(path: Path, state: dict, results: dict, mme_dir: Path, gqa_dir: P
         "## Training",
         "",
         f"- command: `{state['command']}`",
-        f"- seed {state['seed']}, {state['threads']} CPU thread(s), batch {state['batch_size']}, "
+        *([f"- stage 1 (vision tower alone): {state['vision_stage'].get('minutes', 0):.1f} min, "
+           f"{state['vision_stage'].get('images', 0):,} images, AdamW lr {state['vision_lr']} with the same "
+           "warm-up and cosine decay, on dense per-patch targets from linear heads that are discarded afterwards: "
+           "the class covering the patch (background down-weighted, colour+shape or glyph), whether an object's "
+           "centre lies in it, its row and column. At the end: object-patch class accuracy "
+           f"{100 * state['vision_stage'].get('obj_acc', float('nan')):.1f}%, shape "
+           f"{100 * state['vision_stage'].get('shape_acc', float('nan')):.1f}%, centre F1 "
+           f"{state['vision_stage'].get('centre_f1', float('nan')):.2f} (training batches)"]
+          if state.get("vision_stage") else []),
+        f"- {'stage 2 (whole model): ' if state.get('vision_stage') else ''}"
+        f"seed {state['seed']}, {state['threads']} CPU thread(s), batch {state['batch_size']}, "
         f"AdamW lr {state['lr']} (warm-up {state['warmup']} steps, cosine decay to {state['min_lr_ratio']} x), "
-        "loss on answer tokens only" + (f" plus {state['aux_weight']} x an auxiliary patch-classification loss "
-                                        "(a linear head, discarded after training, names what each patch shows: "
-                                        "background, colour+shape or glyph)" if state.get("aux_weight") else ""),
+        "loss on answer tokens only" + (f" plus {state['aux_weight']} x the dense patch loss of stage 1"
+                                        if state.get("aux_weight") else "")
+        + (f"; vision tower at {state['vision_lr_mult']} x the learning rate"
+           if state.get("vision_lr_mult", 1.0) != 1.0 else ""),
         f"- data: fresh synthetic images generated on the fly (never repeated), {state.get('turns', 1)} questions per "
         f"image as a multi-turn conversation (the first turn is exactly the evaluation prompt), "
         f"{int(100 * state.get('mme_fraction', 0.5))}% yes/no (MME-style) and the rest one-word (GQA-style) questions",
@@ -334,12 +482,21 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params:,}; visual tokens {model.config.image_seq_length}; threads {torch.get_num_threads()}",
           flush=True)
-    aux = PatchAux(model, args.aux_weight) if args.aux_weight > 0 else None
-    params = list(model.named_parameters()) + (list(aux.head.named_parameters()) if aux else [])
-    decay = [p for n, p in params if p.ndim >= 2]
-    no_decay = [p for n, p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    aux = PatchAux(model, args.aux_weight or 1.0) if (args.aux_weight > 0 or args.vision_minutes > 0) else None
+    vision_stage = {}
+    if args.vision_minutes > 0:
+        vision_stage = pretrain_vision(model, processor, aux, args)
+    if args.aux_weight <= 0:
+        aux = None
+    vision_ids = {id(p) for p in get_adapter(model).vision_tower.parameters()}
+    params = list(model.parameters()) + (list(aux.head.parameters()) if aux else [])
+    groups = []
+    for is_vision in (False, True):
+        for decay in (True, False):
+            ps = [p for p in params if (id(p) in vision_ids) == is_vision and (p.ndim >= 2) == decay]
+            groups.append({"params": ps, "weight_decay": args.weight_decay if decay else 0.0,
+                           "lr_mult": args.vision_lr_mult if is_vision else 1.0})
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
     val_mme, val_gqa = val_sets(out, args.val_per_subtask, args.val_gqa)
 
     cur_max = [args.start_objects]
@@ -362,6 +519,8 @@ def main(argv=None):
                                            "family_max_steps", "describe_prob", "aux_weight", "init_from",
                                            "start_families")}
     state["command"] = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
+    state.update(vision_stage=vision_stage, vision_minutes=args.vision_minutes, vision_lr=args.vision_lr,
+                 vision_lr_mult=args.vision_lr_mult)
     state.update(best_val=-1.0, best_step=0, best_samples=0, best_elapsed_s=0.0)
     t0 = time.time()
     last_eval = t0
@@ -433,7 +592,7 @@ def main(argv=None):
         enc = TL.encode_training_batch(processor, [c.image for c in batch], prompts, answers, followups)
         lr = args.lr * lr_factor(step, progress, args.warmup, args.min_lr_ratio)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_mult"]
         if aux is not None:
             aux.set_targets([c.scene for c in batch])
         loss, acc = TL.training_step(model, enc, opt, return_accuracy=True,
@@ -444,9 +603,10 @@ def main(argv=None):
         samples += len(batch)
         questions += sum(len(c.turns) for c in batch)
         if step % args.log_every == 0:
+            aux_log = f" aux {aux.last:.3f} obj-acc {aux.metrics['obj_acc']:.3f}" if aux is not None else ""
             print(f"[{time.time() - t0:7.1f}s] step {step} images {samples} loss {sum(losses) / len(losses):.4f} "
                   f"train-acc {sum(accs[-args.log_every:]) / args.log_every:.3f} lr {lr:.2e} max_objects "
-                  f"{cur_max[0]}{f' aux {aux.last:.3f}' if aux is not None else ''} "
+                  f"{cur_max[0]}{aux_log} "
                   f"({samples / (time.time() - t0):.1f} images/s)", flush=True)
             losses.clear()
             del accs[:-200]

@@ -128,6 +128,10 @@ class PatchAux:
       colour+shape or glyph; background when fewer than ``min_pixels`` object pixels),
       cross-entropy with background down-weighted to ``background_weight`` (most of the
       144 patches are background, so an unweighted loss is satisfied without shapes);
+    * colour and shape of shape patches as two more heads (ignored elsewhere), so that
+      shape has a colour-independent direction in the features: without it the language
+      model finds objects by colour but not by shape ("What color is the triangle?" got
+      the colour of the most salient object);
     * centre: whether an object's centre falls in the patch (one token per object, which
       makes counting a matter of counting tokens), binary cross-entropy;
     * row and column of the patch (12-way each), so that position stays linearly
@@ -141,6 +145,8 @@ class PatchAux:
         n_cls = len(synthetic.LABEL_CLASSES)
         self.head = torch.nn.ModuleDict({
             "cls": torch.nn.Linear(vc.hidden_size, n_cls),
+            "color": torch.nn.Linear(vc.hidden_size, len(synthetic.COLORS)),
+            "shape": torch.nn.Linear(vc.hidden_size, len(synthetic.SHAPES)),
             "centre": torch.nn.Linear(vc.hidden_size, 1),
             "row": torch.nn.Linear(vc.hidden_size, self.grid),
             "col": torch.nn.Linear(vc.hidden_size, self.grid),
@@ -190,11 +196,21 @@ class PatchAux:
         b = feats.shape[0]
         cls_logits = self.head["cls"](feats)
         cls = F.cross_entropy(cls_logits.flatten(0, 1), self.targets.flatten(), weight=self.class_weight)
+        # colour and shape factors of the colour+shape classes (1 + colour * n_shapes + shape); -100 elsewhere
+        t = self.targets.flatten() - 1
+        is_shape = (t >= 0) & (t < _N_SHAPE_CLASSES)
+        n_shapes = len(synthetic.SHAPES)
+        color_t = torch.where(is_shape, t // n_shapes, torch.full_like(t, -100))
+        shape_t = torch.where(is_shape, t % n_shapes, torch.full_like(t, -100))
+        factors = torch.zeros(())
+        if is_shape.any():
+            factors = (F.cross_entropy(self.head["color"](feats).flatten(0, 1), color_t)
+                       + F.cross_entropy(self.head["shape"](feats).flatten(0, 1), shape_t))
         centre_logits = self.head["centre"](feats).squeeze(-1)
         centre = F.binary_cross_entropy_with_logits(centre_logits, self.centres, pos_weight=torch.tensor(10.0))
         pos = 0.5 * (F.cross_entropy(self.head["row"](feats).flatten(0, 1), self.rows.repeat(b))
                      + F.cross_entropy(self.head["col"](feats).flatten(0, 1), self.cols.repeat(b)))
-        loss = cls + centre + 0.2 * pos
+        loss = cls + factors + centre + 0.2 * pos
         self.last = float(loss.detach())
         with torch.no_grad():
             obj = self.targets > 0
@@ -360,7 +376,8 @@ def write_card(path: Path, state: dict, results: dict, mme_dir: Path, gqa_dir: P
         *([f"- stage 1 (vision tower alone): {state['vision_stage'].get('minutes', 0):.1f} min, "
            f"{state['vision_stage'].get('images', 0):,} images, AdamW lr {state['vision_lr']} with the same "
            "warm-up and cosine decay, on dense per-patch targets from linear heads that are discarded afterwards: "
-           "the class covering the patch (background down-weighted, colour+shape or glyph), whether an object's "
+           "the class covering the patch (background down-weighted, colour+shape or glyph), the colour and the shape "
+           "of shape patches separately, whether an object's "
            "centre lies in it, its row and column. At the end: object-patch class accuracy "
            f"{100 * state['vision_stage'].get('obj_acc', float('nan')):.1f}%, shape "
            f"{100 * state['vision_stage'].get('shape_acc', float('nan')):.1f}%, centre F1 "

@@ -39,6 +39,10 @@ def test_patch_targets_name_class_and_centre_of_each_object(trainer):
     assert set(torch.unique(cls).tolist()) == {0, S.LABEL_CLASSES.index("red circle"),
                                                S.LABEL_CLASSES.index("green square")}
     assert centre.sum() == 2 and centre[2, 3] == 1 and centre[8, 9] == 1
+    # the colour and shape heads factor the class id as 1 + colour * n_shapes + shape
+    for ci, color in enumerate(S.COLORS):
+        for ki, kind in enumerate(S.SHAPES):
+            assert S.LABEL_CLASSES[1 + ci * len(S.SHAPES) + ki] == f"{color} {kind}"
 
 
 def test_glyph_patches_and_centre(trainer):

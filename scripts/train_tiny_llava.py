@@ -393,10 +393,12 @@ def write_card(path: Path, state: dict, results: dict, mme_dir: Path, gqa_dir: P
         f"- data: fresh synthetic images generated on the fly (never repeated), {state.get('turns', 1)} questions per "
         f"image as a multi-turn conversation (the first turn is exactly the evaluation prompt), "
         f"{int(100 * state.get('mme_fraction', 0.5))}% yes/no (MME-style) and the rest one-word (GQA-style) questions",
-        f"- family curriculum: questions of `{state.get('family_order', 'all families')}` join one family at a "
-        f"time (after at least {state.get('family_min_steps', '-')} steps once the training answer accuracy reaches "
-        f"{state.get('advance_acc', 0.85)}, at the latest after {state.get('family_max_steps', '-')} steps); "
-        f"{int(100 * state.get('describe_prob', 0.0))}% of images add a last turn listing the objects left to right",
+        ("- all question families from the start; " if state.get("start_families", 1) >= len(synthetic.GQA_FAMILIES)
+         else f"- family curriculum: questions of `{state.get('family_order', 'all families')}` join one family at "
+              f"a time (after at least {state.get('family_min_steps', '-')} steps once the training answer accuracy "
+              f"reaches {state.get('advance_acc', 0.85)}, at the latest after {state.get('family_max_steps', '-')} "
+              "steps); ")
+        + f"{int(100 * state.get('describe_prob', 0.0))}% of images add a last turn listing the objects left to right",
         f"- object curriculum: {state.get('start_objects', 1)} object(s) per image at most at the start; the limit rises by one when the training answer accuracy "
         f"reaches {state.get('advance_acc', 0.85)} and at the latest linearly to {state['max_objects']} objects by "
         f"{int(100 * state['curriculum_frac'])}% of the run; prompts {int(100 * (1 - state['chat_template_frac']))}% "

@@ -93,8 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--describe-prob", type=float, default=0.0,
                    help="share of images with an extra 'list the objects' turn (dense auxiliary target)")
     p.add_argument("--aux-weight", type=float, default=0.0,
-                   help="weight of the auxiliary patch-classification loss on the vision features fed to the "
-                        "projector (what each 8x8 patch shows: background, colour+shape or glyph); 0 = off")
+                   help="stage 2: weight of the stage-1 dense patch loss (PatchAux) on the vision features fed "
+                        "to the projector; 0 = off")
     p.add_argument("--vision-minutes", type=float, default=0.0,
                    help="stage 1: minutes of vision-tower pre-training on the dense patch targets (0 = none)")
     p.add_argument("--vision-lr", type=float, default=5e-4, help="stage-1 learning rate")
@@ -121,8 +121,8 @@ def parse_args(argv=None):
 class PatchAux:
     """Dense per-patch targets on the vision features at ``vision_feature_layer`` (the projector's input).
 
-    Three linear heads, discarded after training, give the from-scratch vision tower a
-    signal that the sparse answer-token loss cannot:
+    Linear heads, discarded after training, give the from-scratch vision tower a signal
+    that the sparse answer-token loss cannot (:meth:`loss` is their unweighted sum):
 
     * class: what covers most of the patch (:func:`synthetic.label_map`: background,
       colour+shape or glyph; background when fewer than ``min_pixels`` object pixels),
@@ -138,10 +138,10 @@ class PatchAux:
       readable from every visual token.
     """
 
-    def __init__(self, model, weight: float, min_pixels: int = 6, background_weight: float = 0.1):
+    def __init__(self, model, min_pixels: int = 6, background_weight: float = 0.1):
         vc = model.config.vision_config
         self.grid, self.patch = vc.image_size // vc.patch_size, vc.patch_size
-        self.weight, self.min_pixels = weight, min_pixels
+        self.min_pixels = min_pixels
         n_cls = len(synthetic.LABEL_CLASSES)
         self.head = torch.nn.ModuleDict({
             "cls": torch.nn.Linear(vc.hidden_size, n_cls),
@@ -156,13 +156,18 @@ class PatchAux:
         idx = torch.arange(self.grid * self.grid)
         self.rows, self.cols = idx // self.grid, idx % self.grid
         adapter = get_adapter(model)
-        adapter.vision_layers[adapter.vision_feature_layer].register_forward_hook(self._grab)
+        self._hook = adapter.vision_layers[adapter.vision_feature_layer].register_forward_hook(self._grab)
         self.features = self.targets = self.centres = None
         self.last = float("nan")  # unweighted auxiliary loss of the latest step, for the log
         self.metrics: dict[str, float] = {}
 
     def _grab(self, module, args, output):  # noqa: ARG002
         self.features = output[0] if isinstance(output, tuple) else output
+
+    def remove(self) -> None:
+        """Detach the feature hook (the model no longer feeds this object)."""
+        self._hook.remove()
+        self.features = None
 
     def set_targets(self, scenes) -> None:
         import numpy as np
@@ -181,9 +186,8 @@ class PatchAux:
             c = np.zeros(g * g, dtype=np.float32)
             points = [(s.x, s.y) for s in scene.shapes]
             if scene.glyph is not None:
-                gl = scene.glyph
-                mask = synthetic._glyph_mask(gl.char, gl.size)
-                points.append((gl.x + mask.width // 2, gl.y + mask.height // 2))
+                left, top, right, bottom = scene.glyph.box
+                points.append(((left + right) // 2, (top + bottom) // 2))
             for x, y in points:
                 c[min(g - 1, y // p) * g + min(g - 1, x // p)] = 1.0
             centres.append(c)
@@ -196,12 +200,9 @@ class PatchAux:
         b = feats.shape[0]
         cls_logits = self.head["cls"](feats)
         cls = F.cross_entropy(cls_logits.flatten(0, 1), self.targets.flatten(), weight=self.class_weight)
-        # colour and shape factors of the colour+shape classes (1 + colour * n_shapes + shape); -100 elsewhere
-        t = self.targets.flatten() - 1
-        is_shape = (t >= 0) & (t < _N_SHAPE_CLASSES)
-        n_shapes = len(synthetic.SHAPES)
-        color_t = torch.where(is_shape, t // n_shapes, torch.full_like(t, -100))
-        shape_t = torch.where(is_shape, t % n_shapes, torch.full_like(t, -100))
+        is_shape, color_t, shape_t = _color_shape_factors(self.targets.flatten())
+        color_t = torch.where(is_shape, color_t, torch.full_like(color_t, -100))
+        shape_t = torch.where(is_shape, shape_t, torch.full_like(shape_t, -100))
         factors = torch.zeros(())
         if is_shape.any():
             factors = (F.cross_entropy(self.head["color"](feats).flatten(0, 1), color_t)
@@ -221,20 +222,26 @@ class PatchAux:
                 "shape_acc": _shape_accuracy(pred, self.targets),
                 "centre_f1": _f1(centre_logits > 0, self.centres > 0.5),
             }
-        return self.weight * loss
+        return loss
 
 
-_N_SHAPE_CLASSES = len(synthetic.COLORS) * len(synthetic.SHAPES)
+def _color_shape_factors(class_ids: torch.Tensor):
+    """(is_shape, colour index, shape index) of ``LABEL_CLASSES`` ids, laid out as 1 + colour * n_shapes + shape.
+
+    The indices are meaningful only where ``is_shape`` (background and glyph ids are not colour+shape classes).
+    """
+    n_shapes = len(synthetic.SHAPES)
+    t = class_ids - 1
+    return (t >= 0) & (t < len(synthetic.COLORS) * n_shapes), t // n_shapes, t % n_shapes
 
 
 def _shape_accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
     """Share of colour+shape patches whose predicted class has the right shape (colour ignored)."""
-    sel = (target >= 1) & (target <= _N_SHAPE_CLASSES)
+    sel, _, true_shape = _color_shape_factors(target)
     if not sel.any():
         return float("nan")
-    p, t = pred[sel] - 1, target[sel] - 1
-    ok = (p >= 0) & (p < _N_SHAPE_CLASSES) & (p % len(synthetic.SHAPES) == t % len(synthetic.SHAPES))
-    return float(ok.float().mean())
+    pred_is_shape, _, pred_shape = _color_shape_factors(pred)
+    return float((pred_is_shape[sel] & (pred_shape[sel] == true_shape[sel])).float().mean())
 
 
 def _f1(pred: torch.Tensor, true: torch.Tensor) -> float:
@@ -286,7 +293,7 @@ def pretrain_vision(model, processor, aux: PatchAux, args) -> dict:
             vision(pixel_values=pv)
         except _Enough:
             pass
-        loss = aux.loss() / aux.weight
+        loss = aux.loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params + head_params, 1.0)
@@ -501,11 +508,12 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params:,}; visual tokens {model.config.image_seq_length}; threads {torch.get_num_threads()}",
           flush=True)
-    aux = PatchAux(model, args.aux_weight or 1.0) if (args.aux_weight > 0 or args.vision_minutes > 0) else None
+    aux = PatchAux(model) if (args.aux_weight > 0 or args.vision_minutes > 0) else None
     vision_stage = {}
     if args.vision_minutes > 0:
         vision_stage = pretrain_vision(model, processor, aux, args)
-    if args.aux_weight <= 0:
+    if aux is not None and args.aux_weight <= 0:
+        aux.remove()  # stage 1 only: stop the hook from holding on to every forward's features
         aux = None
     vision_ids = {id(p) for p in get_adapter(model).vision_tower.parameters()}
     params = list(model.parameters()) + (list(aux.head.parameters()) if aux else [])
@@ -615,7 +623,7 @@ def main(argv=None):
         if aux is not None:
             aux.set_targets([c.scene for c in batch])
         loss, acc = TL.training_step(model, enc, opt, return_accuracy=True,
-                                     extra_loss=aux.loss if aux is not None else None)
+                                     extra_loss=(lambda: args.aux_weight * aux.loss()) if aux is not None else None)
         losses.append(loss)
         accs.append(acc)
         step += 1

@@ -27,7 +27,7 @@ def trainer():
 
 def test_patch_targets_name_class_and_centre_of_each_object(trainer):
     model, _ = TL.build_untrained_tiny_llava(seed=0)
-    aux = trainer.PatchAux(model, 1.0)
+    aux = trainer.PatchAux(model)
     # a large red circle centred in patch (row 2, col 3) and a green square centred in patch (row 8, col 9)
     scene = S.Scene((S.ShapeObj("circle", "red", 28, 20, 10), S.ShapeObj("square", "green", 76, 68, 8)))
     aux.set_targets([scene])
@@ -47,7 +47,7 @@ def test_patch_targets_name_class_and_centre_of_each_object(trainer):
 
 def test_glyph_patches_and_centre(trainer):
     model, _ = TL.build_untrained_tiny_llava(seed=0)
-    aux = trainer.PatchAux(model, 1.0)
+    aux = trainer.PatchAux(model)
     scene = S.random_scene(random.Random(3), text=True, max_objects=1)
     assert scene.glyph is not None and not scene.shapes
     aux.set_targets([scene])
@@ -59,7 +59,7 @@ def test_glyph_patches_and_centre(trainer):
 
 def test_vision_stage_smoke_trains_only_the_vision_tower(trainer):
     model, processor = TL.build_untrained_tiny_llava(seed=0)
-    aux = trainer.PatchAux(model, 1.0)
+    aux = trainer.PatchAux(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = Namespace(seed=0, vision_lr=1e-3, vision_minutes=0.02, vision_batch_size=2, text_fraction=0.5,
                      max_objects=2, warmup=1, min_lr_ratio=0.05, log_every=1)

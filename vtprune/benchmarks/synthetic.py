@@ -138,6 +138,12 @@ class Glyph:
     def kind(self) -> str:
         return "number" if self.char.isdigit() else "letter"
 
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """The ink box (left, top, right, bottom) as drawn by :func:`render_scene`."""
+        mask = _glyph_mask(self.char, self.size)
+        return (self.x, self.y, self.x + mask.width, self.y + mask.height)
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -274,8 +280,7 @@ def random_scene(rng: random.Random, *, text: bool = False, max_objects: int = D
     gy = rng.randint(1, max(1, size - mask.height - 2))
     glyph = Glyph(char, rng.choice(list(GLYPH_COLORS)), gx, gy, gsize)
     n_extra = rng.randint(0, min(2, max_objects - 1))
-    gbox = (gx, gy, gx + mask.width, gy + mask.height)
-    shapes = _place_shapes(rng, n_extra, size, avoid=[gbox])
+    shapes = _place_shapes(rng, n_extra, size, avoid=[glyph.box])
     return Scene(tuple(shapes), glyph, background, size)
 
 

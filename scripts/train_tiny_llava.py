@@ -78,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--init-from", default=None,
                    help="checkpoint folder to continue from (fresh optimizer; pair with --family-order and "
                         "--start-objects to skip the curriculum)")
+    p.add_argument("--deepen-after", default="",
+                   help="with --init-from: comma-separated LM layer indices after which an identity copy of that "
+                        "layer is inserted (LLaMA Pro block expansion; the grown model starts with the same outputs)")
     p.add_argument("--start-families", type=int, default=1, help="families enabled at the start of the curriculum")
     p.add_argument("--start-objects", type=int, default=1, help="object limit at the start of the curriculum")
     p.add_argument("--curriculum-frac", type=float, default=0.6,
@@ -390,6 +393,11 @@ def write_card(path: Path, state: dict, results: dict, mme_dir: Path, gqa_dir: P
            f"{100 * state['vision_stage'].get('shape_acc', float('nan')):.1f}%, centre F1 "
            f"{state['vision_stage'].get('centre_f1', float('nan')):.2f} (training batches)"]
           if state.get("vision_stage") else []),
+        *([f"- continued from `{state['init_from']}`"
+           + (f", its language model first deepened by identity copies of layers {state['deepen_after']} (LLaMA Pro "
+              "block expansion: `o_proj` and `down_proj` of each copy start at zero, so training starts from the same "
+              "outputs)" if state.get("deepen_after") else "")]
+          if state.get("init_from") else []),
         f"- {'stage 2 (whole model): ' if state.get('vision_stage') else ''}"
         f"seed {state['seed']}, {state['threads']} CPU thread(s), batch {state['batch_size']}, "
         f"AdamW lr {state['lr']} (warm-up {state['warmup']} steps, cosine decay to {state['min_lr_ratio']} x), "
@@ -503,6 +511,13 @@ def main(argv=None):
         # continue training a saved checkpoint (e.g. the shipped one) with a fresh optimizer and schedule
         model, processor = TL.load_tiny_llava(args.init_from)
         print(f"initialised from {args.init_from}", flush=True)
+        if args.deepen_after:
+            after = [int(i) for i in args.deepen_after.split(",") if i.strip()]
+            model = TL.deepen_language_model(model, after)
+            print(f"language model deepened to {model.config.text_config.num_hidden_layers} layers "
+                  f"(identity copies after layers {after})", flush=True)
+    elif args.deepen_after:
+        raise SystemExit("--deepen-after grows a trained checkpoint: give --init-from too")
     else:
         model, processor = TL.build_untrained_tiny_llava(seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
@@ -544,7 +559,7 @@ def main(argv=None):
                                            "max_objects", "start_objects", "curriculum_frac", "chat_template_frac", "turns",
                                            "advance_acc", "mme_fraction", "family_order", "family_min_steps",
                                            "family_max_steps", "describe_prob", "aux_weight", "init_from",
-                                           "start_families")}
+                                           "start_families", "deepen_after")}
     state["command"] = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
     state.update(vision_stage=vision_stage, vision_minutes=args.vision_minutes, vision_lr=args.vision_lr,
                  vision_lr_mult=args.vision_lr_mult)

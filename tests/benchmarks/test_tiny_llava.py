@@ -134,6 +134,37 @@ def test_greedy_answers_batched_equals_single(untrained):
     assert proc.tokenizer.padding_side == "right"   # restored
 
 
+def test_deepen_language_model_keeps_outputs_and_cache():
+    """Block expansion: the grown model decodes exactly like the original (prefill and cached steps)."""
+    model, proc = TL.build_untrained_tiny_llava(seed=4, vision_layers=2, text_layers=3)
+    torch.manual_seed(3)
+    for p in model.parameters():  # non-trivial weights, so that a misplaced layer would show
+        p.data.add_(0.02 * torch.randn_like(p))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grown = TL.deepen_language_model(model, [0, 2, 2])
+    n = model.config.text_config.num_hidden_layers
+    layers = grown.get_decoder().layers
+    assert grown.config.text_config.num_hidden_layers == len(layers) == n + 3
+    assert [layer.self_attn.layer_idx for layer in layers] == list(range(n + 3))  # one KV-cache slot per layer
+    copies = [1, 4, 5]  # new layers sit after old layers 0 and 2 (twice)
+    for i in copies:
+        assert not layers[i].self_attn.o_proj.weight.any() and not layers[i].mlp.down_proj.weight.any()
+        assert layers[i].self_attn.q_proj.weight.any()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # original untouched
+    s = S.validation_samples(2)
+    prompts = [build_prompt(x.question, benchmark=x.style, processor=proc) for x in s]
+    proc.tokenizer.padding_side = "left"
+    inputs = proc(images=[x.image for x in s], text=prompts, return_tensors="pt", padding=True)
+    kw = {"max_new_tokens": 4, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        ref, out = model.generate(**inputs, **kw), grown.generate(**inputs, **kw)
+    assert torch.equal(ref.sequences, out.sequences)
+    for a, b in zip(ref.scores, out.scores):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        TL.deepen_language_model(model, [n])
+
+
 # --------------------------------------------------------------------------- shipped checkpoint
 
 needs_ckpt = pytest.mark.skipif(not HAS_CKPT, reason="tiny-llava checkpoint not shipped yet")

@@ -37,6 +37,7 @@ __all__ = [
     "build_processor",
     "build_config",
     "build_untrained_tiny_llava",
+    "deepen_language_model",
     "load_tiny_llava",
     "encode_training_batch",
     "training_step",
@@ -172,6 +173,46 @@ def load_tiny_llava(path: str | os.PathLike | None = None, dtype: torch.dtype = 
     model = LlavaForConditionalGeneration.from_pretrained(path, **kw).eval()
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return model, processor
+
+
+def deepen_language_model(model, after: Sequence[int]):
+    """A copy of ``model`` whose Llama stack has one more layer after each index in ``after``.
+
+    Block expansion as in LLaMA Pro (Wu et al., 2024, Sec. 3): each new layer is a copy of
+    the layer before it with ``o_proj`` and ``down_proj`` zeroed, so both residual branches
+    add nothing and the grown model computes exactly what ``model`` did; training then
+    uses the extra depth.  ``after`` holds indices of the current layers (repeats allowed).
+    Returns a new model; ``model`` is left untouched.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    n_old = model.config.text_config.num_hidden_layers
+    bad = [i for i in after if not 0 <= i < n_old]
+    if bad:
+        raise ValueError(f"layer indices {bad} out of range for a {n_old}-layer language model")
+    sources: list[tuple[int, bool]] = []  # (old layer index, is a new identity copy) per new layer
+    for i in range(n_old):
+        sources.append((i, False))
+        sources += [(i, True)] * list(after).count(i)
+    cfg = copy.deepcopy(model.config)
+    cfg.text_config.num_hidden_layers = len(sources)
+    if getattr(cfg.text_config, "layer_types", None):
+        cfg.text_config.layer_types = [cfg.text_config.layer_types[i] for i, _ in sources]
+    grown = LlavaForConditionalGeneration(cfg).to(next(model.parameters()).dtype)
+    grown.generation_config = copy.deepcopy(model.generation_config)
+    old_layers = model.get_decoder().layers
+    new_layers = grown.get_decoder().layers
+    old_state = {k: v for k, v in model.state_dict().items() if ".layers." not in k or "language_model" not in k}
+    missing, unexpected = grown.load_state_dict(old_state, strict=False)
+    if unexpected or any("language_model.layers." not in k for k in missing):
+        raise RuntimeError(f"state mismatch while deepening: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for new, (i, is_copy) in zip(new_layers, sources):
+            new.load_state_dict(old_layers[i].state_dict())
+            if is_copy:
+                new.self_attn.o_proj.weight.zero_()
+                new.mlp.down_proj.weight.zero_()
+    return grown.eval()
 
 
 # --------------------------------------------------------------------------- training helpers

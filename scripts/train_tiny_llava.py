@@ -8,7 +8,9 @@ sparse a signal for a from-scratch vision tower to learn shapes.  Stage 2 trains
 whole model on the questions: AdamW (lr 3e-4, weight decay 0.01), linear warm-up over
 100 steps then cosine decay to 5% of the peak, batch 8 images, loss on the answer tokens
 (and the closing ``</s>``) only, optionally plus ``--aux-weight`` x the stage-1 loss and
-with the vision tower at ``--vision-lr-mult`` x the learning rate.  Each image carries
+with the vision tower at ``--vision-lr-mult`` x the learning rate, and optionally plus
+``--retrieval-weight`` x an attention-supervision loss that teaches one LM head
+(``--retrieval-head``) to look at the object each question refers to.  Each image carries
 ``--turns`` questions as a multi-turn conversation (the first turn is exactly the
 evaluation prompt; later turns reuse the image at ~20 extra tokens each).  Two
 curricula: question families join one at a time in ``--family-order`` (after
@@ -49,6 +51,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np
 import torch  # noqa: E402
 
 from vtprune.adapters import get_adapter  # noqa: E402
@@ -98,6 +101,10 @@ def parse_args(argv=None):
     p.add_argument("--aux-weight", type=float, default=0.0,
                    help="stage 2: weight of the stage-1 dense patch loss (PatchAux) on the vision features fed "
                         "to the projector; 0 = off")
+    p.add_argument("--retrieval-head", default="",
+                   help="stage 2: LAYER:HEAD of the LM head whose attention is supervised to fall on the object each "
+                        "question refers to (RetrievalAux); empty = off")
+    p.add_argument("--retrieval-weight", type=float, default=0.3, help="weight of the --retrieval-head loss")
     p.add_argument("--vision-minutes", type=float, default=0.0,
                    help="stage 1: minutes of vision-tower pre-training on the dense patch targets (0 = none)")
     p.add_argument("--vision-lr", type=float, default=5e-4, help="stage-1 learning rate")
@@ -173,19 +180,11 @@ class PatchAux:
         self.features = None
 
     def set_targets(self, scenes) -> None:
-        import numpy as np
 
-        g, p, n_cls = self.grid, self.patch, len(synthetic.LABEL_CLASSES)
+        g, p = self.grid, self.patch
         rows, centres = [], []
         for scene in scenes:
-            lm = np.asarray(synthetic.label_map(scene), dtype=np.int64)
-            patches = lm.reshape(g, p, g, p).transpose(0, 2, 1, 3).reshape(g * g, p * p)
-            counts = np.zeros((g * g, n_cls), dtype=np.int64)
-            np.add.at(counts, (np.repeat(np.arange(g * g), p * p), patches.ravel()), 1)
-            counts[:, 0] = 0
-            best = counts.argmax(1)
-            best[counts.max(1) < self.min_pixels] = 0
-            rows.append(best)
+            rows.append(patch_classes(scene, g, p, self.min_pixels))
             c = np.zeros(g * g, dtype=np.float32)
             points = [(s.x, s.y) for s in scene.shapes]
             if scene.glyph is not None:
@@ -225,6 +224,132 @@ class PatchAux:
                 "shape_acc": _shape_accuracy(pred, self.targets),
                 "centre_f1": _f1(centre_logits > 0, self.centres > 0.5),
             }
+        return loss
+
+
+def patch_classes(scene, grid: int, patch: int, min_pixels: int):
+    """(grid*grid,) int64 array: the ``LABEL_CLASSES`` id covering most of each patch (0 under ``min_pixels``)."""
+    n_cls = len(synthetic.LABEL_CLASSES)
+    lm = np.asarray(synthetic.label_map(scene), dtype=np.int64)
+    patches = lm.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, patch * patch)
+    counts = np.zeros((grid * grid, n_cls), dtype=np.int64)
+    np.add.at(counts, (np.repeat(np.arange(grid * grid), patch * patch), patches.ravel()), 1)
+    counts[:, 0] = 0
+    best = counts.argmax(1)
+    best[counts.max(1) < min_pixels] = 0
+    return best
+
+
+_GLYPH_CLASSES = frozenset(range(1 + len(synthetic.COLORS) * len(synthetic.SHAPES), len(synthetic.LABEL_CLASSES)))
+
+
+def referent_classes(question: str, family: str) -> frozenset[int]:
+    """``LABEL_CLASSES`` ids of what a question refers to: the patches its answer has to be read from.
+
+    Colour and shape words narrow the referent ("the red circle", "How many circles",
+    "the red object"); an OCR question refers to the glyph.  In the colour family the
+    colour word is the claim being checked ("Is the square blue?"), not part of the
+    referent.  The list-the-objects turn refers to everything and is left out (empty set).
+    """
+    fam = synthetic.family_key(family)
+    if fam == "ocr":
+        return _GLYPH_CLASSES
+    if fam not in synthetic.GQA_FAMILIES:
+        return frozenset()
+    words = question.lower().replace("?", " ").replace(".", " ").split()
+    colors = [] if fam == "color" else [w for w in synthetic.COLORS if w in words]
+    singular = {w.removesuffix("s") for w in words}
+    shapes = [k for k in synthetic.SHAPES if k in singular]
+    return frozenset(synthetic.LABEL_CLASSES.index(f"{c} {k}")
+                     for c in (colors or synthetic.COLORS) for k in (shapes or synthetic.SHAPES))
+
+
+class RetrievalAux:
+    """Attention supervision for one language-model head (stage 2, ``--retrieval-head``).
+
+    Why: in the checkpoint trained without it, one layer-1 head puts all of its
+    attention on the object a *colour* names ("What shape is the red object?", 100%
+    right), but no head finds an object by its *shape* ("What color is the circle?",
+    position questions), although the visual tokens encode shape.  This loss gives the
+    head that dense signal: at the position that predicts each answer, its attention
+    mass on the patches of the referred object(s) (:func:`referent_classes`) is pushed
+    to 1 (mean ``-log`` mass over the answer turns that have such patches).  The head's
+    attention is recomputed from the layer's own input (captured by a forward pre-hook on
+    the instance, removed by :meth:`remove`), so the model keeps its SDPA attention.
+    """
+
+    def __init__(self, model, layer: int, head: int, min_pixels: int = 6):
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        adapter = get_adapter(model)
+        self.attn = adapter.decoder_layers[layer].self_attn
+        n_heads = model.config.text_config.num_attention_heads
+        if not 0 <= head < n_heads:
+            raise ValueError(f"--retrieval-head: head {head} out of range (the LM has {n_heads} heads)")
+        self.head, self.image_token_id = head, adapter.image_token_id
+        vc = model.config.vision_config
+        self.grid, self.patch, self.min_pixels = vc.image_size // vc.patch_size, vc.patch_size, min_pixels
+        self._rotate_half = rotate_half
+        self._hook = self.attn.register_forward_pre_hook(self._grab, with_kwargs=True)
+        self.inputs = self.queries = self.targets = None
+        self.last = float("nan")
+        self.mass = float("nan")  # mean attention mass on the referred patches, latest step
+
+    def _grab(self, module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.inputs = (hidden, kwargs.get("position_embeddings"))
+
+    def remove(self) -> None:
+        self._hook.remove()
+        self.inputs = None
+
+    def set_targets(self, conversations, batch: dict) -> None:
+        """Query positions (one per answer turn) and their target patch masks for ``batch``."""
+        labels = batch["labels"]
+        starts = (labels[:, 1:] != -100) & (labels[:, :-1] == -100)  # position t predicts the first answer token
+        rows, cols, masks = [], [], []
+        for i, conv in enumerate(conversations):
+            positions = starts[i].nonzero().squeeze(1).tolist()
+            if len(positions) != len(conv.turns):
+                continue
+            classes = torch.from_numpy(patch_classes(conv.scene, self.grid, self.patch, self.min_pixels))
+            for pos, (question, _answer, family, _kind) in zip(positions, conv.turns):
+                ref = referent_classes(question, family)
+                mask = torch.isin(classes, torch.tensor(sorted(ref), dtype=classes.dtype)) if ref else None
+                if mask is not None and mask.any():
+                    rows.append(i)
+                    cols.append(pos)
+                    masks.append(mask)
+        self.queries = (torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long))
+        self.targets = torch.stack(masks) if masks else None
+        self.visual = batch["input_ids"] == self.image_token_id
+
+    def attention(self) -> torch.Tensor:
+        """(n_queries, seq) attention probabilities of the supervised head at the query positions."""
+        hidden, (cos, sin) = self.inputs
+        cos, sin = (t.expand(hidden.shape[0], -1, -1) for t in (cos, sin))  # rotary tables may have batch 1
+        rows, cols = self.queries
+        d = self.attn.head_dim
+        sl = slice(self.head * d, (self.head + 1) * d)
+        q = torch.nn.functional.linear(hidden[rows, cols], self.attn.q_proj.weight[sl])       # (n, d)
+        k = torch.nn.functional.linear(hidden[rows], self.attn.k_proj.weight[sl])             # (n, T, d)
+        q = q * cos[rows, cols] + self._rotate_half(q) * sin[rows, cols]
+        k = k * cos[rows] + self._rotate_half(k) * sin[rows]
+        scores = torch.einsum("nd,ntd->nt", q, k) * self.attn.scaling
+        keys = torch.arange(scores.shape[1])
+        scores = scores.masked_fill(keys[None, :] > cols[:, None], float("-inf"))  # causal
+        return scores.softmax(-1)
+
+    def loss(self) -> torch.Tensor:
+        if self.targets is None:
+            return self.inputs[0].sum() * 0.0
+        rows, _cols = self.queries
+        probs = self.attention()
+        vis = self.visual[rows]                                                                # (n, T)
+        visual_probs = probs[vis].view(len(rows), -1)                                          # (n, 144) in patch order
+        mass = (visual_probs * self.targets).sum(-1)
+        loss = -(mass + 1e-6).log().mean()
+        self.last, self.mass = float(loss.detach()), float(mass.detach().mean())
         return loss
 
 
@@ -404,7 +529,11 @@ def write_card(path: Path, state: dict, results: dict, mme_dir: Path, gqa_dir: P
         "loss on answer tokens only" + (f" plus {state['aux_weight']} x the dense patch loss of stage 1"
                                         if state.get("aux_weight") else "")
         + (f"; vision tower at {state['vision_lr_mult']} x the learning rate"
-           if state.get("vision_lr_mult", 1.0) != 1.0 else ""),
+           if state.get("vision_lr_mult", 1.0) != 1.0 else "")
+        + (f"; plus {state['retrieval_weight']} x an attention-supervision loss on LM head "
+           f"{state['retrieval_head']} (layer:head): at the position that predicts each answer, -log of that head's "
+           "attention mass on the patches of the object(s) the question refers to"
+           if state.get("retrieval_head") else ""),
         f"- data: fresh synthetic images generated on the fly (never repeated), {state.get('turns', 1)} questions per "
         f"image as a multi-turn conversation (the first turn is exactly the evaluation prompt), "
         f"{int(100 * state.get('mme_fraction', 0.5))}% yes/no (MME-style) and the rest one-word (GQA-style) questions",
@@ -530,6 +659,10 @@ def main(argv=None):
     if aux is not None and args.aux_weight <= 0:
         aux.remove()  # stage 1 only: stop the hook from holding on to every forward's features
         aux = None
+    retrieval = None
+    if args.retrieval_head:
+        layer, head = (int(x) for x in args.retrieval_head.split(":"))
+        retrieval = RetrievalAux(model, layer, head)
     vision_ids = {id(p) for p in get_adapter(model).vision_tower.parameters()}
     params = list(model.parameters()) + (list(aux.head.parameters()) if aux else [])
     groups = []
@@ -559,7 +692,7 @@ def main(argv=None):
                                            "max_objects", "start_objects", "curriculum_frac", "chat_template_frac", "turns",
                                            "advance_acc", "mme_fraction", "family_order", "family_min_steps",
                                            "family_max_steps", "describe_prob", "aux_weight", "init_from",
-                                           "start_families", "deepen_after")}
+                                           "start_families", "deepen_after", "retrieval_head", "retrieval_weight")}
     state["command"] = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
     state.update(vision_stage=vision_stage, vision_minutes=args.vision_minutes, vision_lr=args.vision_lr,
                  vision_lr_mult=args.vision_lr_mult)
@@ -635,10 +768,15 @@ def main(argv=None):
         lr = args.lr * lr_factor(step, progress, args.warmup, args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
+        extra = []
         if aux is not None:
             aux.set_targets([c.scene for c in batch])
+            extra.append(lambda: args.aux_weight * aux.loss())
+        if retrieval is not None:
+            retrieval.set_targets(batch, enc)
+            extra.append(lambda: args.retrieval_weight * retrieval.loss())
         loss, acc = TL.training_step(model, enc, opt, return_accuracy=True,
-                                     extra_loss=(lambda: args.aux_weight * aux.loss()) if aux is not None else None)
+                                     extra_loss=(lambda fs=tuple(extra): sum(f() for f in fs)) if extra else None)
         losses.append(loss)
         accs.append(acc)
         step += 1
@@ -646,6 +784,8 @@ def main(argv=None):
         questions += sum(len(c.turns) for c in batch)
         if step % args.log_every == 0:
             aux_log = f" aux {aux.last:.3f} obj-acc {aux.metrics['obj_acc']:.3f}" if aux is not None else ""
+            if retrieval is not None:
+                aux_log += f" retrieval {retrieval.last:.3f} mass {retrieval.mass:.2f}"
             print(f"[{time.time() - t0:7.1f}s] step {step} images {samples} loss {sum(losses) / len(losses):.4f} "
                   f"train-acc {sum(accs[-args.log_every:]) / args.log_every:.3f} lr {lr:.2e} max_objects "
                   f"{cur_max[0]}{aux_log} "

@@ -72,3 +72,55 @@ def test_vision_stage_smoke_trains_only_the_vision_tower(trainer):
     assert not any(f"layers.{last}." in n for n in changed)
     # the early-exit hook is gone: a full forward works again
     model.model.vision_tower(pixel_values=torch.zeros(1, 3, 96, 96))
+
+
+def test_referent_classes_name_what_the_answer_is_read_from(trainer):
+    cls = S.LABEL_CLASSES.index
+    ref = trainer.referent_classes
+    assert ref("What color is the circle?", "color") == {cls(f"{c} circle") for c in S.COLORS}
+    # in the colour family the colour word is the claim, not the referent
+    assert ref(S.with_mme_suffix("Is the square blue?"), "color") == {cls(f"{c} square") for c in S.COLORS}
+    assert ref(S.with_mme_suffix("Is the red circle on the left side of the image?"), "position") == {cls("red circle")}
+    assert ref("What shape is the red object?", "shape") == {cls(f"red {k}") for k in S.SHAPES}
+    assert ref("How many triangles are there?", "count") == {cls(f"{c} triangle") for c in S.COLORS}
+    assert ref(S.with_mme_suffix("Are there exactly 3 objects in the image?"), "count") == set(range(1, 16))
+    assert ref("Which letter is written in the image?", "ocr") == set(range(16, len(S.LABEL_CLASSES)))
+    assert ref("Which objects are in the image?", "describe") == set()
+
+
+def test_retrieval_aux_recomputes_the_heads_attention(trainer):
+    """The supervised head's attention, rebuilt from the hooked layer input, equals eager attention's weights."""
+    from vtprune.benchmarks.prompts import build_prompt, question_text
+
+    model, processor = TL.build_untrained_tiny_llava(seed=5, vision_layers=2, text_layers=2)
+    model.set_attn_implementation("eager")
+    torch.manual_seed(0)
+    for p in model.parameters():  # spread the untrained attention so that the comparison means something
+        p.data.add_(0.05 * torch.randn_like(p))
+    stream = S.training_conversations(3, max_objects=4, turns=4, text_fraction=0.3)
+    convs = [next(stream) for _ in range(3)]
+    prompts = [build_prompt(c.turns[0][0], benchmark=c.turns[0][3], processor=processor) for c in convs]
+    followups = [[(question_text(q, kind), a) for q, a, _f, kind in c.turns[1:]] for c in convs]
+    batch = TL.encode_training_batch(processor, [c.image for c in convs], prompts, [c.turns[0][1] for c in convs],
+                                     followups)
+    ret = trainer.RetrievalAux(model, layer=1, head=2)
+    ret.set_targets(convs, batch)
+    rows, cols = ret.queries
+    n_turns = sum(bool(trainer.referent_classes(q, f)) for c in convs for q, _a, f, _k in c.turns)
+    assert 0 < len(rows) <= n_turns
+    assert (batch["labels"][rows, cols] == -100).all() and (batch["labels"][rows, cols + 1] != -100).all()
+    out = model(**batch, output_attentions=True)
+    eager = out.attentions[1][rows, 2, cols]                     # (n, seq)
+    torch.testing.assert_close(ret.attention(), eager, rtol=1e-4, atol=1e-6)
+    visual = batch["input_ids"][rows] == model.config.image_token_id
+    mass = (eager[visual].view(len(rows), -1) * ret.targets).sum(-1)
+    loss = ret.loss()
+    torch.testing.assert_close(loss, -(mass + 1e-6).log().mean(), rtol=1e-4, atol=1e-6)
+    loss.backward()
+    attn = model.model.language_model.layers[1].self_attn
+    assert attn.q_proj.weight.grad is not None and attn.q_proj.weight.grad[2 * 64:3 * 64].any()
+    assert not attn.q_proj.weight.grad[:2 * 64].any()   # only the supervised head's rows
+    ret.remove()
+    assert ret.inputs is None
+    model(**batch)
+    assert ret.inputs is None                            # the hook is gone

@@ -273,12 +273,19 @@ class RetrievalAux:
     position questions), although the visual tokens encode shape.  This loss gives the
     head that dense signal: at the position that predicts each answer, its attention
     mass on the patches of the referred object(s) (:func:`referent_classes`) is pushed
-    to 1 (mean ``-log`` mass over the answer turns that have such patches).  The head's
+    to 1 (mean ``-log`` mass over the answer turns that have such patches).  With a
+    ``tokenizer`` the last noun of each question ("the red *circle*") is supervised too:
+    there the referent can be found from the adjacent words alone, and later positions
+    can read the result from that token.  The head's
     attention is recomputed from the layer's own input (captured by a forward pre-hook on
     the instance, removed by :meth:`remove`), so the model keeps its SDPA attention.
     """
 
-    def __init__(self, model, layer: int, head: int, min_pixels: int = 6):
+    # the words a referring phrase ends in: its noun (the token that is supervised to look at the referent)
+    NOUNS = (*synthetic.SHAPES, *(synthetic.PLURAL[k] for k in synthetic.SHAPES), "object", "objects", "shape",
+             "shapes", "letter", "number")
+
+    def __init__(self, model, layer: int, head: int, min_pixels: int = 6, tokenizer=None):
         from transformers.models.llama.modeling_llama import rotate_half
 
         adapter = get_adapter(model)
@@ -291,6 +298,12 @@ class RetrievalAux:
         self.grid, self.patch, self.min_pixels = vc.image_size // vc.patch_size, vc.patch_size, min_pixels
         self._rotate_half = rotate_half
         self._hook = self.attn.register_forward_pre_hook(self._grab, with_kwargs=True)
+        self.noun_ids = self.color_ids = None
+        if tokenizer is not None:
+            def ids(words):
+                found = [tokenizer.convert_tokens_to_ids(w) for w in words]
+                return torch.tensor([i for i in found if i is not None and i != tokenizer.unk_token_id])
+            self.noun_ids, self.color_ids = ids(self.NOUNS), ids(synthetic.COLORS)
         self.inputs = self.queries = self.targets = None
         self.last = float("nan")
         self.mass = float("nan")  # mean attention mass on the referred patches, latest step
@@ -307,22 +320,36 @@ class RetrievalAux:
         """Query positions (one per answer turn) and their target patch masks for ``batch``."""
         labels = batch["labels"]
         starts = (labels[:, 1:] != -100) & (labels[:, :-1] == -100)  # position t predicts the first answer token
+        visual = batch["input_ids"] == self.image_token_id
+        nouns, colors = ((torch.isin(batch["input_ids"], w) if w is not None else torch.zeros_like(visual))
+                         for w in (self.noun_ids, self.color_ids))
         rows, cols, masks = [], [], []
         for i, conv in enumerate(conversations):
             positions = starts[i].nonzero().squeeze(1).tolist()
             if len(positions) != len(conv.turns):
                 continue
             classes = torch.from_numpy(patch_classes(conv.scene, self.grid, self.patch, self.min_pixels))
+            prev = int(visual[i].nonzero().max())
             for pos, (question, _answer, family, _kind) in zip(positions, conv.turns):
                 ref = referent_classes(question, family)
                 mask = torch.isin(classes, torch.tensor(sorted(ref), dtype=classes.dtype)) if ref else None
                 if mask is not None and mask.any():
-                    rows.append(i)
-                    cols.append(pos)
-                    masks.append(mask)
+                    # the answer position, and (with a tokenizer) the question's last noun: "the red *circle*";
+                    # not when a colour that narrows the referent comes after it ("Which shape is green?")
+                    span = slice(prev + 1, pos + 1)
+                    noun, color = nouns[i, span].nonzero(), colors[i, span].nonzero()
+                    use_noun = len(noun) and (synthetic.family_key(family) == "color" or not len(color)
+                                              or int(color.max()) < int(noun.max()))
+                    for q in [pos] + ([prev + 1 + int(noun.max())] if use_noun else []):
+                        rows.append(i)
+                        cols.append(q)
+                        masks.append(mask)
+                prev = pos
+                while prev + 1 < labels.shape[1] and labels[i, prev + 1] != -100:
+                    prev += 1  # skip this turn's answer: a shape answer ("circle") is not the next question's noun
         self.queries = (torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long))
         self.targets = torch.stack(masks) if masks else None
-        self.visual = batch["input_ids"] == self.image_token_id
+        self.visual = visual
 
     def attention(self) -> torch.Tensor:
         """(n_queries, seq) attention probabilities of the supervised head at the query positions."""
@@ -662,7 +689,7 @@ def main(argv=None):
     retrieval = None
     if args.retrieval_head:
         layer, head = (int(x) for x in args.retrieval_head.split(":"))
-        retrieval = RetrievalAux(model, layer, head)
+        retrieval = RetrievalAux(model, layer, head, tokenizer=processor.tokenizer)
     vision_ids = {id(p) for p in get_adapter(model).vision_tower.parameters()}
     params = list(model.parameters()) + (list(aux.head.parameters()) if aux else [])
     groups = []

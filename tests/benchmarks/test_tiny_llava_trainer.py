@@ -103,12 +103,16 @@ def test_retrieval_aux_recomputes_the_heads_attention(trainer):
     followups = [[(question_text(q, kind), a) for q, a, _f, kind in c.turns[1:]] for c in convs]
     batch = TL.encode_training_batch(processor, [c.image for c in convs], prompts, [c.turns[0][1] for c in convs],
                                      followups)
-    ret = trainer.RetrievalAux(model, layer=1, head=2)
+    ret = trainer.RetrievalAux(model, layer=1, head=2, tokenizer=processor.tokenizer)
     ret.set_targets(convs, batch)
     rows, cols = ret.queries
     n_turns = sum(bool(trainer.referent_classes(q, f)) for c in convs for q, _a, f, _k in c.turns)
-    assert 0 < len(rows) <= n_turns
-    assert (batch["labels"][rows, cols] == -100).all() and (batch["labels"][rows, cols + 1] != -100).all()
+    answer = (batch["labels"][rows, cols] == -100) & (batch["labels"][rows, cols + 1] != -100)
+    words = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][rows, cols].tolist())
+    assert 0 < int(answer.sum()) <= n_turns
+    # every other query is the last noun of a question, never an answer word
+    assert all(w in trainer.RetrievalAux.NOUNS for w, a in zip(words, answer) if not a)
+    assert (batch["labels"][rows, cols][~answer] == -100).all() and int((~answer).sum()) > 0
     out = model(**batch, output_attentions=True)
     eager = out.attentions[1][rows, 2, cols]                     # (n, seq)
     torch.testing.assert_close(ret.attention(), eager, rtol=1e-4, atol=1e-6)

@@ -105,6 +105,9 @@ def parse_args(argv=None):
                    help="stage 2: LAYER:HEAD of the LM head whose attention is supervised to fall on the object each "
                         "question refers to (RetrievalAux); empty = off")
     p.add_argument("--retrieval-weight", type=float, default=0.3, help="weight of the --retrieval-head loss")
+    p.add_argument("--readout-weight", type=float, default=0.0,
+                   help="with --retrieval-head: weight of ReadoutAux, linear heads that read the referred object's "
+                        "attributes from the residual after that layer; 0 = off")
     p.add_argument("--vision-minutes", type=float, default=0.0,
                    help="stage 1: minutes of vision-tower pre-training on the dense patch targets (0 = none)")
     p.add_argument("--vision-lr", type=float, default=5e-4, help="stage-1 learning rate")
@@ -324,6 +327,7 @@ class RetrievalAux:
         nouns, colors = ((torch.isin(batch["input_ids"], w) if w is not None else torch.zeros_like(visual))
                          for w in (self.noun_ids, self.color_ids))
         rows, cols, masks = [], [], []
+        self.referents = []  # (scene, referent classes) per query row, for ReadoutAux
         for i, conv in enumerate(conversations):
             positions = starts[i].nonzero().squeeze(1).tolist()
             if len(positions) != len(conv.turns):
@@ -344,6 +348,7 @@ class RetrievalAux:
                         rows.append(i)
                         cols.append(q)
                         masks.append(mask)
+                        self.referents.append((conv.scene, ref))
                 prev = pos
                 while prev + 1 < labels.shape[1] and labels[i, prev + 1] != -100:
                     prev += 1  # skip this turn's answer: a shape answer ("circle") is not the next question's noun
@@ -378,6 +383,70 @@ class RetrievalAux:
         loss = -(mass + 1e-6).log().mean()
         self.last, self.mass = float(loss.detach()), float(mass.detach().mean())
         return loss
+
+
+class ReadoutAux:
+    """Linear read-out of the referred object from the residual stream after the retrieval layer.
+
+    :class:`RetrievalAux` makes one head look at the referent, but its value projection
+    was shaped by the questions it answered before (colour-keyed ones, which read shape).
+    These discarded heads ask the residual at every supervised query position, right
+    after that layer, for the referent's colour, shape, horizontal and vertical third and
+    (for a glyph) its character, so that what the head retrieves carries every attribute
+    a later question may need.  Rows whose referent is not a single object are ignored.
+    """
+
+    def __init__(self, model, retrieval: RetrievalAux, layer: int):
+        hidden = model.config.text_config.hidden_size
+        glyphs = synthetic.LETTERS + synthetic.DIGITS
+        self.sizes = {"color": len(synthetic.COLORS), "shape": len(synthetic.SHAPES), "hpos": 3, "vpos": 3,
+                      "glyph": len(glyphs)}
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, n) for k, n in self.sizes.items()})
+        self.retrieval, self.glyphs = retrieval, glyphs
+        self._hook = get_adapter(model).decoder_layers[layer].register_forward_hook(self._grab)
+        self.hidden = self.labels = None
+        self.last = float("nan")
+
+    def _grab(self, module, args, output):
+        self.hidden = output[0] if isinstance(output, tuple) else output
+
+    def remove(self) -> None:
+        self._hook.remove()
+        self.hidden = None
+
+    @staticmethod
+    def _third(c: int, size: int) -> int:
+        return 0 if c < synthetic.SIDE_MARGIN * size else 2 if c > (1 - synthetic.SIDE_MARGIN) * size else 1
+
+    def set_targets(self) -> None:
+        """Labels (rows x attribute, -100 = unknown) for the query rows of the retrieval's latest batch."""
+        labels = []
+        colors, shapes = list(synthetic.COLORS), list(synthetic.SHAPES)
+        for scene, ref in self.retrieval.referents:
+            row = dict.fromkeys(self.sizes, -100)
+            if ref == _GLYPH_CLASSES and scene.glyph is not None:
+                row["glyph"] = self.glyphs.index(scene.glyph.char)
+            else:
+                objs = [o for o in scene.shapes if synthetic.LABEL_CLASSES.index(o.name) in ref]
+                if len(objs) == 1:
+                    o = objs[0]
+                    row.update(color=colors.index(o.color), shape=shapes.index(o.kind),
+                               hpos=self._third(o.x, scene.size), vpos=self._third(o.y, scene.size))
+            labels.append([row[k] for k in self.sizes])
+        self.labels = torch.tensor(labels, dtype=torch.long).view(-1, len(self.sizes))
+
+    def loss(self) -> torch.Tensor:
+        rows, cols = self.retrieval.queries
+        if not len(rows):
+            return self.hidden.sum() * 0.0
+        h = self.hidden[rows, cols]
+        total = h.sum() * 0.0
+        for j, (name, head) in enumerate(self.heads.items()):
+            target = self.labels[:, j]
+            if (target >= 0).any():
+                total = total + torch.nn.functional.cross_entropy(head(h), target, ignore_index=-100)
+        self.last = float(total.detach())
+        return total
 
 
 def _color_shape_factors(class_ids: torch.Tensor):
@@ -560,7 +629,10 @@ def write_card(path: Path, state: dict, results: dict, mme_dir: Path, gqa_dir: P
         + (f"; plus {state['retrieval_weight']} x an attention-supervision loss on LM head "
            f"{state['retrieval_head']} (layer:head): at the position that predicts each answer, -log of that head's "
            "attention mass on the patches of the object(s) the question refers to"
-           if state.get("retrieval_head") else ""),
+           if state.get("retrieval_head") else "")
+        + (f"; plus {state['readout_weight']} x linear read-outs (discarded afterwards) of the referred object's "
+           "colour, shape, horizontal and vertical third and glyph from the residual stream after that layer"
+           if state.get("retrieval_head") and state.get("readout_weight") else ""),
         f"- data: fresh synthetic images generated on the fly (never repeated), {state.get('turns', 1)} questions per "
         f"image as a multi-turn conversation (the first turn is exactly the evaluation prompt), "
         f"{int(100 * state.get('mme_fraction', 0.5))}% yes/no (MME-style) and the rest one-word (GQA-style) questions",
@@ -686,12 +758,15 @@ def main(argv=None):
     if aux is not None and args.aux_weight <= 0:
         aux.remove()  # stage 1 only: stop the hook from holding on to every forward's features
         aux = None
-    retrieval = None
+    retrieval = readout = None
     if args.retrieval_head:
         layer, head = (int(x) for x in args.retrieval_head.split(":"))
         retrieval = RetrievalAux(model, layer, head, tokenizer=processor.tokenizer)
+        if args.readout_weight > 0:
+            readout = ReadoutAux(model, retrieval, layer)
     vision_ids = {id(p) for p in get_adapter(model).vision_tower.parameters()}
-    params = list(model.parameters()) + (list(aux.head.parameters()) if aux else [])
+    params = (list(model.parameters()) + (list(aux.head.parameters()) if aux else [])
+              + (list(readout.heads.parameters()) if readout else []))
     groups = []
     for is_vision in (False, True):
         for decay in (True, False):
@@ -719,7 +794,7 @@ def main(argv=None):
                                            "max_objects", "start_objects", "curriculum_frac", "chat_template_frac", "turns",
                                            "advance_acc", "mme_fraction", "family_order", "family_min_steps",
                                            "family_max_steps", "describe_prob", "aux_weight", "init_from",
-                                           "start_families", "deepen_after", "retrieval_head", "retrieval_weight")}
+                                           "start_families", "deepen_after", "retrieval_head", "retrieval_weight", "readout_weight")}
     state["command"] = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
     state.update(vision_stage=vision_stage, vision_minutes=args.vision_minutes, vision_lr=args.vision_lr,
                  vision_lr_mult=args.vision_lr_mult)
@@ -802,6 +877,9 @@ def main(argv=None):
         if retrieval is not None:
             retrieval.set_targets(batch, enc)
             extra.append(lambda: args.retrieval_weight * retrieval.loss())
+        if readout is not None:
+            readout.set_targets()
+            extra.append(lambda: args.readout_weight * readout.loss())
         loss, acc = TL.training_step(model, enc, opt, return_accuracy=True,
                                      extra_loss=(lambda fs=tuple(extra): sum(f() for f in fs)) if extra else None)
         losses.append(loss)
@@ -813,6 +891,8 @@ def main(argv=None):
             aux_log = f" aux {aux.last:.3f} obj-acc {aux.metrics['obj_acc']:.3f}" if aux is not None else ""
             if retrieval is not None:
                 aux_log += f" retrieval {retrieval.last:.3f} mass {retrieval.mass:.2f}"
+            if readout is not None:
+                aux_log += f" readout {readout.last:.3f}"
             print(f"[{time.time() - t0:7.1f}s] step {step} images {samples} loss {sum(losses) / len(losses):.4f} "
                   f"train-acc {sum(accs[-args.log_every:]) / args.log_every:.3f} lr {lr:.2e} max_objects "
                   f"{cur_max[0]}{aux_log} "

@@ -128,3 +128,37 @@ def test_retrieval_aux_recomputes_the_heads_attention(trainer):
     assert ret.inputs is None
     model(**batch)
     assert ret.inputs is None                            # the hook is gone
+
+
+def test_readout_labels_name_the_single_referent(trainer):
+    """ReadoutAux asks, at each supervised position, for the referred object's attributes (unique referents only)."""
+    from vtprune.benchmarks.prompts import build_prompt, question_text
+
+    model, processor = TL.build_untrained_tiny_llava(seed=6, vision_layers=1, text_layers=2)
+    scene = S.Scene((S.ShapeObj("circle", "red", 20, 70, 10), S.ShapeObj("square", "blue", 76, 20, 9),
+                     S.ShapeObj("square", "green", 50, 50, 8)))
+    turns = [("What color is the circle?", "red", "color", "gqa"),
+             ("Is the blue square on the right or the left?", "right", "position", "gqa"),
+             ("How many squares are there?", "2", "count", "gqa")]
+    conv = S.Conversation(S.render_scene(scene), turns, scene)
+    prompt = build_prompt(turns[0][0], benchmark="gqa", processor=processor)
+    batch = TL.encode_training_batch(processor, [conv.image], [prompt], [turns[0][1]],
+                                     [[(question_text(q, k), a) for q, a, _f, k in turns[1:]]])
+    ret = trainer.RetrievalAux(model, layer=1, head=0, tokenizer=processor.tokenizer)
+    readout = trainer.ReadoutAux(model, ret, layer=1)
+    ret.set_targets([conv], batch)
+    readout.set_targets()
+    assert len(ret.queries[0]) == 6  # answer position + last noun, for each of the three turns
+    names = list(readout.sizes)
+    rows = [dict(zip(names, r)) for r in readout.labels.tolist()]
+    red_circle = {"color": 0, "shape": 0, "hpos": 0, "vpos": 2, "glyph": -100}   # left third, bottom third
+    blue_square = {"color": 2, "shape": 1, "hpos": 2, "vpos": 0, "glyph": -100}  # right third, top third
+    assert rows == [red_circle, red_circle, blue_square, blue_square] + [dict.fromkeys(names, -100)] * 2
+    model(**batch)
+    loss = readout.loss()
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    layers = model.model.language_model.layers
+    assert layers[1].mlp.down_proj.weight.grad.any() and layers[0].self_attn.q_proj.weight.grad.any()
+    readout.remove()
+    ret.remove()

@@ -627,7 +627,7 @@ def write_card(path: Path, state: dict, results: dict, mme_dir: Path, gqa_dir: P
         + (f"; vision tower at {state['vision_lr_mult']} x the learning rate"
            if state.get("vision_lr_mult", 1.0) != 1.0 else "")
         + (f"; plus {state['retrieval_weight']} x an attention-supervision loss on LM head "
-           f"{state['retrieval_head']} (layer:head): at the position that predicts each answer, -log of that head's "
+           f"{state['retrieval_head']} (layer:head): at the position that predicts each answer and at the question's last noun, -log of that head's "
            "attention mass on the patches of the object(s) the question refers to"
            if state.get("retrieval_head") else "")
         + (f"; plus {state['readout_weight']} x linear read-outs (discarded afterwards) of the referred object's "

@@ -320,7 +320,7 @@ class RetrievalAux:
         self.inputs = None
 
     def set_targets(self, conversations, batch: dict) -> None:
-        """Query positions (one per answer turn) and their target patch masks for ``batch``."""
+        """Query positions (each answer position, plus the question's last noun) and their target patch masks."""
         labels = batch["labels"]
         starts = (labels[:, 1:] != -100) & (labels[:, :-1] == -100)  # position t predicts the first answer token
         visual = batch["input_ids"] == self.image_token_id

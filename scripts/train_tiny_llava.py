@@ -183,7 +183,6 @@ class PatchAux:
         self.features = None
 
     def set_targets(self, scenes) -> None:
-
         g, p = self.grid, self.patch
         rows, centres = [], []
         for scene in scenes:
@@ -285,8 +284,7 @@ class RetrievalAux:
     """
 
     # the words a referring phrase ends in: its noun (the token that is supervised to look at the referent)
-    NOUNS = (*synthetic.SHAPES, *(synthetic.PLURAL[k] for k in synthetic.SHAPES), "object", "objects", "shape",
-             "shapes", "letter", "number")
+    NOUNS = (*synthetic.PLURAL, *synthetic.PLURAL.values(), "letter", "number")
 
     def __init__(self, model, layer: int, head: int, min_pixels: int = 6, tokenizer=None):
         from transformers.models.llama.modeling_llama import rotate_half
@@ -385,6 +383,9 @@ class RetrievalAux:
         return loss
 
 
+_THIRD = {"left": 0, "top": 0, None: 1, "right": 2, "bottom": 2}  # synthetic.side -> read-out class
+
+
 class ReadoutAux:
     """Linear read-out of the referred object from the residual stream after the retrieval layer.
 
@@ -414,9 +415,6 @@ class ReadoutAux:
         self._hook.remove()
         self.hidden = None
 
-    @staticmethod
-    def _third(c: int, size: int) -> int:
-        return 0 if c < synthetic.SIDE_MARGIN * size else 2 if c > (1 - synthetic.SIDE_MARGIN) * size else 1
 
     def set_targets(self) -> None:
         """Labels (rows x attribute, -100 = unknown) for the query rows of the retrieval's latest batch."""
@@ -431,17 +429,16 @@ class ReadoutAux:
                 if len(objs) == 1:
                     o = objs[0]
                     row.update(color=colors.index(o.color), shape=shapes.index(o.kind),
-                               hpos=self._third(o.x, scene.size), vpos=self._third(o.y, scene.size))
+                               hpos=_THIRD[synthetic.side(o, scene.size, "h")],
+                               vpos=_THIRD[synthetic.side(o, scene.size, "v")])
             labels.append([row[k] for k in self.sizes])
         self.labels = torch.tensor(labels, dtype=torch.long).view(-1, len(self.sizes))
 
     def loss(self) -> torch.Tensor:
         rows, cols = self.retrieval.queries
-        if not len(rows):
-            return self.hidden.sum() * 0.0
         h = self.hidden[rows, cols]
-        total = h.sum() * 0.0
-        for j, (name, head) in enumerate(self.heads.items()):
+        total = h.sum() * 0.0  # zero with a graph when no row has a label
+        for j, head in enumerate(self.heads.values()):
             target = self.labels[:, j]
             if (target >= 0).any():
                 total = total + torch.nn.functional.cross_entropy(head(h), target, ignore_index=-100)

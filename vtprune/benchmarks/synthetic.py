@@ -51,6 +51,7 @@ __all__ = [
     "LABEL_CLASSES",
     "random_scene",
     "mme_pair",
+    "side",
     "gqa_question",
     "training_samples",
     "training_conversations",
@@ -346,7 +347,8 @@ def _count_question(n: int, nouns: str, rng: random.Random) -> str:
     return rng.choice(T["count_qn"]).format(n=n, nouns=nouns)
 
 
-def _side(s: ShapeObj, size: int, axis: str) -> str | None:
+def side(s: ShapeObj, size: int, axis: str) -> str | None:
+    """Side of the image ``s`` is clearly on along ``axis`` ("h": left/right, "v": top/bottom), or None (middle)."""
     c = s.x if axis == "h" else s.y
     if c < SIDE_MARGIN * size:
         return "left" if axis == "h" else "top"
@@ -374,9 +376,9 @@ def _position_candidates(scene: Scene) -> list[tuple[str, str, str]]:
     cands = []
     for s, name in _referable(scene):
         for axis in "hv":
-            side = _side(s, scene.size, axis)
-            if side:
-                cands.append((name, axis, side))
+            where = side(s, scene.size, axis)
+            if where:
+                cands.append((name, axis, where))
     return cands
 
 

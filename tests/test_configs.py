@@ -10,7 +10,7 @@ import yaml
 import vtprune
 from vtprune.registry import make_method
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "vtprune" / "configs").glob("*/*.yaml"))
 
 
 def test_every_method_has_the_three_model_configs():

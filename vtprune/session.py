@@ -1010,6 +1010,9 @@ class Session:
         else:
             kwargs["attention_mask"] = self._mask_4d(valid, q, hidden.dtype, text_impl)
         if self.method.positions == "renumber":
-            pos = kwargs["position_ids"] - seg.position_shift[:, None]
+            # the language-model entry already moved decode positions into the layout entering the LLM; only the
+            # shift added by the LLM cuts up to this segment is left (subtracting seg's total shift counts it twice)
+            extra = seg.position_shift - gen.base.position_shift
+            pos = kwargs["position_ids"] - extra[:, None]
             kwargs["position_ids"] = pos
             kwargs["position_embeddings"] = self.adapter.rotary(hidden, pos)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -77,6 +78,12 @@ def test_list_methods_and_keyword_validation():
         (dict(method="fastv", ratio=0.5, layr=3), "unknown keyword.*valid keywords"),
         (dict(method="fastv", ratio=0.5, layer=9), "layers 0..3"),
         (dict(method="random", ratio=0.5, positions="shifted"), "positions must be one of"),
+        (dict(method="random", ratio=0.5, seed="abc"), "random seed='abc' has the wrong type: expected int"),
+        (dict(method="fastv", ratio=0.5, layer="2"), "fastv layer='2' has the wrong type: expected int"),
+        (dict(method="fastv", ratio=0.5, layer=0), "fastv layer=0 is out of range"),
+        (dict(method="flowcut", ratio=0.5, vit_share=0.0), "flowcut vit_share=0.0 is out of range"),
+        (dict(method="flowcut", ratio=0.5, vit_share=1.5), "flowcut vit_share=1.5 is out of range"),
+        (dict(method="vtc_cls", ratio=0.5, start_layer=5), "start_layer=5 is past the feature layer 1"),
     ],
 )
 def test_bad_arguments_raise_and_leave_model_untouched(models, kwargs, match):
@@ -84,10 +91,18 @@ def test_bad_arguments_raise_and_leave_model_untouched(models, kwargs, match):
     batch = collate([make_prompt(model, "llava", 4, 0)])
     ref = _logits(model, batch)
     method = kwargs.pop("method")
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises(ValueError, match=match):  # unknown keywords too (a TypeError before)
         vtprune.prune(model, method, **kwargs)
     assert not hasattr(model, "vtprune")
     assert torch.equal(_logits(model, batch), ref)
+
+
+def test_numpy_budget_and_hyperparameters_are_accepted(models):
+    model = models("llava")
+    with vtprune.pruned(model, "fastv", keep=np.int64(8), layer=np.int64(2)):
+        assert type(model.vtprune.method.keep) is int and model.vtprune.method.keep == 8
+        model(**collate([make_prompt(model, "llava", 4, 0)]))
+        assert model.vtprune.stats.kept_tokens == 8
 
 
 def test_unsupported_model_names_supported_classes():

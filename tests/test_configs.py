@@ -1,13 +1,18 @@
-"""Every shipped config loads into its method with valid hyperparameters, and prune(config=...) installs it."""
+"""Every shipped config loads into its method with valid hyperparameters, and prune(config=...) installs it:
+by path or shipped name, with errors that name the file (and line) and a warning for another model family."""
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 
 import vtprune
+from vtprune.api import list_configs, load_config
+from vtprune.errors import ConfigError
 from vtprune.registry import make_method
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "vtprune" / "configs").glob("*/*.yaml"))
@@ -33,7 +38,95 @@ def test_prune_with_config_file(models):
     path = next(p for p in CONFIGS if p.parent.name == "vtc_cls" and p.stem == "llava-1.5-7b")
     # the 7B budget (keep 64) is exactly the tiny test model's 64 tokens: valid, keeps everything
     vtprune.prune(model, config=path)
-    try:
-        assert model.vtprune.method.start_layer == 16 and model.vtprune.method.keep == 64
+    try:  # start_layer null: 16 on the 7B's 24-layer CLIP-L, the same depth (capped at the feature layer) here
+        assert model.vtprune.method.start_layer is None and model.vtprune.method.keep == 64
+        assert model.vtprune.method.layers(24, 22) == range(16, 23)
     finally:
         vtprune.unprune(model)
+
+
+def test_list_configs_names_every_shipped_file():
+    assert list_configs() == [f"{p.parent.name}/{p.stem}" for p in CONFIGS]
+    assert list_configs("flowcut") == ["flowcut/internvl", "flowcut/llava-1.5-7b", "flowcut/llava-next-7b"]
+
+
+@pytest.mark.parametrize("name", ["random/llava-1.5-7b", "random/llava-1.5-7b.yaml"])
+def test_shipped_name_resolves_to_the_packaged_file(models, name):
+    model = models("llava")
+    assert load_config(name) == yaml.safe_load((CONFIGS[0].parents[1] / "random" / "llava-1.5-7b.yaml").read_text())
+    with vtprune.pruned(model, config=name):
+        assert model.vtprune.method.name == "random" and model.vtprune.method.keep == 64
+
+
+def test_unknown_shipped_name_lists_the_available_ones():
+    with pytest.raises(ValueError, match="'flowcut/llava-2' is neither a file nor a shipped config; shipped: .*"
+                                         "flowcut/llava-1.5-7b"):
+        load_config("flowcut/llava-2")
+    with pytest.raises(FileNotFoundError):
+        load_config("/no/such/dir/x.yaml")
+
+
+def test_malformed_yaml_names_the_file_and_line(models, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("method: fastv\nlayer: 2\nratio: [0.5\n")
+    with pytest.raises(ValueError, match=re.escape(f"config {path} is not valid YAML at line 4")):
+        load_config(path)
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        vtprune.prune(models("llava"), config=path)
+    path.write_text("- method\n- fastv\n")
+    with pytest.raises(ValueError, match=re.escape(f"config {path} must be a mapping")):
+        load_config(path)
+
+
+def test_unknown_keyword_in_a_config_is_a_value_error_naming_file_line_and_fields(models, tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("method: fastv\nratio: 0.5\nlayr: 3\n")
+    match = rf"unknown keyword\(s\) layr.*valid keywords: keep, layer, positions, ratio \(config {re.escape(str(path))} line 3"
+    with pytest.raises(ValueError, match=match):
+        load_config(path)  # before any model is loaded
+    model = models("llava")
+    with pytest.raises(ValueError, match=match):
+        vtprune.prune(model, config=path)
+    assert not hasattr(model, "vtprune")
+    path.write_text("method: fastvv\nratio: 0.5\n")
+    with pytest.raises(ValueError, match=rf"Did you mean 'fastv'.*\(config {re.escape(str(path))} line 1\)"):
+        load_config(path)
+
+
+def test_a_bad_value_in_a_config_names_the_file(models, tmp_path):
+    path = tmp_path / "fastv.yaml"
+    path.write_text("method: fastv\nratio: 0.5\nlayer: '2'\n")
+    with pytest.raises(ValueError, match=rf"fastv layer='2' has the wrong type.*\(config {re.escape(str(path))}\)"):
+        vtprune.prune(models("llava"), config=path)
+
+
+def test_a_config_for_another_model_family_warns_naming_both(models):
+    model = models("llava")
+    with pytest.warns(UserWarning, match=r"is for 'OpenGVLab/InternVL3-8B-hf' \(internvl family\) but the model being "
+                                         r"pruned is a LlavaForConditionalGeneration \(llava family\).*"
+                                         r"config='vtc_cls/llava-1.5-7b'"):
+        vtprune.prune(model, config="vtc_cls/internvl")
+    vtprune.unprune(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with vtprune.pruned(model, config="vtc_cls/llava-1.5-7b"):
+            pass
+
+
+@pytest.mark.parametrize("name, family", [("llava-hf/llava-1.5-7b-hf", "llava"), ("liuhaotian/llava-v1.5-13b", "llava"),
+                                          ("llava-hf/llava-v1.6-vicuna-7b-hf", "llava_next"),
+                                          ("llava-hf/llama3-llava-next-8b-hf", "llava_next"),
+                                          ("OpenGVLab/InternVL3-8B-hf", "internvl"), ("./my-model", None)])
+def test_model_family_from_the_config_model_name(name, family):
+    from vtprune.api import _model_family
+
+    assert _model_family(name) == family
+
+
+def test_a_config_budget_the_model_cannot_satisfy_errors(models, tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("method: random\nmodel: llava-hf/llava-1.5-7b-hf\nkeep: 128\n")
+    model = models("llava")
+    with pytest.raises(ConfigError, match=r"keep=128 is more than the 64 visual tokens.*use keep <= 64"):
+        vtprune.prune(model, config=path)
+    assert not hasattr(model, "vtprune")

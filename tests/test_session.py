@@ -93,3 +93,147 @@ def test_cached_generate_equals_recompute_without_cache(models, family, method):
         cached = _generate(model, batch)
         recomputed = _generate(model, batch, use_cache=False)
     assert torch.equal(cached, recomputed)
+
+
+def test_generate_from_inputs_embeds_with_images_is_a_clear_error(models):
+    model = models("llava")
+    batch = collate(_prompts(model, "llava", 1))
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    vtprune.prune(model, "fastv", ratio=0.5)
+    with pytest.raises(PruneError, match="pass input_ids"):
+        model.generate(inputs_embeds=embeds, pixel_values=batch["pixel_values"],
+                       attention_mask=batch["attention_mask"], max_new_tokens=2)
+    assert not hasattr(model, "vtprune")  # restored unpruned, as after any error inside a pruned forward
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_states_handed_back_are_not_compacted_afterwards(models, family):
+    model = models(family)
+    batch = collate(_prompts(model, family, 1))
+    with vtprune.pruned(model, "fastv", ratio=0.5, layer=2):
+        with torch.no_grad():
+            out = model(**batch, output_hidden_states=True)
+    with torch.no_grad():
+        ref = model(**batch, output_hidden_states=True).hidden_states
+    hs = out.hidden_states
+    for i in range(3):  # embeddings and the outputs of layers 0 and 1 (the input of the cut layer 2) are full
+        torch.testing.assert_close(hs[i], ref[i], atol=1e-5, rtol=0)
+    assert hs[3].shape[1] < ref[3].shape[1]  # from layer 2 on they are the pruned ones
+
+
+def test_text_only_forward_resets_stats(models):
+    model = models("llava")
+    batch = collate(_prompts(model, "llava", 1))
+    with vtprune.pruned(model, "random", ratio=0.5):
+        with torch.no_grad():
+            model(**batch)
+            assert model.vtprune.stats is not None
+            model(input_ids=torch.tensor([[1, 5, 6, 7]]))
+        assert model.vtprune.stats is None
+
+
+def test_models_sharing_one_config_prune_and_unprune_independently():
+    first = build_model("llava")
+    second = type(first)(first.config).eval()  # same config object, as from_pretrained twice on one config
+    second.load_state_dict(first.state_dict())
+    assert second.config is first.config
+    config = first.config.text_config
+    original = config._attn_implementation
+    batch = collate(_prompts(first, "llava", 1))
+    vtprune.prune(first, "fastv", ratio=0.5)
+    vtprune.prune(second, "fastv", ratio=0.5)
+    with torch.no_grad():
+        both = second(**batch).logits
+    vtprune.unprune(first)
+    with torch.no_grad():
+        alone = second(**batch).logits  # still pruned, its attention recorder still reached
+    assert hasattr(second, "vtprune") and second.vtprune.stats is not None
+    torch.testing.assert_close(alone, both, atol=0, rtol=0)
+    vtprune.unprune(second)
+    assert config._attn_implementation == original
+
+
+def _manually_pruned_embeds(model, batch, stats):
+    from .helpers import kept_sequence_positions, merged_embeds
+
+    keep = kept_sequence_positions(batch["input_ids"][0], model.config.image_token_id,
+                                   [i.kept_index for i in stats.images], [i.n_tokens for i in stats.images])
+    return merged_embeds(model, batch)[:, keep]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["beams", "sampling"])
+def test_expanded_generate_equals_the_same_search_on_the_pruned_sequence(models, family, mode):
+    model = models(family)
+    batch = collate(_prompts(model, family, 1))
+    search = dict(num_beams=3, num_return_sequences=2) if mode == "beams" else dict(do_sample=True,
+                                                                                   num_return_sequences=3)
+    with vtprune.pruned(model, "random", ratio=0.6, seed=1):
+        with torch.no_grad():
+            model(**batch)
+        stats = model.vtprune.stats
+        torch.manual_seed(0)
+        with torch.no_grad():
+            pruned = model.generate(**batch, max_new_tokens=STEPS, **search)[:, -STEPS:]
+        copies = model.vtprune.stats.images
+    assert len(copies) == 3  # one per beam / returned sequence
+    assert all(c.kept_index == stats.images[0].kept_index for c in copies)
+    embeds = _manually_pruned_embeds(model, batch, stats)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ref = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                             max_new_tokens=STEPS, **search)[:, -STEPS:]
+    assert torch.equal(pruned, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", sorted(ALL_METHODS))
+def test_beam_search_keeps_each_prompts_own_kept_set(models, family, method):
+    model = models(family)
+    prompts = _prompts(model, family)
+    with vtprune.pruned(model, method, **ALL_METHODS[method]):
+        single = []
+        for p in prompts:
+            with torch.no_grad():
+                model(**collate([p]))
+            single.append([i.kept_index for i in model.vtprune.stats.images])
+        _generate(model, collate(prompts), num_beams=2)
+        beams = [[i.kept_index for i in model.vtprune.stats.images if i.sample == b] for b in range(4)]
+    assert beams == [single[0], single[0], single[1], single[1]]
+
+
+def test_internvl_image_token_mismatch_is_a_clear_error_and_restores(models):
+    from .conftest import IMAGE_TOKEN, IMG_END, IMG_START
+
+    model = models("internvl")
+    one_tile = make_prompt(model, "internvl", 5, 0).pixel_values[:1]
+    ids = torch.tensor([[1, 5, IMG_START] + [IMAGE_TOKEN] * 32 + [IMG_END, 7]])  # two tiles' worth of tokens
+    vtprune.prune(model, "fastv", ratio=0.5)
+    with pytest.raises(PruneError, match="need 2 vision crops/tiles but pixel_values hold 1"):
+        model(input_ids=ids, pixel_values=one_tile)
+    assert not hasattr(model, "vtprune")
+
+
+@pytest.mark.parametrize("method", sorted(ALL_METHODS))
+def test_right_padded_batch_is_refused(models, method):
+    model = models("llava")
+    batch = collate(_prompts(model, "llava"))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    for b in range(ids.shape[0]):  # move each sample's padding to the right
+        n = int(mask[b].sum())
+        ids[b] = torch.cat([ids[b, -n:], ids[b, :-n]])
+        mask[b] = torch.cat([mask[b, -n:], mask[b, :-n]])
+    vtprune.prune(model, method, **ALL_METHODS[method])
+    with pytest.raises(PruneError, match="right-padded.*padding_side = 'left'"):
+        with torch.no_grad():
+            model(**batch)
+    assert not hasattr(model, "vtprune")
+
+
+@pytest.mark.parametrize("method,kwargs", [("fastv", dict(layer=9)), ("vtc_cls", dict(start_layer=2)),
+                                           ("flowcut", dict(llm_layer=4))])
+def test_ratio_zero_still_checks_the_layers_against_the_model(models, method, kwargs):
+    model = models("llava")  # 4 LLM layers, features read after vision layer 1
+    with pytest.raises(ValueError, match="layer"):
+        vtprune.prune(model, method, ratio=0.0, **kwargs)
+    assert not hasattr(model, "vtprune")

@@ -7,14 +7,20 @@
 Adding a sub-command (e.g. ``viz``): write ``_add_<name>(subparsers)`` that creates the sub-parser, adds its
 flags and sets ``handler=<function(args) -> exit status>``, then list it in ``COMMANDS``. Heavy imports
 (torch, transformers) belong inside the handler so ``vtprune -h`` stays fast.
+
+User errors (bad flags, files, folders, devices, methods) are one ``<prog>: error: <message>`` line on stderr and
+exit status 2, found before any model is loaded: argparse's through :class:`OneLineParser`, later checks by
+raising :class:`UsageError` (caught by the handler and printed with :func:`report`). Other exceptions keep
+their traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-__all__ = ["build_parser", "main", "COMMANDS"]
+__all__ = ["build_parser", "main", "COMMANDS", "UsageError", "report", "parse_set", "OneLineParser"]
 
 
 def _add_bench(subparsers) -> None:
@@ -43,34 +49,154 @@ def _add_methods(subparsers) -> None:
     p.set_defaults(handler=_run_methods)
 
 
+class UsageError(ValueError):
+    """Bad command-line input (a flag value, file or folder): printed as one ``<prog>: error:`` line, exit 2."""
+
+
+def report(prog: str, err) -> int:
+    """Print ``err`` as the single line ``<prog>: error: <message>`` on stderr; returns exit status 2."""
+    message = " ".join(str(err).split()).removeprefix(f"{prog}: ").removeprefix("vtprune bench: ")
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), like the checks run after parsing."""
+
+    def error(self, message):
+        raise SystemExit(report(self.prog, f"{message} (see {self.prog} -h)"))
+
+
 def _parse_value(text: str):
+    """A ``--set`` value as YAML reads it (ints, floats, booleans, strings); ``1e-3`` is a float too."""
     import yaml
 
-    return yaml.safe_load(text)  # ints, floats, booleans and strings as YAML reads them
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_set(items, reserved=("keep", "ratio")) -> dict:
+    """``--set KEY=VALUE`` entries -> {key: value}; the budget keys have their own flags."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--set expects KEY=VALUE with a method field as KEY (e.g. --set layer=3), got {item!r}")
+        if key in reserved:
+            raise UsageError(f"--set {key}=...: give the budget with --{key} instead")
+        out[key] = _parse_value(value.strip())
+    return out
+
+
+def check_method(name: str, **kwargs):
+    """The method ``name`` built with ``kwargs`` (fields and budget checked without a model)."""
+    from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+    from .registry import make_method
+
+    try:
+        return make_method(name, **kwargs)
+    except (TypeError, ValueError) as err:  # unknown method or field, bad value, bad budget
+        raise UsageError(str(err)) from err
+
+
+def _probe_writable(path: Path, flag: str, what: str) -> None:
+    """``path`` (not yet existing parts allowed: they get created) can be written; else a UsageError."""
+    import tempfile
+
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{flag} {path}: {ancestor} is a file, so no {what} can be created under it; "
+                         "choose another path")
+    try:
+        tempfile.TemporaryFile(dir=ancestor).close()
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: cannot write in {ancestor} ({err.strerror or err}); "
+                         "choose a writable location") from None
+
+
+def check_out_dir(out, flag: str = "--out") -> Path:
+    """An output folder that exists or can be created, and can be written."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path}: is a file; give a folder (it is created if missing)")
+    _probe_writable(path, flag, "folder")
+    return path
+
+
+def check_out_image(out, flag: str = "--out") -> Path:
+    """An output image path: not a folder, a suffix PIL can save, a writable (or creatable) folder."""
+    from PIL import Image
+
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; give an image file name such as {path / 'kept.png'}")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"{flag} {path}: unknown image type {path.suffix or '(no extension)'!r}; use .png or .jpg")
+    _probe_writable(path.parent, flag, "file")
+    return path
+
+
+def check_image(image, flag: str = "--image") -> Path:
+    """An existing, readable image file (its header checked by PIL, no pixels decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(image).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; give an image file")
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:  # SyntaxError: PIL's broken-PNG error
+        raise UsageError(f"{flag} {path}: not an image PIL can read ({err}); give a PNG or JPEG file") from None
+    return path
+
+
+def _viz_check(args) -> dict:
+    """Everything about a viz command line that needs no model; returns the method keywords."""
+    from .benchmarks.runner import check_model_spec, resolve_device
+
+    check_image(args.image)
+    check_out_image(args.out)
+    check_model_spec(args.model)
+    resolve_device(args.device)
+    hyper = parse_set(args.set)
+    hyper.update({"keep": args.keep} if args.keep is not None else {"ratio": args.ratio})
+    check_method(args.method, **hyper)
+    return hyper
 
 
 def _run_viz(args) -> int:
+    from .adapters import get_adapter
     from .benchmarks.runner import load_model
-    from .errors import PruneError
     from .viz import kept_token_pictures
 
-    hyper = {}
-    for item in args.set or ():
-        key, sep, value = item.partition("=")
-        if not sep:
-            print(f"vtprune viz: error: --set expects KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        hyper[key] = _parse_value(value)
-    if args.keep is not None:
-        hyper["keep"] = args.keep
-    if args.ratio is not None:
-        hyper["ratio"] = args.ratio
-    model, processor, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+    prog = "vtprune viz"
     try:
-        kept_token_pictures(model, processor, args.image, args.question, args.method, out=args.out, **hyper)
-    except (PruneError, TypeError, ValueError) as err:
-        print(f"vtprune viz: error: {err}", file=sys.stderr)
-        return 2
+        hyper = _viz_check(args)
+        model, processor, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+        try:
+            n_visual = get_adapter(model).nominal_tokens
+        except TypeError as err:  # a loadable model of an unsupported class
+            raise UsageError(f"--model {args.model}: {err}") from None
+        if args.keep is not None and args.keep > n_visual:
+            raise UsageError(f"--keep {args.keep}: more than the {n_visual} visual tokens an image has for this "
+                             f"model; use --keep <= {n_visual} (or --ratio)")
+    except UsageError as err:
+        return report(prog, err)
+    kept_token_pictures(model, processor, args.image, args.question, args.method, out=args.out, **hyper)
     print(f"wrote {args.out}")
     return 0
 
@@ -86,11 +212,11 @@ def _add_viz(subparsers) -> None:
     p.add_argument("--method", required=True, help="method name (see `vtprune methods`)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--keep", type=int, help="visual tokens kept per image")
-    budget.add_argument("--ratio", type=float, help="fraction of visual tokens removed")
+    budget.add_argument("--ratio", type=float, help="fraction of visual tokens removed, in [0, 1)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method hyperparameter (repeatable)")
-    p.add_argument("--out", default="kept.png", help="output PNG (default kept.png)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="kept.png", help="output image (default kept.png; missing folders are created)")
+    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(handler=_run_viz)
 
 
@@ -103,7 +229,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vtprune", description="Training-free visual-token pruning for HF VLMs.")
+    parser = OneLineParser(prog="vtprune", description="Training-free visual-token pruning for HF VLMs.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS.values():
         add(subparsers)

@@ -16,6 +16,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 CACHE_KWARGS = ("cache", "past_key_values")
+# generate()'s method that repeats the batch for beams / num_return_sequences after the images were encoded
+GENERATE_EXPAND = "_expand_inputs_for_generation"
 WRAPPED_PREFIX = "vtprune+"
 
 
@@ -48,6 +50,32 @@ def set_attn_implementation(config, name: str) -> None:
     names are registered locally, so the field is set directly (and restored the same way).
     """
     config._attn_implementation_internal = name
+
+
+# Models may share one config object (e.g. two models built from the same config): the wrapped name is set on a
+# config while any session needs it and restored when the last one lets go.
+_WRAPPED_CONFIGS: dict[int, list] = {}  # id(config) -> [config, original implementation, sessions holding it]
+
+
+def acquire_wrapped_attention(config) -> None:
+    """Route this config's attention through the vtprune wrapper (reference-counted per config object)."""
+    entry = _WRAPPED_CONFIGS.get(id(config))
+    if entry is None or entry[0] is not config:
+        impl = get_attn_implementation(config)
+        entry = _WRAPPED_CONFIGS[id(config)] = [config, impl, 0]
+        set_attn_implementation(config, wrapped_attention_name(impl))
+    entry[2] += 1
+
+
+def release_wrapped_attention(config) -> None:
+    """Undo one :func:`acquire_wrapped_attention`; the last release restores the original implementation."""
+    entry = _WRAPPED_CONFIGS.get(id(config))
+    if entry is None or entry[0] is not config:
+        return
+    entry[2] -= 1
+    if entry[2] <= 0:
+        set_attn_implementation(config, entry[1])
+        del _WRAPPED_CONFIGS[id(config)]
 
 
 def _eager_function_for(module: torch.nn.Module) -> Callable:

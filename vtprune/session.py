@@ -17,6 +17,7 @@ Installing and removing the session is the only way vtprune touches a model; rem
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -111,6 +112,7 @@ class _VisionRecord:
 
     pixel_values: torch.Tensor | None
     image_sizes: object
+    expand: int = 1  # generate() repeats each prompt this many times after encoding (beams, return sequences)
     n_crops: int | None = None
     cls: torch.Tensor | None = None  # [crops, S] CLS attention at the feature layer, summed over heads
     keys: torch.Tensor | None = None  # [crops, S, d] head-averaged keys of that layer
@@ -137,6 +139,9 @@ class _Forward:
     deep: dict = field(default_factory=dict)  # cut layer K -> _Layout
     attention_rows: dict = field(default_factory=dict)  # LLM layer -> [B, H, T] probabilities
     stats: PruneStats | None = None
+    vision_spans: list = field(default_factory=list)  # spans of the prompts as the vision tower saw them
+    vision_image: list = field(default_factory=list)  # per span: index of its image in the vision batch
+    keep_hidden_states: bool = False  # the caller asked for hidden states: never compact a tensor handed back
 
 
 @dataclass
@@ -178,7 +183,7 @@ class Session:
         self.stats: PruneStats | None = None
         self._handles: list = []
         self._hooked_attention: list = []
-        self._saved_impl: list = []
+        self._wrapped_configs: list = []  # configs whose attention implementation this session wrapped
         self._fwd: _Forward | None = None
         self._gen: _Generation | None = None
         self._vision: _VisionRecord | None = None
@@ -199,6 +204,7 @@ class Session:
         self._handles.append(m.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
         self._handles.append(m.register_forward_hook(self._on_model_end, with_kwargs=True, always_call=True))
         self._wrap_get_image_features()
+        self._check_layers()  # also with ratio 0: a configuration that cannot run on this model is an error
         if method.is_noop:
             return  # ratio 0: nothing is cut and nothing is computed; stats still report the spans
         self._handles.append(a.language_model.register_forward_pre_hook(self._on_llm_start, with_kwargs=True))
@@ -210,18 +216,10 @@ class Session:
             self._handles.append(layer.register_forward_hook(self._record_vision_hidden))
             self._handles.append(a.projector.register_forward_pre_hook(self._record_projector_input))
         for j in sorted(observe):
-            if not 0 <= j < len(a.vision_layers):
-                raise PruneError(f"vtprune: {method.name} observes vision layer {j}; the tower has 0..{len(a.vision_layers) - 1}")
             self._hook_attention(a.vision_attention(a.vision_layers[j]), functools.partial(self._record_vision_attention, j))
         if method.stage == "vision":
             n_vision = len(a.vision_layers)
             vision_cuts = self._vision_cuts = tuple(method.vision_cut_layers(n_vision, a.vision_feature_layer))
-            for j in vision_cuts:
-                if not 0 < j <= a.vision_feature_layer:
-                    raise PruneError(
-                        f"vtprune: {method.name} cuts before vision layer {j}; use a layer in 1..{a.vision_feature_layer} "
-                        f"(the model reads features after layer {a.vision_feature_layer} of 0..{n_vision - 1})"
-                    )
             for j in range(min(vision_cuts), n_vision) if vision_cuts else ():
                 self._handles.append(
                     a.vision_layers[j].register_forward_pre_hook(functools.partial(self._on_vision_layer, j), with_kwargs=True)
@@ -229,12 +227,6 @@ class Session:
             self._handles.append(a.vision_tower.register_forward_hook(self._on_vision_end))
         n_layers = len(a.decoder_layers)
         cuts = method.cut_layers()
-        for k in cuts:
-            if not 0 < k < n_layers:
-                raise PruneError(
-                    f"vtprune: {method.name} cuts before LLM layer {k}, but the model has layers 0..{n_layers - 1}; "
-                    f"use a layer in 1..{n_layers - 1}"
-                )
         if cuts:
             for i in range(min(cuts), n_layers):
                 self._handles.append(
@@ -250,12 +242,31 @@ class Session:
                 attn = a.decoder_layers[layer_idx].self_attn
                 self._hook_attention(attn, self._modulate)
 
+    def _check_layers(self) -> None:
+        """Every vision / LLM layer the method names must exist in this model."""
+        a, method = self.adapter, self.method
+        n_vision, feature, n_layers = len(a.vision_layers), a.vision_feature_layer, len(a.decoder_layers)
+        for j in method.vision_observe_layers(n_vision, feature):
+            if not 0 <= j < n_vision:
+                raise PruneError(f"vtprune: {method.name} observes vision layer {j}; the tower has 0..{n_vision - 1}")
+        for j in method.vision_cut_layers(n_vision, feature) if method.stage == "vision" else ():
+            if not 0 < j <= feature:
+                raise PruneError(
+                    f"vtprune: {method.name} cuts before vision layer {j}; use a layer in 1..{feature} "
+                    f"(the model reads features after layer {feature} of 0..{n_vision - 1})"
+                )
+        for k in method.cut_layers():
+            if not 0 < k < n_layers:
+                raise PruneError(
+                    f"vtprune: {method.name} cuts before LLM layer {k}, but the model has layers 0..{n_layers - 1}; "
+                    f"use a layer in 1..{n_layers - 1}"
+                )
+
     def _hook_attention(self, module, fn) -> None:
         config = module.config
-        if not any(c is config for c, _ in self._saved_impl):
-            impl = compat.get_attn_implementation(config)
-            self._saved_impl.append((config, impl))
-            compat.set_attn_implementation(config, compat.wrapped_attention_name(impl))
+        if not any(c is config for c in self._wrapped_configs):
+            compat.acquire_wrapped_attention(config)
+            self._wrapped_configs.append(config)
         module._vtprune_attention = fn
         self._hooked_attention.append(module)
 
@@ -279,12 +290,34 @@ class Session:
         get_image_features.vtprune_wrapper = True
         inner.get_image_features = get_image_features
         self._wrapped_image_features = True
+        self._wrap_generate_expansion()
+
+    def _wrap_generate_expansion(self) -> None:
+        """Instance-level wrapper of generate()'s batch expansion: it runs after the images were encoded, so the
+        prefill sees each prompt ``expand`` times but each image once."""
+        name = compat.GENERATE_EXPAND
+        original = getattr(self.model, name, None)
+        if original is None:
+            return
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def expand_inputs(*args, **kwargs):
+            size = signature.bind_partial(*args, **kwargs).arguments.get("expand_size", 1)
+            if self._vision is not None:
+                self._vision.expand = int(size)
+            return original(*args, **kwargs)
+
+        expand_inputs.vtprune_wrapper = True
+        setattr(self.model, name, expand_inputs)
 
     def remove(self) -> None:
         if self._wrapped_image_features:
             inner = self.model.model
             if getattr(inner.__dict__.get("get_image_features"), "vtprune_wrapper", False):
                 del inner.get_image_features
+            if getattr(self.model.__dict__.get(compat.GENERATE_EXPAND), "vtprune_wrapper", False):
+                delattr(self.model, compat.GENERATE_EXPAND)
             self._wrapped_image_features = False
         self._vision = None
         for h in self._handles:
@@ -294,9 +327,9 @@ class Session:
             if "_vtprune_attention" in module.__dict__:
                 del module._vtprune_attention
         self._hooked_attention.clear()
-        for config, impl in reversed(self._saved_impl):
-            compat.set_attn_implementation(config, impl)
-        self._saved_impl.clear()
+        for config in reversed(self._wrapped_configs):
+            compat.release_wrapped_attention(config)
+        self._wrapped_configs.clear()
         self._fwd = None
         self._gen = None
         if getattr(self.model, "vtprune", None) is self:
@@ -320,13 +353,16 @@ class Session:
                 raise PruneError("vtprune: new images in a decode step of a pruned cache are not supported")
             return None  # decode step on our compacted cache
         self._gen = None
-        if input_ids is None:
-            if pixel_values is not None:
+        self.stats = None  # a new forward: stats describe it once it has run, or stay None (text-only)
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        has_images = pixel_values is not None or encoded is not None
+        if input_ids is None or input_ids.numel() == 0:
+            if has_images:  # generate(inputs_embeds=...) encodes pixel_values first: encoded, no input_ids
                 raise PruneError("vtprune: pass input_ids (not inputs_embeds) so the visual tokens can be located")
             return None
         has_image_tokens = bool((input_ids == self.adapter.image_token_id).any())
         if not has_image_tokens:
-            if pixel_values is not None:
+            if has_images:
                 raise PruneError(
                     "vtprune: pixel_values were given but input_ids hold no image token "
                     f"(id {self.adapter.image_token_id}); build the prompt with the model's processor"
@@ -337,8 +373,7 @@ class Session:
                 "vtprune: image tokens arrived with a non-empty KV cache; pruning a continued conversation is "
                 "not supported. Start from an empty cache."
             )
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        if pixel_values is None and encoded is None:
+        if not has_images:
             raise PruneError("vtprune: input_ids hold image tokens but no pixel_values were given")
         vision = None
         if pixel_values is None:  # generate() (or the caller) ran get_image_features before this forward
@@ -351,9 +386,13 @@ class Session:
         image_sizes = kwargs.get("image_sizes")
         if image_sizes is None and vision is not None:
             image_sizes = vision.image_sizes
-        spans = self._find_spans(input_ids, pixel_values, image_sizes)
+        expand = vision.expand if vision is not None else 1
+        vision_spans = self._find_spans(self._unexpanded(input_ids, expand), pixel_values, image_sizes)
+        self._check_crops(vision_spans, pixel_values, image_sizes)
+        spans, vision_image = self._expanded_spans(vision_spans, input_ids.shape[0], expand)
         self._fwd = _Forward(
-            spans=spans, batch=input_ids.shape[0], length=input_ids.shape[1], image_sizes=image_sizes, vision=vision
+            spans=spans, batch=input_ids.shape[0], length=input_ids.shape[1], image_sizes=image_sizes, vision=vision,
+            vision_spans=vision_spans, vision_image=vision_image,
         )
         self._fwd.stats = PruneStats(
             method=self.method.name,
@@ -369,6 +408,43 @@ class Session:
         if fwd is not None and fwd.stats is not None and (fwd.base is not None or self.method.is_noop):
             self.stats = fwd.stats
         return None
+
+    @staticmethod
+    def _unexpanded(input_ids: torch.Tensor, expand: int) -> torch.Tensor:
+        """generate() with beams / several return sequences encodes each image once, then repeats every prompt
+        ``expand`` times (repeat_interleave): the prompts those images belong to are every ``expand``-th row."""
+        if expand == 1:
+            return input_ids
+        rows = input_ids[::expand]
+        if input_ids.shape[0] % expand or not torch.equal(rows.repeat_interleave(expand, 0), input_ids):
+            raise PruneError(
+                f"vtprune: generate() expanded the batch {expand}x after encoding the images, but the rows of "
+                "input_ids are not the repeated prompts; pass the prompts once, as generate() expects"
+            )
+        return rows
+
+    @staticmethod
+    def _expanded_spans(vision_spans: list[VisualSpan], batch: int, expand: int) -> tuple[list[VisualSpan], list[int]]:
+        """Spans of the (expanded) batch in batch order, and for each the image it comes from in the vision batch."""
+        if expand == 1:
+            return vision_spans, [s.image for s in vision_spans]
+        spans, source = [], []
+        for b in range(batch):
+            for s in (v for v in vision_spans if v.sample == b // expand):
+                spans.append(dataclasses.replace(s, sample=b, image=len(spans)))
+                source.append(s.image)
+        return spans, source
+
+    def _check_crops(self, vision_spans, pixel_values, image_sizes) -> None:
+        """The prompt's image tokens must need exactly the crops / tiles the vision input holds."""
+        a = self.adapter
+        needed = sum(a.crops_per_image(vision_spans, image_sizes))
+        available = sum(a.crop_counts(pixel_values, image_sizes))
+        if needed != available:
+            raise PruneError(
+                f"vtprune: image-token count mismatch: the prompt's image tokens need {needed} vision crops/tiles but "
+                f"pixel_values hold {available}; build prompts with the model's processor"
+            )
 
     def _find_spans(self, input_ids, pixel_values, image_sizes) -> list[VisualSpan]:
         a = self.adapter
@@ -590,7 +666,7 @@ class Session:
         out = []
         for span, (first, n_crops) in zip(fwd.spans, self._crop_ranges()):
             alive = rec.crop_keep[first:first + n_crops].reshape(-1)
-            src = a.token_sources(span, fwd.image_sizes).to(alive.device)
+            src = a.token_sources(self._source(span), fwd.image_sizes).to(alive.device)
             keep_tok = (alive[src.clamp(min=0)] & (src >= 0)).any(1)
             out.append(Selection(keep=torch.nonzero(keep_tok).flatten()))
             # stats: the vision stages of the image's first crop
@@ -600,11 +676,20 @@ class Session:
                 )
         return out
 
-    def _crop_ranges(self) -> list[tuple[int, int]]:
-        """(first crop, crop count) of every image of the current forward in the vision tower's batch."""
-        crops = self.adapter.crops_per_image(self._fwd.spans, self._fwd.image_sizes)
+    def _vision_crop_ranges(self) -> list[tuple[int, int]]:
+        """(first crop, crop count) of every image of the vision tower's batch."""
+        crops = self.adapter.crops_per_image(self._fwd.vision_spans, self._fwd.image_sizes)
         starts = [sum(crops[:i]) for i in range(len(crops))]
         return list(zip(starts, crops))
+
+    def _crop_ranges(self) -> list[tuple[int, int]]:
+        """(first crop, crop count) in the vision tower's batch of every image of the current forward."""
+        ranges = self._vision_crop_ranges()
+        return [ranges[i] for i in self._fwd.vision_image]
+
+    def _source(self, span: VisualSpan) -> VisualSpan:
+        """The span as the vision tower saw it (its image index in the vision batch), for adapter geometry."""
+        return self._fwd.vision_spans[self._fwd.vision_image[span.image]]
 
     # ---------------------------------------------------------------------------------------------------
     # what attention-stage methods may ask
@@ -629,7 +714,7 @@ class Session:
         if rec is None or rec.cls is None:
             raise PruneError("vtprune: the vision tower's attention was not recorded (was pixel_values given?)")
         ranges = self._crop_ranges()
-        needed = sum(n for _, n in ranges)
+        needed = sum(n for _, n in self._vision_crop_ranges())
         if needed != rec.n_crops:
             raise PruneError(
                 f"vtprune: image-token count mismatch: the prompt's image tokens need {needed} vision crops/tiles "
@@ -639,7 +724,7 @@ class Session:
         seq = rec.cls.shape[1]
         cls = rec.cls[first_crop : first_crop + n_crops].reshape(-1)
         keys = rec.keys[first_crop : first_crop + n_crops].reshape(n_crops * seq, -1)
-        src = a.token_sources(span, fwd.image_sizes).to(cls.device)  # [N, S]
+        src = a.token_sources(self._source(span), fwd.image_sizes).to(cls.device)  # [N, S]
         has = src >= 0
         safe = src.clamp(min=0)
         cls_tok = (cls[safe] * has).sum(1)
@@ -647,7 +732,7 @@ class Session:
         keys_tok = (keys[safe] * has[..., None]).sum(1) / count
         pre = project = cls_pre = None
         if rec.projector_in is not None:
-            rows = a.projector_rows(span, fwd.image_sizes).to(cls.device)
+            rows = a.projector_rows(self._source(span), fwd.image_sizes).to(cls.device)
             per_row = rec.projector_in.shape[1]
             flat = rec.projector_in[first_crop : first_crop + n_crops].reshape(n_crops * per_row, -1)
             if bool((rows >= 0).all()):
@@ -655,6 +740,18 @@ class Session:
                 project = a.projector
                 if a.cls_in_projector_space and rec.hidden_cls is not None and n_crops == 1:
                     cls_pre = rec.hidden_cls[first_crop]
+        crop = {}  # anyres: each crop on its own, in projector-input space with its CLS row
+        geometry = a.anyres_geometry(self._source(span), fwd.image_sizes)
+        if (geometry is not None and rec.projector_in is not None and rec.hidden_cls is not None
+                and a.cls_in_projector_space and seq == a.vision_seq_len):
+            crops = slice(first_crop, first_crop + n_crops)
+            feats = rec.projector_in[crops]
+            if feats.shape[1] == seq - 1:  # the model dropped CLS: put its feature-layer vector back
+                feats = torch.cat([rec.hidden_cls[crops, None].to(feats.dtype), feats], 1)
+            order, tokens = (g.to(cls.device) for g in geometry)
+            crop = dict(crop_cls=rec.cls[crops, 1:], crop_keys=rec.keys[crops, 1:], crop_features=feats,
+                        crop_order=order, crop_tokens=tokens)
+            project = a.projector
         layer_cls = {}
         for layer, probs in rec.layer_cls.items():
             if probs.shape[-1] != seq:
@@ -662,7 +759,7 @@ class Session:
             flat = probs[first_crop : first_crop + n_crops].mean(1).reshape(-1)
             layer_cls[layer] = (flat[safe] * has).sum(1)
         return VisionView(cls_attention=cls_tok, keys=keys_tok, pre_projector=pre, cls_pre_projector=cls_pre,
-                          project=project, layer_cls=layer_cls)
+                          project=project, layer_cls=layer_cls, **crop)
 
     def _image_view(self, span: VisualSpan, layout: _Layout, hidden: torch.Tensor, stage: str, layer=None,
                     attention=None) -> ImageView:
@@ -799,7 +896,7 @@ class Session:
         return out
 
     def _compact_hidden(self, hidden: torch.Tensor, keep_index, counts) -> torch.Tensor:
-        if hidden.requires_grad:
+        if hidden.requires_grad or self._fwd.keep_hidden_states:  # out of place: autograd / returned hidden states
             out = self._gather_rows(hidden, keep_index)
             # right-align to match the in-place kernel's left-padded layout
             T_new = keep_index.shape[1]
@@ -850,7 +947,10 @@ class Session:
         attention_mask = kwargs.get("attention_mask")
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
             raise PruneError("vtprune: only 2-D attention masks are supported with pruning")
+        self._check_left_padded(attention_mask)
         base = self._original_layout(attention_mask, embeds.device)
+        lm_config = self.adapter.language_model.config
+        fwd.keep_hidden_states = bool(kwargs.get("output_hidden_states", getattr(lm_config, "output_hidden_states", False)))
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(fwd.length, device=embeds.device)[None]  # the LLM's own default
@@ -883,6 +983,19 @@ class Session:
         if not self.method.cut_layers():
             self._finish_stats()
         return args, kwargs
+
+    @staticmethod
+    def _check_left_padded(attention_mask) -> None:
+        """Scores read each sample's last prompt token and cuts keep rows right-aligned: refuse right padding."""
+        if not isinstance(attention_mask, torch.Tensor):
+            return
+        padded_end = torch.nonzero(~attention_mask[:, -1].bool()).flatten()
+        if padded_end.numel():
+            raise PruneError(
+                f"vtprune: sample {int(padded_end[0])} of the batch is right-padded (its attention_mask ends in 0), "
+                "but pruning needs each sample's last prompt token in the last column; pad on the left "
+                "(processor.tokenizer.padding_side = 'left')"
+            )
 
     def _on_llm_end(self, module, args, kwargs, output):
         fwd = self._fwd

@@ -61,7 +61,8 @@ def kept_token_pictures(model, processor, image, question: str, method: str, out
                         prompt: str | None = None, **method_kwargs) -> Image.Image:
     """Run one pruned forward on (image, question) and draw what each stage kept; saves to ``out`` if given."""
     if not isinstance(image, Image.Image):
-        image = Image.open(image)
+        with Image.open(image) as img:  # closes the file once decoded
+            image = img.convert("RGB")
     image = image.convert("RGB")
     image_token = getattr(processor, "image_token", "<image>")
     text = prompt if prompt is not None else f"USER: {image_token}\n{question} ASSISTANT:"

@@ -3,10 +3,13 @@ from an eager copy's vision ``output_attentions``; contextual tokens follow the 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import vtprune
+from vtprune.registry import make_method
 
 from ..conftest import build_model, collate, make_prompt
 
@@ -92,3 +95,10 @@ def test_llava_llm_receives_cls_dominant_and_merged_contextual_tokens(models):
     got = captured["embeds"][0, start:start + keep]
     assert kept == sorted(dominant + targets)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("field,value", [("dominant_fraction", 0.0), ("dominant_fraction", 1.5),
+                                         ("dominant_fraction", float("nan")), ("anyres", "tiles")])
+def test_out_of_range_fields_name_method_field_and_value(field, value):
+    with pytest.raises(ValueError, match=re.escape(f"visionzip {field}={value!r}")):
+        make_method("visionzip", keep=8, **{field: value})

@@ -15,10 +15,13 @@ def supported_model_classes() -> list[str]:
 
 
 def get_adapter(model) -> Adapter:
+    """The adapter of the first supported transformers class in the model's MRO (subclasses are accepted)."""
+    by_name = {name: adapter for adapter in ADAPTERS for name in adapter.model_classes}
+    for cls in type(model).__mro__:
+        # MRO order: the most derived supported class wins; a user class that merely shares a name is skipped
+        if cls.__name__ in by_name and cls.__module__.startswith("transformers."):
+            return by_name[cls.__name__](model)
     name = type(model).__name__
-    for adapter in ADAPTERS:
-        if name in adapter.model_classes:
-            return adapter(model)
     raise TypeError(
         f"vtprune: unsupported model {name}. Supported classes: {', '.join(supported_model_classes())}. "
         "Load the model with one of these transformers classes (e.g. LlavaForConditionalGeneration)."

@@ -105,6 +105,13 @@ class Adapter:
         token has no projector input (newline tokens)."""
         raise NotImplementedError
 
+    def anyres_geometry(self, span: VisualSpan, image_sizes) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(order, tokens), each [crops, P] over every crop's P patches, for anyres models (base image plus a
+        high-res crop grid); None for single-crop images and for tiles packed one after another (InternVL).
+        order: rank of each patch in the model's packing with nothing unpadded and no newline tokens.
+        tokens: index (0..N-1) of the image token the patch becomes, -1 where the model drops it (unpadding)."""
+        return None
+
     vision_layer_takes_mask: bool = True  # CLIP layers accept an attention mask; InternVL's do not
 
     def patch_units(self) -> torch.Tensor:

@@ -30,6 +30,19 @@ examples:
   vtprune bench --task gqa --methods fastv,visionzip --keep 48,16 --limit 100
   vtprune bench --model ./llava-1.5-7b-hf --data /data/MME_Benchmark_release_version --dtype float16
   torchrun --nproc_per_node 2 -m vtprune.benchmarks --limit 40
+  vtprune bench --config flowcut/llava-1.5-7b --config ./my_fastv.yaml --set positions=renumber
+
+--config takes a method config (a YAML file with method:, an optional keep: or ratio: and method fields, as
+vtprune/configs/<method>/<model>.yaml; or a shipped name such as flowcut/llava-1.5-7b), read as
+vtprune.prune(model, config=...) reads it. A config with its own budget runs once at that budget, one without is
+swept over --keep/--ratio; its row is labelled method@budget[file stem]. With --config and no --methods only the
+configs run (plus vanilla). --set KEY=VALUE applies a method field to every pruned configuration (over a config
+file's value); every method in the run must have that field.
+
+Decoding uses the KV cache, so FastV chooses its kept set once, at the prefill. With use_cache=False (not used
+here) every generated step is a full prefill and FastV re-chooses its kept set at each step.
+
+Bad flags, files and folders are reported as one line and exit status 2 before the model is loaded.
 
 --data takes a folder and works out its format (a GQA folder has testdev_balanced_questions.json and images/;
 an MME folder has one folder per subtask, as MME_Benchmark_release_version); prefix it with mme= or gqa= to say
@@ -77,7 +90,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--keep", type=_csv_list(int), default=None, metavar="K1,K2",
                    help="visual tokens kept per image (default: 192/128/64 of 576 scaled to the model)")
     g.add_argument("--ratio", type=_csv_list(float), default=None, metavar="R1,R2",
-                   help="fractions of visual tokens removed, e.g. 0.5,0.75 (in addition to --keep)")
+                   help="fractions of visual tokens removed, in [0, 1), e.g. 0.5,0.75 (in addition to --keep)")
+    g.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="method config file or shipped name (e.g. flowcut/llava-1.5-7b) to compare; repeatable")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="method field for every pruned configuration, e.g. --set layer=3; repeatable")
     g.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="first N questions per task (MME: N/2 images, round-robin over subtasks)")
     g = p.add_argument_group("how to run")
@@ -103,7 +120,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser(prog: str = "vtprune-bench") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
+    from ..cli import OneLineParser
+
+    p = OneLineParser(prog=prog, description=DESCRIPTION,
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     return add_arguments(p)
 
@@ -137,17 +156,24 @@ def parse_data(task: str, entries: list[str]) -> tuple[list[str], dict]:
 
 
 def settings_from_args(args):
+    """BenchSettings from parsed flags; a bad value is a :class:`~vtprune.cli.UsageError`."""
+    from ..cli import UsageError, parse_set
     from .runner import BenchSettings, validate_methods
 
-    tasks, data = parse_data(args.task, args.data)
-    methods = validate_methods(args.methods) if args.methods is not None else None
-    return BenchSettings(
-        model=args.model, tasks=tuple(tasks), data=data, methods=methods, keeps=args.keep, ratios=args.ratio,
-        limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        prompt_style=args.prompt_style, dtype=args.dtype, device=args.device, out=args.out, seed=args.seed,
-        timing_samples=max(0, args.timing_samples), timing_repeats=args.timing_repeats,
-        decode_tokens=max(0, args.decode_tokens), threads=args.threads, progress=not args.no_progress,
-    )
+    hyper = parse_set(args.set)
+    try:
+        tasks, data = parse_data(args.task, args.data)
+        methods = validate_methods(args.methods) if args.methods is not None else None
+        return BenchSettings(
+            model=args.model, tasks=tuple(tasks), data=data, methods=methods, keeps=args.keep, ratios=args.ratio,
+            configs=tuple(args.config), hyper=hyper, limit=args.limit, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, prompt_style=args.prompt_style, dtype=args.dtype,
+            device=args.device, out=args.out, seed=args.seed, timing_samples=max(0, args.timing_samples),
+            timing_repeats=args.timing_repeats, decode_tokens=max(0, args.decode_tokens), threads=args.threads,
+            progress=not args.no_progress,
+        )
+    except (OSError, ValueError) as err:  # missing or mismatched --data, unknown method, bad setting
+        raise UsageError(str(err)) from None
 
 
 @contextlib.contextmanager
@@ -184,7 +210,9 @@ def _print_methods() -> None:
 
 
 def run_from_args(args, prog: str = "vtprune bench") -> int:
-    """Run a parsed bench command line; returns the exit status (2 for bad input, with a one-line error)."""
+    """Run a parsed bench command line; returns the exit status (2 for bad input, with a one-line error).
+    Only :class:`~vtprune.cli.UsageError` is shortened to one line: anything else keeps its traceback."""
+    from ..cli import UsageError, report
     from .runner import format_table, run_bench
 
     if args.list_methods:
@@ -195,13 +223,11 @@ def run_from_args(args, prog: str = "vtprune bench") -> int:
         settings = settings_from_args(args)
         start = time.perf_counter()
         with _quiet_transformers():
-            results = run_bench(settings)
-    except (ValueError, OSError) as err:  # bad flags, unknown methods, missing models, malformed data folders
+            results = run_bench(settings)  # checks everything it can before loading the model
+    except UsageError as err:  # bad flags, files, folders, methods, devices; a model that does not load
         if debug:
             raise
-        message = str(err).removeprefix("vtprune bench: ")
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2
+        return report(prog, err)
     if results is None:  # a non-zero rank of a torchrun job
         return 0
     out = Path(settings.out)

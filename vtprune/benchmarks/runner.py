@@ -38,6 +38,7 @@ import torch
 from .. import methods as _methods  # noqa: F401  (registers the built-in methods)
 from ..adapters import get_adapter
 from ..api import prune, unprune
+from ..cli import UsageError, check_method, check_out_dir
 from ..registry import list_methods, method_class
 from . import gqa as gqa_mod
 from . import mme as mme_mod
@@ -55,6 +56,9 @@ __all__ = [
     "scaled_keeps",
     "build_configs",
     "validate_methods",
+    "load_method_config",
+    "check_settings",
+    "check_model_spec",
     "load_model",
     "default_data_dir",
     "detect_task",
@@ -85,7 +89,9 @@ class BenchConfig:
     method: str | None = None
     keep: int | None = None
     ratio: float | None = None
-    hyper: tuple = ()  # sorted (key, value) pairs of method hyper-parameters
+    hyper: tuple = ()  # sorted (key, value) pairs of method hyper-parameters (--set, seed)
+    source: str | None = None  # name of the --config file this point comes from
+    fixed: tuple = ()  # that file's own (key, value) fields: named by ``source`` in the label, not listed
 
     @property
     def label(self) -> str:
@@ -93,10 +99,10 @@ class BenchConfig:
             return "vanilla"
         budget = f"keep{self.keep}" if self.keep is not None else f"ratio{self.ratio:g}"
         extra = "".join(f",{k}={v}" for k, v in self.hyper if k != "seed")  # the run's --seed is in meta
-        return f"{self.method}@{budget}{extra}"
+        return f"{self.method}@{budget}{extra}" + (f"[{self.source}]" if self.source else "")
 
     def prune_kwargs(self) -> dict:
-        kw = dict(self.hyper)
+        kw = {**dict(self.fixed), **dict(self.hyper)}  # --set overrides a config file, as in prune(config=)
         if self.keep is not None:
             kw["keep"] = self.keep
         if self.ratio is not None:
@@ -111,7 +117,9 @@ class BenchSettings:
     model: str | None = None  # local path or hub id; None = the embedded tiny LLaVA
     tasks: Sequence[str] = TASKS
     data: dict = field(default_factory=dict)  # task -> folder; missing = embedded synthetic set
-    methods: Sequence[str] | None = None  # None = default_methods()
+    methods: Sequence[str] | None = None  # None = default_methods() (none if ``configs`` are given)
+    configs: Sequence[str] = ()  # method config files (or shipped names) run alongside ``methods``
+    hyper: dict = field(default_factory=dict)  # method fields applied to every pruned configuration (--set)
     keeps: Sequence[int] | None = None  # None (and no ratios) = scaled_keeps(visual tokens)
     ratios: Sequence[float] | None = None
     limit: int | None = None  # questions per task (MME: whole images, subtasks interleaved)
@@ -159,28 +167,128 @@ def validate_methods(names: Sequence[str]) -> list[str]:
     return [method_class(n).name for n in names]
 
 
+def _with_seed(name: str, kw: dict, seed: int, fixed: dict | None = None) -> tuple:
+    """``kw`` plus ``seed`` for methods with a seed field (unless ``fixed`` sets one), as sorted pairs."""
+    if "seed" in {f.name for f in dataclasses.fields(method_class(name))} and "seed" not in (fixed or {}):
+        kw = {"seed": seed, **kw}
+    return tuple(sorted(kw.items()))
+
+
 def build_configs(methods: Sequence[str], keeps: Sequence[int] = (), ratios: Sequence[float] = (),
-                  seed: int = 0, hyper: dict | None = None) -> list[BenchConfig]:
-    """Vanilla first, then every method at every keep, then at every ratio. Methods with a ``seed``
-    hyper-parameter get ``seed``; ``hyper`` maps method name -> extra keyword arguments."""
+                  seed: int = 0, hyper: dict | None = None, files: Sequence = ()) -> list[BenchConfig]:
+    """Vanilla first, then every method at every keep, then at every ratio, then the config ``files``
+    (:func:`load_method_config` triples). Methods with a ``seed`` hyper-parameter get ``seed``; ``hyper`` maps
+    method name -> extra keyword arguments."""
     configs = [BenchConfig()]
     for name in validate_methods(methods):
-        cls = method_class(name)
-        kw = dict((hyper or {}).get(name, {}))
-        if "seed" in {f.name for f in dataclasses.fields(cls)}:
-            kw.setdefault("seed", seed)
-        items = tuple(sorted(kw.items()))
+        items = _with_seed(name, dict((hyper or {}).get(name, {})), seed)
         configs += [BenchConfig(name, keep=int(k), hyper=items) for k in keeps]
         configs += [BenchConfig(name, ratio=float(r), hyper=items) for r in ratios]
+    for source, name, fields in files:
+        fixed = {k: v for k, v in fields.items() if k not in ("keep", "ratio")}
+        items = _with_seed(name, dict((hyper or {}).get(name, {})), seed, fixed)
+        own = dict(fixed=tuple(sorted(fixed.items())), source=source, hyper=items)
+        if "keep" in fields or "ratio" in fields:  # the file's own budget: one point
+            configs.append(BenchConfig(name, keep=fields.get("keep"), ratio=fields.get("ratio"), **own))
+        else:  # no budget in the file: swept like a method
+            configs += [BenchConfig(name, keep=int(k), **own) for k in keeps]
+            configs += [BenchConfig(name, ratio=float(r), **own) for r in ratios]
     return configs
+
+
+def load_method_config(spec) -> tuple[str, str, dict]:
+    """(label name, method, fields) of a method config: a YAML path or a shipped name such as
+    ``flowcut/llava-1.5-7b``, read as ``vtprune.prune(model, config=spec)`` reads it (``model:`` ignored)."""
+    from ..api import load_config
+
+    try:
+        data = dict(load_config(spec))
+        method = method_class(data.pop("method")).name
+    except (OSError, ValueError, TypeError) as err:  # missing, not YAML, no method, unknown field (ConfigError)
+        raise UsageError(f"--config {spec}: {err}") from None
+    data.pop("model", None)
+    name = Path(str(spec)).name
+    for suffix in (".yaml", ".yml"):
+        name = name.removesuffix(suffix)
+    return name, method, data
+
+
+def _budget_errors(keeps: Sequence, ratios: Sequence) -> str | None:
+    bad_keep = [k for k in keeps if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+    if bad_keep:
+        return (f"--keep {','.join(map(str, bad_keep))}: must be positive whole numbers "
+                "(visual tokens kept per image)")
+    bad_ratio = [r for r in ratios if not (isinstance(r, (int, float)) and 0.0 <= r < 1.0)]  # nan fails too
+    if bad_ratio:
+        return (f"--ratio {','.join(map(str, bad_ratio))}: must be in [0, 1) (the fraction of visual tokens "
+                "removed; 0 = no pruning)")
+    return None
+
+
+def check_settings(settings: BenchSettings) -> list:
+    """Every check that needs no model (device, budgets, methods and their fields, config files, --model,
+    --out), so a bad command line fails before anything is loaded; returns the loaded config files."""
+    resolve_device(settings.device)
+    try:
+        resolve_dtype(settings.dtype, torch.device("cpu"))
+    except ValueError as err:
+        raise UsageError(f"--dtype: {err}") from None
+    problem = _budget_errors(settings.keeps or (), settings.ratios or ())
+    if problem:
+        raise UsageError(problem)
+    check_model_spec(settings.model)
+    check_out_dir(settings.out)
+    files = [load_method_config(spec) for spec in settings.configs]
+    methods = _methods_of(settings)
+    # a model-free dry run of every configuration (the budget is a placeholder when it depends on the model)
+    probe = build_configs(methods, list(settings.keeps or [1]), list(settings.ratios or []), settings.seed,
+                          {m: settings.hyper for m in methods + [f[1] for f in files]}, files)
+    for config in probe[1:]:
+        try:
+            check_method(config.method, **config.prune_kwargs())
+        except UsageError as err:
+            where = f"--config {config.source}" if config.source else f"--methods {config.method}"
+            fix = " (or drop that --set field)" if any(k in str(err) for k in settings.hyper) else ""
+            raise UsageError(f"{where}: {err}{fix}") from None
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:
+        raise UsageError(f"--methods {','.join(twice)} given twice; list each method once")
+    named = [f"{method}[{name}]" for name, method, _ in files]  # label parts: equal ones would share results
+    twice = sorted({n for n in named if named.count(n) > 1})
+    if twice:
+        raise UsageError(f"--config: two configs give {', '.join(twice)} (same method and file name); "
+                         "drop the repeated one or rename a file")
+    return files
+
+
+def _methods_of(settings: BenchSettings) -> list[str]:
+    if settings.methods is not None:
+        return validate_methods(settings.methods)
+    return [] if settings.configs else default_methods()
 
 
 # ------------------------------------------------------------------------------------------------------------
 # model
 def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` = cuda if available, else cpu; a name torch does not know or a device this machine lacks
+    is a :class:`UsageError`."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; "
+                             "use --device cpu (or install a CUDA build of torch)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s); "
+                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+        if not getattr(backend, "is_available", lambda: False)():
+            raise UsageError(f"--device {device}: not available on this machine; use cpu or cuda")
     if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return dev
@@ -196,9 +304,23 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def check_model_spec(spec: str | None) -> None:
+    """``--model``: None, an existing folder or something shaped like a hub id (``org/name``)."""
+    if spec is None:
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise UsageError(f"--model {spec}: is a file; give the model folder (with config.json)")
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1 or os.sep != "/" and os.sep in spec:
+        raise UsageError(f"--model {spec}: no such folder (and not a hub id like org/name)")
+
+
 def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto"):
     """(model, processor, description). ``spec`` None = the shipped tiny LLaVA, or a random-init one (with a
-    warning) while no trained checkpoint is shipped; else a local folder or a hub id (offline: cached only)."""
+    warning) while no trained checkpoint is shipped; else a local folder or a hub id (offline: cached only).
+    A ``spec`` that does not load is a :class:`UsageError`."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if spec is None:
@@ -216,12 +338,15 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        local = Path(spec).is_dir()
+        check_model_spec(spec)
+        local = Path(spec).expanduser().is_dir()
+        spec = str(Path(spec).expanduser()) if local else spec
         offline = local or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-        if not local and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
-            raise FileNotFoundError(f"vtprune bench: --model {spec!r}: no such folder (and not a hub id)")
-        model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dt, local_files_only=offline)
-        processor = AutoProcessor.from_pretrained(spec, local_files_only=offline)
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dt, local_files_only=offline)
+            processor = AutoProcessor.from_pretrained(spec, local_files_only=offline)
+        except (OSError, ValueError) as err:  # no config.json, an unknown architecture, not cached offline
+            raise UsageError(f"--model {spec}: cannot load it as an image-text model ({err})") from None
         desc = {"name": Path(spec).name if local else spec, "path": str(Path(spec).resolve()) if local else spec}
     model = model.to(dev).eval()
     desc.update({"class": type(model).__name__, "dtype": str(dt).replace("torch.", ""), "device": str(dev),
@@ -619,25 +744,50 @@ def run_bench(settings: BenchSettings, *, model=None, processor=None, predictor:
             dist.destroy_process_group()
 
 
-def _run(settings, info, model, processor, predictor, write) -> dict | None:
-    _seed_everything(settings.seed)
-    methods = validate_methods(settings.methods if settings.methods is not None else default_methods())
-    if model is None:
-        model, processor, model_desc = load_model(settings.model, settings.dtype, settings.device)
-    else:
-        model_desc = {"name": type(model).__name__, "class": type(model).__name__, "path": None}
-    n_visual = visual_tokens_of(model)
+def _load_tasks(settings) -> list[TaskData]:
+    tasks = []
+    for t in settings.tasks:
+        try:
+            tasks.append(load_task(t, settings.data.get(t), settings.limit))
+        except (OSError, ValueError) as err:  # a malformed benchmark folder (MMEFormatError, GQAFormatError)
+            raise UsageError(f"--data {settings.data.get(t, t)}: {err}") from None
+    return tasks
+
+
+def _sweep(settings, model, files) -> tuple[int, list[BenchConfig]]:
+    """(visual tokens per image, the configurations) once the model is known."""
+    try:
+        n_visual = visual_tokens_of(model)
+    except TypeError as err:  # a loadable model of an unsupported class
+        raise UsageError(f"--model {settings.model}: {err}") from None
     keeps = list(settings.keeps or [])
     ratios = list(settings.ratios or [])
     if not keeps and not ratios:
         keeps = scaled_keeps(n_visual)
     too_big = [k for k in keeps if k > n_visual]
     if too_big:
-        raise ValueError(f"vtprune bench: --keep {too_big} exceeds the {n_visual} visual tokens an image has "
+        raise UsageError(f"--keep {too_big} exceeds the {n_visual} visual tokens an image has "
                          f"for this model; use keeps <= {n_visual}")
-    configs = build_configs(methods, keeps, ratios, seed=settings.seed)
+    methods = _methods_of(settings)
+    configs = build_configs(methods, keeps, ratios, settings.seed,
+                            {m: settings.hyper for m in methods + [f[1] for f in files]}, files)
+    for c in configs:
+        if c.source and c.keep is not None and c.keep > n_visual:
+            raise UsageError(f"--config {c.source}: keep {c.keep} exceeds the {n_visual} visual tokens an image "
+                             f"has for this model; use a config with keep <= {n_visual} or a ratio")
+    return n_visual, configs
 
-    tasks = [load_task(t, settings.data.get(t), settings.limit) for t in settings.tasks]
+
+def _run(settings, info, model, processor, predictor, write) -> dict | None:
+    _seed_everything(settings.seed)
+    files = check_settings(settings)
+    tasks = _load_tasks(settings)  # before the model: a malformed data folder fails fast
+    if model is None:
+        model, processor, model_desc = load_model(settings.model, settings.dtype, settings.device)
+    else:
+        model_desc = {"name": type(model).__name__, "class": type(model).__name__, "path": None}
+    n_visual, configs = _sweep(settings, model, files)
+
     prompts = {t.name: [build_prompt(q.question, benchmark=t.name, style=settings.prompt_style,
                                      processor=processor) for q in t.questions] for t in tasks}
     shard_size = sum(len(b) for t in tasks for b in shard_batches(len(t.questions), settings.batch_size,
@@ -690,6 +840,11 @@ def _merge(gathered: list, label: str, task: TaskData) -> tuple[list[str], Token
     return [by_index[i] for i in range(len(task.questions))], counts
 
 
+def _hyper_of(config: BenchConfig) -> dict:
+    """The method fields of a configuration (a config file's, then --set and seed), budget excluded."""
+    return {k: v for k, v in config.prune_kwargs().items() if k not in ("keep", "ratio")}
+
+
 def _assemble(settings, info, model_desc, n_visual, tasks, configs, gathered, timing) -> dict:
     runs = []
     vanilla_ms = None
@@ -699,7 +854,8 @@ def _assemble(settings, info, model_desc, n_visual, tasks, configs, gathered, ti
         errors = [rank[config.label]["error"] for rank in gathered if "error" in rank[config.label]]
         if errors:
             runs.append({"label": config.label, "method": config.method, "keep": config.keep,
-                         "ratio": config.ratio, "hyper": dict(config.hyper), **TokenCounts().per_image(),
+                         "ratio": config.ratio, "hyper": _hyper_of(config), "config": config.source,
+                         **TokenCounts().per_image(),
                          "scores": {}, "perf": perf.PerfReport().to_dict(), "speedup": None, "predictions": {},
                          "error": errors[0]})
             continue
@@ -716,7 +872,7 @@ def _assemble(settings, info, model_desc, n_visual, tasks, configs, gathered, ti
         ms = perf_dict["prefill_ms"]
         runs.append({
             "label": config.label, "method": config.method or "vanilla", "keep": config.keep,
-            "ratio": config.ratio, "hyper": dict(config.hyper), **counts.per_image(),
+            "ratio": config.ratio, "hyper": _hyper_of(config), "config": config.source, **counts.per_image(),
             "scores": scores, "perf": perf_dict,
             "speedup": (vanilla_ms / ms) if (vanilla_ms and ms) else None,
             "predictions": predictions,
@@ -730,7 +886,8 @@ def _assemble(settings, info, model_desc, n_visual, tasks, configs, gathered, ti
                          "max_new_tokens": settings.max_new_tokens, "prompt_style": settings.prompt_style,
                          "seed": settings.seed, "timing_samples": settings.timing_samples,
                          "timing_repeats": settings.timing_repeats, "decode_tokens": settings.decode_tokens,
-                         "threads": settings.threads or torch.get_num_threads()},
+                         "threads": settings.threads or torch.get_num_threads(),
+                         "set": dict(settings.hyper), "configs": [str(c) for c in settings.configs]},
             "world_size": info.world,
             "versions": _versions(),
         },
@@ -759,6 +916,11 @@ def _mme_columns(results: dict) -> tuple[bool, bool]:
     return (any(r["perception"] is not None for r in reports), any(r["cognition"] is not None for r in reports))
 
 
+def _run_name(run: dict) -> str:
+    """The method, and the config file a run comes from (its table row and plot line)."""
+    return run["method"] + (f" [{run['config']}]" if run.get("config") else "")
+
+
 def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     has_p, has_c = _mme_columns(results)
     runs = results["runs"]
@@ -779,9 +941,9 @@ def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
         budget = "-" if r["method"] == "vanilla" else (f"keep {r['keep']}" if r["keep"] is not None
                                                        else f"ratio {r['ratio']:g}")
         if r.get("error"):
-            rows.append([r["method"], budget, "failed (see results.json)"] + [""] * (len(header) - 3))
+            rows.append([_run_name(r), budget, "failed (see results.json)"] + [""] * (len(header) - 3))
             continue
-        row = [r["method"], budget, num(r["kept_tokens"], ".1f"), num(r["equivalent_tokens"], ".1f")]
+        row = [_run_name(r), budget, num(r["kept_tokens"], ".1f"), num(r["equivalent_tokens"], ".1f")]
         if has_p:
             row.append(num(r["scores"]["mme"]["perception"], ".1f"))
         if has_c:
@@ -828,6 +990,7 @@ def _csv_rows(results: dict) -> list[dict]:
     for r in results["runs"]:
         row = {k: r[k] for k in ("label", "method", "keep", "ratio", "visual_tokens", "kept_tokens",
                                  "equivalent_tokens")}
+        row["config"] = r.get("config")
         row["error"] = r.get("error")
         if "mme" in r["scores"]:
             m = r["scores"]["mme"]
@@ -871,7 +1034,7 @@ def plot_results(results: dict, path: Path) -> Path:
             if r["method"] == "vanilla":
                 ax.axhline(score, color="black", linestyle="--", linewidth=1.2, label=f"vanilla ({score:.1f})")
             else:
-                by_method.setdefault(r["method"], []).append((r["kept_tokens"], score))
+                by_method.setdefault(_run_name(r), []).append((r["kept_tokens"], score))
         for method, pts in by_method.items():
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)

@@ -9,12 +9,18 @@ a method sees one image at a time through an :class:`ImageView`.
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
+import sys
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
 
-from ..budget import tokens_to_keep, validate_budget
+from ..budget import _is_bool, tokens_to_keep, validate_budget
+from ..errors import ConfigError
 
 STAGES = ("vision", "pre_llm", "llm", "attention")
 POSITION_MODES = ("original", "renumber")
@@ -29,6 +35,14 @@ class VisionView:
     pre_projector: [N, D_in] projector inputs (None where a token has none, e.g. newline tokens).
     cls_pre_projector: [D_in] the CLS vector in projector-input space, when the model allows it.
     project: maps [k, D_in] projector inputs to [k, D] LLM embeddings.
+
+    Per-crop view, only for anyres models (LLaVA-NeXT; None elsewhere). C crops of P patches, crop 0 is the
+    base (global) image, then the high-res grid crops row-major, as in the model's pixel batch:
+    crop_cls: [C, P] CLS attention to each patch at the feature layer, summed over heads. crop_keys: [C, P, d]
+    head-averaged patch keys of that layer. crop_features: [C, 1+P, D_in] projector inputs, CLS row first.
+    crop_order: [C, P] rank of each patch in the model's packing with nothing unpadded and no newline tokens
+    (base crop first, then the grid raster over all grid crops). crop_tokens: [C, P] the patch's token index
+    (0..N-1) in the image, -1 where the model's unpadding dropped it.
     """
 
     cls_attention: torch.Tensor
@@ -37,6 +51,11 @@ class VisionView:
     cls_pre_projector: torch.Tensor | None
     project: Callable[[torch.Tensor], torch.Tensor] | None
     layer_cls: dict[int, torch.Tensor] | None = None  # vision layer -> [N] head-mean CLS->patch attention
+    crop_cls: torch.Tensor | None = None
+    crop_keys: torch.Tensor | None = None
+    crop_features: torch.Tensor | None = None
+    crop_order: torch.Tensor | None = None
+    crop_tokens: torch.Tensor | None = None
 
 
 @dataclass
@@ -103,9 +122,24 @@ class Method:
     needs_vision: ClassVar[bool] = False
 
     def __post_init__(self):
+        """Validate every field at construction: types from the annotations (numpy scalars become Python
+        numbers, lists become tuples), then the budget and ``positions``, then the method's ``check_fields``."""
+        _check_field_types(self)
         validate_budget(self.ratio, self.keep)
         if self.positions not in POSITION_MODES:
-            raise ValueError(f"vtprune: positions must be one of {POSITION_MODES}, got {self.positions!r}")
+            raise ConfigError(f"vtprune: positions must be one of {POSITION_MODES}, got {self.positions!r}")
+        self.check_fields()
+
+    def check_fields(self) -> None:
+        """Range checks of the method's own fields; raise a ValueError (``raise self.field_error(...)``).
+        Runs after the type checks, so values already have their annotated Python types. Default: none."""
+
+    def field_error(self, field: str, expected: str) -> ConfigError:
+        """The error for a field whose value is out of range, e.g. ``raise self.field_error("layer", ">= 1")``."""
+        return ConfigError(
+            f"vtprune: {self.name or type(self).__name__} {field}={getattr(self, field)!r} is out of range; "
+            f"expected {expected}"
+        )
 
     # --- what the core asks ---------------------------------------------------------------------------
     @property
@@ -157,6 +191,106 @@ class Method:
         """``attention``-stage hook around one attention call; ``base`` is the model's own attention function.
         Return its ``(output, weights)`` result, or None to leave the call alone."""
         return None
+
+class _Mismatch(Exception):
+    pass
+
+
+def _field_hints(cls) -> dict[str, Any]:
+    """Resolved annotations of ``cls``'s fields; one that cannot be resolved (a test-local name) is skipped."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:
+        pass
+    hints = {}
+    for f in dataclasses.fields(cls):
+        owner = next((k for k in cls.__mro__ if f.name in k.__dict__.get("__annotations__", {})), cls)
+        try:
+            hints[f.name] = eval(f.type, vars(sys.modules[owner.__module__])) if isinstance(f.type, str) else f.type
+        except Exception:
+            continue
+    return hints
+
+
+def _check_field_types(method: Method) -> None:
+    cls = type(method)
+    hints = _field_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name not in hints:
+            continue
+        value = getattr(method, f.name)
+        try:
+            converted = _coerce(value, hints[f.name])
+        except _Mismatch:
+            example = f"; e.g. {f.name}={f.default!r}" if f.default not in (dataclasses.MISSING, None) else ""
+            raise ConfigError(
+                f"vtprune: {cls.name or cls.__name__} {f.name}={value!r} has the wrong type: expected "
+                f"{_type_name(hints[f.name])}, got {type(value).__name__}{example}"
+            ) from None
+        if converted is not value:
+            object.__setattr__(method, f.name, converted)
+
+
+def _coerce(value, hint):
+    """``value`` as the annotated type: numpy scalars -> Python numbers, int -> float, list -> tuple.
+    Raises _Mismatch; annotations other than int/float/bool/str/tuple/Literal/unions/classes are not checked."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None) or hint is None:
+        if value is None:
+            return None
+        raise _Mismatch
+    if origin in (typing.Union, types.UnionType):
+        for arg in sorted(args, key=lambda a: a is not type(None)):  # None first: never coerced into
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is typing.Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise _Mismatch
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise _Mismatch
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if args and len(args) != len(value):
+            raise _Mismatch
+        return tuple(_coerce(v, a) for v, a in zip(value, args)) if args else tuple(value)
+    if hint is bool:
+        if _is_bool(value):
+            return bool(value)
+        raise _Mismatch
+    if hint is int or hint is float:
+        if _is_bool(value) or not isinstance(value, numbers.Integral if hint is int else numbers.Real):
+            raise _Mismatch  # NaN passes here; range checks (all comparisons False) refuse it
+        return value if type(value) is hint else hint(value)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if isinstance(hint, type) and origin is None and not isinstance(value, hint):
+        raise _Mismatch
+    return value
+
+
+def _type_name(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None) or hint is None:
+        return "None"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a tuple of {_type_name(args[0])}"
+        return f"a tuple ({', '.join(_type_name(a) for a in args)})" if args else "a tuple"
+    if hint is float:
+        return "float (a number)"
+    return getattr(hint, "__name__", repr(hint))
+
 
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, sorted ascending. Deterministic: stable sort, lower index wins ties."""

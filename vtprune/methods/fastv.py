@@ -29,6 +29,10 @@ class FastV(Method):
     description: ClassVar[str] = "Last-token attention at LLM layer K-1, keep the top visual tokens from layer K on."
     stage: ClassVar[str] = "llm"
 
+    def check_fields(self) -> None:
+        if self.layer < 1:  # layer 0 has no earlier layer to score at; the upper bound is checked at install
+            raise self.field_error("layer", "an LLM layer K >= 1 (scores at K-1, cuts before K)")
+
     def cut_layers(self) -> tuple[int, ...]:
         return (int(self.layer),)
 

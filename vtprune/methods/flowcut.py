@@ -60,12 +60,15 @@ class FlowCut(Method):
     stage: ClassVar[str] = "vision"
     needs_values: ClassVar[bool] = True
 
-    def __post_init__(self):
-        super().__post_init__()
+    def check_fields(self) -> None:
         if self.semantic_scaling not in ("none", "sqrt_d"):
-            raise ValueError(f"vtprune: flowcut semantic_scaling must be 'none' or 'sqrt_d', got {self.semantic_scaling!r}")
+            raise self.field_error("semantic_scaling", "'none' (official code) or 'sqrt_d' (paper pseudocode)")
         if not 0.0 <= self.cumulative_weight <= 1.0:
-            raise ValueError("vtprune: flowcut cumulative_weight must be in [0, 1]")
+            raise self.field_error("cumulative_weight", "a number in [0, 1] (weight of the running score)")
+        if not 0.0 < self.vit_share <= 1.0:
+            raise self.field_error("vit_share", "a number in (0, 1] (share of the image budget each anyres crop keeps)")
+        if self.llm_layer < 1:
+            raise self.field_error("llm_layer", "an LLM layer >= 1 (scores at llm_layer - 1, cuts before it)")
 
     # --- schedule -----------------------------------------------------------------------------------------
     def vision_observe_layers(self, n_layers: int, feature_layer: int) -> tuple[int, ...]:

@@ -24,6 +24,10 @@ class RandomPrune(Method):
     description: ClassVar[str] = "Seeded uniformly random visual tokens kept, cut after the projector (baseline)."
     stage: ClassVar[str] = "pre_llm"
 
+    def check_fields(self) -> None:
+        if not 0 <= self.seed < 2**32:  # keeps the per-image generator seed in torch's 64-bit range
+            raise self.field_error("seed", "an integer in [0, 2**32)")
+
     def score(self, image: ImageView) -> torch.Tensor:
         gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + image.index_in_sample * 7919 + image.n_tokens)
         return torch.rand(image.n_tokens, generator=gen)[image.index.cpu()].to(image.embeds.device)

@@ -5,11 +5,15 @@ heads and summed over vision layers ``start_layer .. s`` (s = the layer the mode
 CLS column is dropped without renormalising, as the official code), keep the top-U in raster order, and feed
 them to the LLM with contiguous positions.
 
-``start_layer`` defaults to the official CLI default ``--layer 16`` (K = 7 layers ensembled on 24-layer
-CLIP-L). A third-party summary reports K = 3 (start 20) as the paper's optimum; it is unverified, so the code
-default stays and ``start_layer=20`` reaches the other reading. Negative values count back from s
-(``start_layer=-2`` ensembles the last 3 layers). For a tower shallower than ``start_layer`` the start is
-clamped to 0.
+``start_layer`` indexes the tower's layers like the official ``attentions[start_layer:-1]`` (24 CLIP-L
+layers, s = 22): the layers are ``range(n_layers)[start_layer : s + 1]``, so a negative value counts back
+from the tower's last layer (``-2`` = layer 22 alone on LLaVA-1.5; ``-1`` is the unread last layer there,
+an error). A start past s, or before layer 0 (``start_layer < -n_layers``, which a slice would clamp), is an
+error at ``prune()`` naming the numbers, never a clamp.
+The default (None) is the official CLI default ``--layer 16`` on a 24-layer tower (K = 7 layers, 16..22 on
+CLIP-L, 16..23 on InternViT-300M, which reads its last layer) and the same relative depth
+(``n_layers * 16 // 24``, at most s) on other towers, so it also fits shallow test towers. A third-party
+summary reports K = 3 (start 20) as the paper's optimum; it is unverified, ``start_layer=20`` reaches it.
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import ConfigError
 from ..registry import register
 from .base import ImageView, Method
+
+OFFICIAL_START, OFFICIAL_DEPTH = 16, 24  # --layer 16 of CLIP-L's 24 layers
 
 
 @register
 @dataclass
 class VTCCLS(Method):
-    start_layer: int = 16
+    start_layer: int | None = None
     positions: str = "renumber"
 
     name: ClassVar[str] = "vtc_cls"
@@ -34,12 +41,23 @@ class VTCCLS(Method):
     stage: ClassVar[str] = "pre_llm"
     needs_vision: ClassVar[bool] = True
 
-    def layers(self, feature_layer: int) -> range:
-        start = feature_layer + self.start_layer if self.start_layer < 0 else self.start_layer
-        return range(max(0, min(start, feature_layer)), feature_layer + 1)
+    def layers(self, n_layers: int, feature_layer: int) -> range:
+        """Vision layers ensembled: ``range(n_layers)[start_layer : feature_layer + 1]`` (see the module doc)."""
+        if self.start_layer is None:
+            return range(min(n_layers * OFFICIAL_START // OFFICIAL_DEPTH, feature_layer), feature_layer + 1)
+        start = self.start_layer + n_layers if self.start_layer < 0 else self.start_layer
+        if not 0 <= start <= feature_layer:
+            as_layer = f" (vision layer {start})" if self.start_layer < 0 else ""
+            problem = "before the first layer" if start < 0 else f"past the feature layer {feature_layer} the model reads"
+            raise ConfigError(
+                f"vtprune: vtc_cls start_layer={self.start_layer}{as_layer} is {problem} "
+                f"(tower layers 0..{n_layers - 1}); use 0..{feature_layer}, "
+                f"{-n_layers}..{feature_layer - n_layers} counting back, or the default"
+            )
+        return range(start, feature_layer + 1)
 
     def vision_observe_layers(self, n_layers: int, feature_layer: int) -> tuple[int, ...]:
-        return tuple(self.layers(feature_layer))
+        return tuple(self.layers(n_layers, feature_layer))
 
     def score(self, image: ImageView) -> torch.Tensor:
         per_layer = image.vision.layer_cls

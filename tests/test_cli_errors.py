@@ -1,0 +1,191 @@
+"""`vtprune viz` / `vtprune bench` user errors: one stderr line, exit status 2, before any model is loaded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from vtprune import cli as top_cli
+from vtprune.benchmarks import runner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0  # root writes into read-only folders
+
+
+@pytest.fixture(autouse=True)
+def no_model_load(monkeypatch):
+    """Any model load or data load is a failure: the errors must be found before."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a model or data set was loaded before the command line was checked")
+
+    monkeypatch.setattr(runner, "load_model", fail)
+    monkeypatch.setattr(runner, "load_task", fail)
+
+
+@pytest.fixture
+def files(tmp_path):
+    image = tmp_path / "shapes.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    yield {"image": image, "text": text, "dir": tmp_path, "readonly": readonly}
+    readonly.chmod(0o700)
+
+
+def _one_error(capsys, argv, prog):
+    try:
+        status = top_cli.main(argv)
+    except SystemExit as exc:  # argparse's own errors exit from parse_args
+        status = exc.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2, err
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
+    return lines[0]
+
+
+def _viz(f, **over):
+    args = {"--image": f["image"], "--question": "q", "--method": "random", "--keep": "4",
+            "--out": f["dir"] / "kept.png"}
+    args.update(over)
+    argv = ["viz"]
+    for key, value in args.items():
+        if value is not None:
+            argv += [key] if value is True else [key, str(value)]
+    return argv
+
+
+VIZ_ERRORS = {
+    "missing image": (lambda f: {"--image": f["dir"] / "nope.png"}, "no such file"),
+    "not an image": (lambda f: {"--image": f["text"]}, "not an image"),
+    "image is a folder": (lambda f: {"--image": f["dir"]}, "is a folder"),
+    "out is a folder": (lambda f: {"--out": f["dir"]}, "is a folder"),
+    "out under a file": (lambda f: {"--out": f["text"] / "kept.png"}, "is a file"),
+    "out without image type": (lambda f: {"--out": f["dir"] / "kept"}, "unknown image type"),
+    "missing model": (lambda f: {"--model": f["dir"] / "no-model"}, "no such folder"),
+    "set without =": (lambda f: {"--set": "layer"}, "KEY=VALUE"),
+    "set empty key": (lambda f: {"--set": "=3"}, "KEY=VALUE"),
+    "unknown field": (lambda f: {"--set": "cumulative_weight=0.5"}, "cumulative_weight"),
+    "unknown method": (lambda f: {"--method": "randon"}, "Did you mean 'random'"),
+    "keep 0": (lambda f: {"--keep": "0"}, "keep"),
+    "ratio 1": (lambda f: {"--keep": None, "--ratio": "1.0"}, "ratio"),
+    "device nonsense": (lambda f: {"--device": "nonsense"}, "not a device"),
+    "no budget": (lambda f: {"--keep": None}, "--keep --ratio is required"),
+}
+
+
+@pytest.mark.parametrize("case", list(VIZ_ERRORS))
+def test_viz_user_errors(files, capsys, case):
+    over, expected = VIZ_ERRORS[case]
+    line = _one_error(capsys, _viz(files, **over(files)), "vtprune viz")
+    assert expected in line
+
+
+@pytest.mark.skipif(ROOT_USER, reason="root can write into a read-only folder")
+def test_viz_out_in_read_only_folder(files, capsys):
+    assert "cannot write" in _one_error(capsys, _viz(files, **{"--out": files["readonly"] / "kept.png"}),
+                                        "vtprune viz")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there")
+def test_viz_cuda_without_cuda(files, capsys):
+    assert "no CUDA" in _one_error(capsys, _viz(files, **{"--device": "cuda"}), "vtprune viz")
+
+
+BENCH_ERRORS = {
+    "device nonsense": (["--device", "nonsense"], "not a device"),
+    "keep 0": (["--keep", "0"], "--keep 0: must be positive"),
+    "keep -5": (["--keep", "-5"], "--keep -5: must be positive"),
+    "ratio 1.0": (["--ratio", "1.0"], "--ratio 1.0: must be in [0, 1)"),
+    "ratio nan": (["--ratio", "nan"], "--ratio nan: must be in [0, 1)"),
+    "out is a file": (["--out", "{text}"], "is a file"),
+    "out under a file": (["--out", "{text}/bench"], "is a file"),
+    "missing model": (["--model", "{dir}/no-model"], "no such folder"),
+    "model is a file": (["--model", "{text}"], "is a file"),
+    "missing config": (["--config", "{dir}/nope.yaml"], "--config"),
+    "bad config": (["--config", "{text}"], "--config"),
+    "set without =": (["--set", "layer"], "KEY=VALUE"),
+    "set budget": (["--set", "keep=4"], "--keep"),
+    "set unknown field": (["--methods", "random", "--set", "layer=3"], "layer"),
+    "methods twice": (["--methods", "fastv,fastv"], "given twice"),
+    "unknown task": (["--task", "vqa"], "invalid choice"),
+    "unknown method": (["--methods", "fastvv"], "Did you mean 'fastv'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BENCH_ERRORS))
+def test_bench_user_errors(files, capsys, case):
+    flags, expected = BENCH_ERRORS[case]
+    flags = [x.format(**{k: str(v) for k, v in files.items()}) for x in flags]
+    out = [] if "--out" in flags else ["--out", str(files["dir"] / "bench")]
+    line = _one_error(capsys, ["bench", "--no-progress", *out, *flags], "vtprune bench")
+    assert expected in line
+
+
+@pytest.mark.skipif(ROOT_USER, reason="root can write into a read-only folder")
+def test_bench_out_in_read_only_folder(files, capsys):
+    line = _one_error(capsys, ["bench", "--out", str(files["readonly"] / "bench")], "vtprune bench")
+    assert "cannot write" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there")
+def test_bench_cuda_without_cuda(files, capsys):
+    line = _one_error(capsys, ["bench", "--device", "cuda", "--out", str(files["dir"])], "vtprune bench")
+    assert "no CUDA" in line and "--device cpu" in line
+
+
+def test_bench_internal_errors_keep_their_traceback(monkeypatch, files):
+    """Only bad input is shortened: a ValueError from inside the run propagates."""
+    def broken(settings):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(runner, "_load_tasks", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        top_cli.main(["bench", "--methods", "random", "--keep", "4", "--out", str(files["dir"]), "--no-progress"])
+
+
+def test_viz_internal_errors_keep_their_traceback(monkeypatch, files):
+    from vtprune import viz
+    from vtprune.benchmarks import tiny_llava
+
+    model, processor = tiny_llava.build_untrained_tiny_llava(seed=0)
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: (model, processor, {}))
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(viz, "kept_token_pictures", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        top_cli.main(_viz(files))
+
+
+def test_viz_keep_above_the_models_tokens(monkeypatch, files, capsys):
+    """Checked once the model is known, still one line and before any forward."""
+    from vtprune.benchmarks import tiny_llava
+
+    model, processor = tiny_llava.build_untrained_tiny_llava(seed=0)
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: (model, processor, {}))
+    line = _one_error(capsys, _viz(files, **{"--keep": "500"}), "vtprune viz")
+    assert "--keep 500" in line and "144" in line and not hasattr(model, "vtprune")
+
+
+@pytest.mark.parametrize("argv, prog", [
+    (["-m", "vtprune.benchmarks", "--keep", "0", "--limit", "1", "--timing-samples", "0", "--no-progress"],
+     "vtprune-bench"),
+    (["-m", "vtprune.cli", "viz", "--image", "missing.png", "--question", "q", "--method", "random", "--keep", "4"],
+     "vtprune viz"),
+])
+def test_entry_points_exit_2_with_one_line(tmp_path, argv, prog):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    done = subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), done.stderr

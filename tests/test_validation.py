@@ -1,0 +1,153 @@
+"""Every field of every registered method is validated when the method is built (= ``prune()`` time): types from
+the annotations (numpy scalars accepted and converted), then each method's ``check_fields`` range checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+import vtprune
+from vtprune.errors import ConfigError, UnknownFieldError
+from vtprune.registry import make_method, method_class
+
+NUMPY = {int: np.int64, float: np.float32, bool: np.bool_}
+
+
+def _fields():
+    for name in vtprune.list_methods():
+        cls = method_class(name)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.init:
+                yield pytest.param(name, f, hints[f.name], id=f"{name}.{f.name}")
+
+
+FIELDS = list(_fields())
+
+
+def _types(hint) -> tuple:
+    return typing.get_args(hint) or (hint,)
+
+
+def _budget(field: str) -> dict:
+    """A valid budget that leaves ``field`` free to be set."""
+    return {"ratio": None, "keep": 4} if field == "ratio" else {"ratio": 0.5, "keep": None}
+
+
+@pytest.mark.parametrize("method, f, hint", FIELDS)
+def test_wrong_type_names_method_field_value_and_expected_type(method, f, hint):
+    wrong = 3 if str in _types(hint) else "abc"
+    expected = re.escape(f"vtprune: {method} {f.name}={wrong!r} has the wrong type: expected")
+    with pytest.raises(ConfigError, match=expected):
+        make_method(method, **{**_budget(f.name), f.name: wrong})
+
+
+@pytest.mark.parametrize("method, f, hint", [p for p in FIELDS if {int, bool} & set(_types(p.values[2]))])
+def test_bool_is_not_an_int_and_an_int_is_not_a_bool(method, f, hint):
+    wrong = True if int in _types(hint) else 1
+    with pytest.raises(ConfigError, match=re.escape(f"{f.name}={wrong!r} has the wrong type")):
+        make_method(method, **{**_budget(f.name), f.name: wrong})
+
+
+@pytest.mark.parametrize("method, f, hint", [p for p in FIELDS if set(NUMPY) & set(_types(p.values[2]))])
+def test_numpy_scalars_are_accepted_as_python_numbers(method, f, hint):
+    base = next(t for t in _types(hint) if t in NUMPY)
+    value = f.default if f.default is not None else {int: 1, float: 0.5, bool: True}[base]
+    budget = {"ratio": None, "keep": None} if f.name in ("ratio", "keep") else {"ratio": 0.5}
+    m = make_method(method, **{**budget, f.name: NUMPY[base](value)})
+    assert type(getattr(m, f.name)) is base and getattr(m, f.name) == value
+
+
+def test_keep_as_numpy_int_and_int_for_float_fields():
+    m = make_method("fastv", keep=np.int64(8))
+    assert m.keep == 8 and type(m.keep) is int
+    m = make_method("flowcut", ratio=0, vit_share=1, cumulative_weight=np.int64(1))
+    assert (m.ratio, m.vit_share, m.cumulative_weight) == (0.0, 1.0, 1.0)
+    assert all(type(v) is float for v in (m.ratio, m.vit_share, m.cumulative_weight))
+
+
+@pytest.mark.parametrize(
+    "method, kwargs, expected",
+    [
+        ("fastv", dict(layer=0), "an LLM layer K >= 1"),
+        ("fastv", dict(layer=-3), "an LLM layer K >= 1"),
+        ("random", dict(seed=-1), "an integer in [0, 2**32)"),
+        ("random", dict(seed=2**32), "an integer in [0, 2**32)"),
+        ("flowcut", dict(vit_share=0.0), "a number in (0, 1]"),
+        ("flowcut", dict(vit_share=-0.5), "a number in (0, 1]"),
+        ("flowcut", dict(vit_share=1.01), "a number in (0, 1]"),
+        ("flowcut", dict(vit_share=float("nan")), "a number in (0, 1]"),
+        ("flowcut", dict(cumulative_weight=-0.1), "a number in [0, 1]"),
+        ("flowcut", dict(cumulative_weight=1.5), "a number in [0, 1]"),
+        ("flowcut", dict(semantic_scaling="sqrt"), "'none' (official code) or 'sqrt_d'"),
+        ("flowcut", dict(llm_layer=0), "an LLM layer >= 1"),
+    ],
+)
+def test_range_checks(method, kwargs, expected):
+    (field, value), = kwargs.items()
+    match = re.escape(f"vtprune: {method} {field}={value!r} is out of range; expected {expected}")
+    with pytest.raises(ConfigError, match=match):
+        make_method(method, ratio=0.5, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(vtprune.list_methods()))
+def test_defaults_and_the_edges_of_the_ranges_are_valid(name):
+    make_method(name, ratio=0.5)
+    make_method(name, keep=1)
+    make_method(name, ratio=0.0)
+
+
+def test_flowcut_and_fastv_range_edges_are_valid():
+    make_method("flowcut", ratio=0.5, vit_share=1.0, cumulative_weight=0.0, llm_layer=1, semantic_scaling="sqrt_d")
+    make_method("fastv", ratio=0.5, layer=1)
+    make_method("random", ratio=0.5, seed=2**32 - 1)
+
+
+def test_unknown_keyword_is_a_value_error_naming_valid_fields():
+    with pytest.raises(ValueError, match="unknown keyword.*layr.*did you mean 'layer'.*valid keywords: keep, layer"):
+        make_method("fastv", ratio=0.5, layr=2)
+    with pytest.raises(TypeError):  # still what Python raises for a bad keyword
+        make_method("fastv", ratio=0.5, layr=2)
+    with pytest.raises(UnknownFieldError):
+        make_method("fastv", ratio=0.5, layr=2)
+
+
+@dataclass
+class _Probe(vtprune.Method):
+    width: int = 3
+    sizes: tuple[int, ...] = (1, 2)
+    mode: str | None = None
+    pair: tuple[int, float] = (1, 0.5)
+
+    name: ClassVar[str] = "_probe"
+    seen: ClassVar[list] = []
+
+    def check_fields(self) -> None:
+        self.seen.append(type(self.width))
+        if self.width > 10:
+            raise self.field_error("width", "<= 10")
+
+
+def test_check_fields_hook_runs_after_the_type_checks():
+    _Probe.seen.clear()
+    p = _Probe(ratio=0.5, width=np.int64(4), sizes=[np.int64(3), 4], pair=[2, 3])
+    assert _Probe.seen == [int] and p.width == 4 and p.sizes == (3, 4) and p.pair == (2, 3.0)
+    assert type(p.pair[1]) is float
+    with pytest.raises(ConfigError, match=re.escape("_probe width=11 is out of range; expected <= 10")):
+        _Probe(ratio=0.5, width=11)
+    with pytest.raises(ConfigError, match=re.escape("_probe width='4' has the wrong type: expected int")):
+        _Probe(ratio=0.5, width="4")
+    assert _Probe.seen == [int, int]  # not reached for the wrong type
+    with pytest.raises(ConfigError, match=re.escape("sizes=('a',) has the wrong type: expected a tuple of int")):
+        _Probe(ratio=0.5, sizes=("a",))
+    with pytest.raises(ConfigError, match=re.escape("pair=(1,) has the wrong type: expected a tuple (int, float")):
+        _Probe(ratio=0.5, pair=(1,))
+    with pytest.raises(ConfigError, match=re.escape("mode=3 has the wrong type: expected str or None")):
+        _Probe(ratio=0.5, mode=3)
+    assert _Probe(ratio=0.5, mode="x").mode == "x"

@@ -17,7 +17,6 @@ from vtprune import cli as top_cli
 from vtprune import registry
 from vtprune.benchmarks import cli as bench_cli
 from vtprune.benchmarks import perf, runner, synthetic
-from vtprune.benchmarks import tiny_llava as TL
 from vtprune.benchmarks.gqa import load_gqa, score_gqa
 from vtprune.benchmarks.mme import load_mme, score_mme
 from vtprune.benchmarks.prompts import build_prompt
@@ -25,25 +24,6 @@ from vtprune.methods.base import Method
 
 FAST = ["--max-new-tokens", "2", "--timing-samples", "1", "--timing-repeats", "1", "--decode-tokens", "1",
         "--threads", "1", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model gains nothing from intra-op threads, and on a shared 2-core box they cost a lot."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random-init tiny LLaVA saved like a real checkpoint (independent of the shipped one)."""
-    model, processor = TL.build_untrained_tiny_llava(seed=0)
-    path = tmp_path_factory.mktemp("tiny-llava")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path, model, processor
 
 
 @pytest.fixture(scope="module")

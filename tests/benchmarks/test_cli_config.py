@@ -13,7 +13,6 @@ import vtprune
 from vtprune import cli as top_cli
 from vtprune.adapters import get_adapter
 from vtprune.benchmarks import runner, synthetic
-from vtprune.benchmarks import tiny_llava as TL
 
 from ..conftest import FAMILIES, build_model, collate, make_prompt
 
@@ -21,29 +20,12 @@ FAST = ["--max-new-tokens", "1", "--timing-samples", "1", "--timing-repeats", "1
         "--threads", "1", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    model, processor = TL.build_untrained_tiny_llava(seed=0)
-    path = tmp_path_factory.mktemp("tiny-llava")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 def test_bench_config_files_and_set(tiny, tmp_path):
     gqa = synthetic.write_gqa(tmp_path / "gqa", n_questions=2)
     (tmp_path / "my_fastv.yaml").write_text(yaml.safe_dump({"method": "fastv", "layer": 1, "ratio": 0.5}))
     (tmp_path / "nobudget.yaml").write_text(yaml.safe_dump({"method": "random", "seed": 5}))
     out = tmp_path / "out"
-    status = top_cli.main(["bench", "--model", str(tiny), "--data", str(gqa), "--methods", "random", "--keep", "16",
+    status = top_cli.main(["bench", "--model", str(tiny[0]), "--data", str(gqa), "--methods", "random", "--keep", "16",
                            "--config", str(tmp_path / "my_fastv.yaml"), "--config", "random/llava-1.5-7b",
                            "--config", str(tmp_path / "nobudget.yaml"), "--set", "positions=renumber",
                            "--out", str(out), *FAST])
@@ -74,7 +56,7 @@ def test_set_overrides_a_config_field_and_seed_defaults():
 def test_bench_config_keep_above_the_models_tokens(tiny, tmp_path, capsys):
     big = tmp_path / "big.yaml"
     big.write_text("method: random\nkeep: 500\n")
-    assert top_cli.main(["bench", "--model", str(tiny), "--config", str(big), "--out", str(tmp_path / "o"),
+    assert top_cli.main(["bench", "--model", str(tiny[0]), "--config", str(big), "--out", str(tmp_path / "o"),
                          *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vtprune bench: error: --config big: keep 500 exceeds the 144") and "\n" not in err

@@ -120,6 +120,23 @@ def parse_args(argv=None):
     p.add_argument("--chat-template-frac", type=float, default=0.4, help="share of chat_template-style prompts")
     p.add_argument("--keep-suffix-frac", type=float, default=0.1,
                    help="share of MME-style questions that keep ' Please answer yes or no.'")
+    p.add_argument("--token-dropout", default="",
+                   help="visual-token dropout, LO:HI: in a --token-dropout-prob share of the batches every image keeps "
+                        "a random LO..HI fraction of its visual tokens (uniform), the others removed from the "
+                        "sequence and the positions renumbered, as the pre-LLM pruners do (empty = off)")
+    p.add_argument("--token-dropout-prob", type=float, default=0.5,
+                   help="with --token-dropout: share of batches with dropout (those batches skip the retrieval and "
+                        "read-out losses unless --token-dropout-aux)")
+    p.add_argument("--token-dropout-object-bias", type=float, default=0.0,
+                   help="with --token-dropout: added to the uniform [0, 1) keep score of patches that show an "
+                        "object, so that object tokens are preferred (0 = uniformly random subsets)")
+    p.add_argument("--token-dropout-aux", action="store_true",
+                   help="with --token-dropout: keep the retrieval and read-out losses in dropout batches too (targets "
+                        "moved onto the kept tokens; read-outs of a referent whose tokens are all gone are skipped), "
+                        "so that the referent's position must be read from what survives")
+    p.add_argument("--keep-snapshots", action="store_true",
+                   help="also save the model at every validation run to <out>/snap-<step> (for selection by other "
+                        "criteria than the validation score)")
     p.add_argument("--eval-every", type=float, default=150.0, help="seconds between validation runs")
     p.add_argument("--val-per-subtask", type=int, default=12, help="validation MME images per subtask")
     p.add_argument("--val-gqa", type=int, default=120, help="validation GQA questions")
@@ -353,6 +370,39 @@ class RetrievalAux:
         self.queries = (torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long))
         self.targets = torch.stack(masks) if masks else None
         self.visual = visual
+        self.seq_targets = None
+        self.valid = None
+
+    def remap(self, kept_rows) -> None:
+        """Move the targets of :meth:`set_targets` onto a :func:`drop_visual_tokens` batch.
+
+        ``kept_rows[i]``: the original positions sample ``i`` keeps, in order.  Query positions move to
+        their compacted index; each query's patch mask becomes a mask over the compacted sequence (the
+        kept patches of the referent).  Queries whose referent lost every patch are left out of the loss
+        (``valid``); :class:`ReadoutAux` ignores them too.
+        """
+        rows, cols = self.queries
+        if self.targets is None or not len(rows):
+            self.valid = torch.zeros(len(rows), dtype=torch.bool)
+            return
+        width = max(int(r.numel()) for r in kept_rows)
+        new_index = []
+        for i, r in enumerate(kept_rows):
+            m = torch.full((self.visual.shape[1],), -1, dtype=torch.long)
+            m[r] = torch.arange(r.numel())
+            new_index.append(m)
+        new_index = torch.stack(new_index)
+        new_cols = new_index[rows, cols]
+        seq = torch.zeros(len(rows), width)
+        for n, i in enumerate(rows.tolist()):
+            where = self.visual[i].nonzero().squeeze(1)            # original positions of the 144 patches
+            hit = where[self.targets[n]]                            # ... of the referent
+            moved = new_index[i, hit]
+            moved = moved[moved >= 0]
+            seq[n, moved] = 1.0
+        self.queries = (rows, new_cols)
+        self.seq_targets = seq
+        self.valid = seq.sum(-1) > 0
 
     def attention(self) -> torch.Tensor:
         """(n_queries, seq) attention probabilities of the supervised head at the query positions."""
@@ -375,6 +425,13 @@ class RetrievalAux:
             return self.inputs[0].sum() * 0.0
         rows, _cols = self.queries
         probs = self.attention()
+        if self.seq_targets is not None:  # a token-dropout batch (remap)
+            if not self.valid.any():
+                return self.inputs[0].sum() * 0.0
+            mass = (probs * self.seq_targets).sum(-1)[self.valid]
+            loss = -(mass + 1e-6).log().mean()
+            self.last, self.mass = float(loss.detach()), float(mass.detach().mean())
+            return loss
         vis = self.visual[rows]                                                                # (n, T)
         visual_probs = probs[vis].view(len(rows), -1)                                          # (n, 144) in patch order
         mass = (visual_probs * self.targets).sum(-1)
@@ -432,6 +489,10 @@ class ReadoutAux:
                                hpos=_THIRD[synthetic.side(o, scene.size, "h")],
                                vpos=_THIRD[synthetic.side(o, scene.size, "v")])
             labels.append([row[k] for k in self.sizes])
+        valid = getattr(self.retrieval, "valid", None)
+        if valid is not None:  # token dropout: no label where the referent's tokens are all gone
+            for n in (~valid).nonzero().squeeze(1).tolist():
+                labels[n] = [-100] * len(self.sizes)
         self.labels = torch.tensor(labels, dtype=torch.long).view(-1, len(self.sizes))
 
     def loss(self) -> torch.Tensor:
@@ -444,6 +505,69 @@ class ReadoutAux:
                 total = total + torch.nn.functional.cross_entropy(head(h), target, ignore_index=-100)
         self.last = float(total.detach())
         return total
+
+
+def parse_dropout(spec: str) -> tuple[float, float] | None:
+    """``"LO:HI"`` (or one number) -> (lo, hi) keep fractions in (0, 1]; empty -> None."""
+    if not spec:
+        return None
+    parts = [float(x) for x in spec.split(":")]
+    lo, hi = (parts[0], parts[0]) if len(parts) == 1 else parts
+    if not 0.0 < lo <= hi <= 1.0:
+        raise SystemExit(f"--token-dropout: need 0 < LO <= HI <= 1, got {spec!r}")
+    return lo, hi
+
+
+def drop_visual_tokens(model, batch: dict, rng: random.Random, keep_range: tuple[float, float],
+                       scenes=None, object_bias: float = 0.0, min_pixels: int = 1) -> dict:
+    """The batch with a random subset of each image's visual tokens removed, as ``inputs_embeds``.
+
+    Each sample keeps ``round(n * U(lo, hi))`` (at least 1) of its ``n`` visual tokens, chosen by a
+    uniform score in [0, 1), plus ``object_bias`` on patches that show an object (``scenes`` given),
+    in their original order; the dropped rows leave the sequence (with their labels, all -100) and the
+    rows are re-padded on the right, so the language model numbers the positions contiguously: the
+    ``positions="renumber"`` layout of the pre-LLM pruners.  The image features are computed here, with
+    gradients, so the vision tower and projector still train.  Returns ``inputs_embeds``,
+    ``attention_mask``, ``labels``, ``kept`` (visual tokens per sample) and ``kept_rows`` (the original
+    positions each sample keeps, for :meth:`RetrievalAux.remap`).
+    """
+    cfg = model.config
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    embeds = model.get_input_embeddings()(ids)
+    feats = model.model.get_image_features(pixel_values=batch["pixel_values"],
+                                           vision_feature_layer=cfg.vision_feature_layer,
+                                           vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                           return_dict=True).pooler_output
+    feats = torch.cat(list(feats), 0) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
+    visual = ids == cfg.image_token_id
+    embeds = embeds.masked_scatter(visual.unsqueeze(-1).expand_as(embeds), feats.to(embeds.dtype))
+    vc = cfg.vision_config
+    grid, patch = vc.image_size // vc.patch_size, vc.patch_size
+    rows, kept = [], []
+    for i in range(ids.shape[0]):
+        where = visual[i].nonzero().squeeze(1)
+        n = where.numel()
+        k = max(1, min(n, round(n * rng.uniform(*keep_range))))
+        gen = torch.Generator().manual_seed(rng.getrandbits(31))
+        score = torch.rand(n, generator=gen)
+        if object_bias and scenes is not None and n == grid * grid:
+            score = score + object_bias * torch.from_numpy(patch_classes(scenes[i], grid, patch, min_pixels) > 0).float()
+        keep = where[torch.sort(torch.topk(score, k).indices).values]
+        sel = mask[i].bool() & ~visual[i]
+        sel[keep] = True
+        rows.append(sel.nonzero().squeeze(1))
+        kept.append(k)
+    width = max(r.numel() for r in rows)
+    B, D = ids.shape[0], embeds.shape[-1]
+    new_embeds = embeds.new_zeros(B, width, D)
+    new_mask = torch.zeros(B, width, dtype=mask.dtype)
+    new_labels = torch.full((B, width), -100, dtype=labels.dtype)
+    for i, r in enumerate(rows):
+        new_embeds[i, : r.numel()] = embeds[i, r]
+        new_mask[i, : r.numel()] = 1
+        new_labels[i, : r.numel()] = labels[i, r]
+    return {"inputs_embeds": new_embeds, "attention_mask": new_mask, "labels": new_labels, "kept": kept,
+            "kept_rows": rows}
 
 
 def _color_shape_factors(class_ids: torch.Tensor):
@@ -630,6 +754,14 @@ def write_card(path: Path, state: dict, results: dict, mme_dir: Path, gqa_dir: P
         + (f"; plus {state['readout_weight']} x linear read-outs (discarded afterwards) of the referred object's "
            "colour, shape, horizontal and vertical third and glyph from the residual stream after that layer"
            if state.get("retrieval_head") and state.get("readout_weight") else ""),
+        *([f"- visual-token dropout: in {int(100 * state.get('token_dropout_prob', 0.5))}% of the batches every image "
+           f"kept a uniformly random {state['token_dropout'].replace(':', '-')} fraction of its visual tokens"
+           + (f" (object patches preferred by +{state['token_dropout_object_bias']} on a uniform score)"
+              if state.get("token_dropout_object_bias") else "")
+           + ", the others removed from the sequence with positions renumbered (as the pre-LLM pruners do); "
+           + ("the retrieval / read-out losses moved onto the kept tokens (skipped where the referent was gone)"
+              if state.get("token_dropout_aux") else "those batches had no retrieval / read-out loss")]
+          if state.get("token_dropout") else []),
         f"- data: fresh synthetic images generated on the fly (never repeated), {state.get('turns', 1)} questions per "
         f"image as a multi-turn conversation (the first turn is exactly the evaluation prompt), "
         f"{int(100 * state.get('mme_fraction', 0.5))}% yes/no (MME-style) and the rest one-word (GQA-style) questions",
@@ -786,12 +918,17 @@ def main(argv=None):
                                               families=lambda: order[:n_families],
                                               describe_prob=args.describe_prob)
     style_rng = random.Random(f"styles-{args.seed}")
+    dropout = parse_dropout(args.token_dropout)
+    dropout_rng = random.Random(f"dropout-{args.seed}")
+    kept_log: list[float] = []
     budget_s = args.minutes * 60.0
     state = {k: getattr(args, k) for k in ("seed", "threads", "batch_size", "lr", "warmup", "min_lr_ratio",
                                            "max_objects", "start_objects", "curriculum_frac", "chat_template_frac", "turns",
                                            "advance_acc", "mme_fraction", "family_order", "family_min_steps",
                                            "family_max_steps", "describe_prob", "aux_weight", "init_from",
-                                           "start_families", "deepen_after", "retrieval_head", "retrieval_weight", "readout_weight")}
+                                           "start_families", "deepen_after", "retrieval_head", "retrieval_weight", "readout_weight",
+                                           "token_dropout", "token_dropout_prob", "token_dropout_object_bias",
+                                           "token_dropout_aux")}
     state["command"] = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
     state.update(vision_stage=vision_stage, vision_minutes=args.vision_minutes, vision_lr=args.vision_lr,
                  vision_lr_mult=args.vision_lr_mult)
@@ -825,6 +962,9 @@ def main(argv=None):
                 model.save_pretrained(out / "best")
                 processor.save_pretrained(out / "best")
                 print(f"           saved best -> {out / 'best'}", flush=True)
+            if args.keep_snapshots:
+                model.save_pretrained(out / f"snap-{step}")
+                processor.save_pretrained(out / f"snap-{step}")
             state.update(steps=step, samples=samples, questions=questions, elapsed_s=elapsed, history=history)
             state_file.write_text(json.dumps(state, indent=1))
             last_eval = time.time()
@@ -868,13 +1008,24 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
         extra = []
+        dropped = dropout is not None and dropout_rng.random() < args.token_dropout_prob
+        if retrieval is not None and (not dropped or args.token_dropout_aux):
+            retrieval.set_targets(batch, enc)  # on the full layout; remapped below for a dropout batch
+        if dropped:
+            model.train()
+            enc = drop_visual_tokens(model, enc, dropout_rng, dropout, [c.scene for c in batch],
+                                     args.token_dropout_object_bias)
+            kept_log.append(sum(enc.pop("kept")) / len(batch))
+            kept_rows = enc.pop("kept_rows")
+            if retrieval is not None and args.token_dropout_aux:
+                retrieval.remap(kept_rows)
         if aux is not None:
             aux.set_targets([c.scene for c in batch])
             extra.append(lambda: args.aux_weight * aux.loss())
-        if retrieval is not None:
-            retrieval.set_targets(batch, enc)
+        use_ret = retrieval is not None and (not dropped or args.token_dropout_aux)
+        if use_ret:
             extra.append(lambda: args.retrieval_weight * retrieval.loss())
-        if readout is not None:
+        if readout is not None and use_ret:
             readout.set_targets()
             extra.append(lambda: args.readout_weight * readout.loss())
         loss, acc = TL.training_step(model, enc, opt, return_accuracy=True,
@@ -890,6 +1041,9 @@ def main(argv=None):
                 aux_log += f" retrieval {retrieval.last:.3f} mass {retrieval.mass:.2f}"
             if readout is not None:
                 aux_log += f" readout {readout.last:.3f}"
+            if kept_log:
+                aux_log += f" dropout {len(kept_log)}/{args.log_every} batches, kept {sum(kept_log) / len(kept_log):.0f}"
+                kept_log.clear()
             print(f"[{time.time() - t0:7.1f}s] step {step} images {samples} loss {sum(losses) / len(losses):.4f} "
                   f"train-acc {sum(accs[-args.log_every:]) / args.log_every:.3f} lr {lr:.2e} max_objects "
                   f"{cur_max[0]}{aux_log} "

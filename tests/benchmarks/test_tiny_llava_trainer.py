@@ -162,3 +162,105 @@ def test_readout_labels_name_the_single_referent(trainer):
     assert layers[1].mlp.down_proj.weight.grad.any() and layers[0].self_attn.q_proj.weight.grad.any()
     readout.remove()
     ret.remove()
+
+
+def test_token_dropout_removes_visual_rows_and_renumbers(trainer):
+    """--token-dropout: a random subset of each image's visual tokens leaves the sequence (labels kept aligned);
+    the compacted batch equals the model run on exactly the kept tokens with contiguous positions."""
+    from vtprune.benchmarks.prompts import build_prompt
+
+    model, processor = TL.build_untrained_tiny_llava(seed=7, vision_layers=1, text_layers=2)
+    scenes = [S.Scene((S.ShapeObj("circle", "red", 20, 70, 10),)), S.Scene((S.ShapeObj("square", "blue", 76, 20, 9),))]
+    prompts = [build_prompt("What color is the circle?", processor=processor),
+               build_prompt("What shape is the blue object? It is", processor=processor)]
+    batch = TL.encode_training_batch(processor, [S.render_scene(s) for s in scenes], prompts, ["red", "square"])
+    n = model.config.image_seq_length
+    assert trainer.parse_dropout("") is None and trainer.parse_dropout("0.1:1") == (0.1, 1.0)
+    with pytest.raises(SystemExit):
+        trainer.parse_dropout("0:0.5")
+    rng = random.Random(0)
+    out = trainer.drop_visual_tokens(model, batch, rng, (0.1, 0.3), scenes, object_bias=2.0)
+    kept = out["kept"]
+    assert all(round(0.1 * n) <= k <= round(0.3 * n) for k in kept)
+    lengths = out["attention_mask"].sum(1)
+    assert lengths.tolist() == [int(batch["attention_mask"][i].sum()) - (n - kept[i]) for i in range(2)]
+    # the answer labels survive, in order, and nothing else is labelled
+    for i in range(2):
+        assert out["labels"][i][out["labels"][i] != -100].tolist() == batch["labels"][i][batch["labels"][i] != -100].tolist()
+    # with a large object bias every object patch is kept (both objects cover fewer patches than the budget)
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=batch["pixel_values"], vision_feature_layer=-2,
+                                               vision_feature_select_strategy="default", return_dict=True).pooler_output
+    feats = torch.cat(list(feats), 0) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
+    for i, scene in enumerate(scenes):
+        obj = torch.from_numpy(trainer.patch_classes(scene, 12, 8, 1) > 0)
+        image_rows = out["inputs_embeds"][i, : int(lengths[i])].detach()
+        vis = feats[i * n:(i + 1) * n]
+        present = torch.tensor([bool((image_rows == vis[j]).all(-1).any()) for j in range(n)])
+        assert present.sum() == kept[i] and present[obj].all()
+        assert torch.equal(image_rows[0], embeds[i, 0].detach())  # the text rows are unchanged
+    # one forward on the compacted batch = the same tokens encoded without the dropped rows, positions contiguous
+    model.eval()
+    with torch.no_grad():
+        loss = model(inputs_embeds=out["inputs_embeds"], attention_mask=out["attention_mask"], labels=out["labels"]).loss
+        L = int(lengths[0])
+        ref = model(inputs_embeds=out["inputs_embeds"][:1, :L], position_ids=torch.arange(L)[None]).logits
+        got = model(inputs_embeds=out["inputs_embeds"], attention_mask=out["attention_mask"]).logits[:1, :L]
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    # gradients reach the vision tower through the kept tokens
+    model.train()
+    out = trainer.drop_visual_tokens(model, batch, random.Random(1), (0.5, 0.5))
+    out.pop("kept")
+    model(**out).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if n.startswith("model.vision_tower.") and "patch_embedding" in n]
+    assert grads and all(g is not None and g.any() for g in grads)
+
+
+def test_retrieval_targets_follow_the_kept_tokens(trainer):
+    """--token-dropout-aux: RetrievalAux.remap moves queries and referent masks onto the compacted batch."""
+    from vtprune.benchmarks.prompts import build_prompt, question_text
+
+    model, processor = TL.build_untrained_tiny_llava(seed=8, vision_layers=1, text_layers=2)
+    model.set_attn_implementation("eager")
+    stream = S.training_conversations(4, max_objects=4, turns=3, text_fraction=0.0)
+    convs = [next(stream) for _ in range(3)]
+    prompts = [build_prompt(c.turns[0][0], benchmark=c.turns[0][3], processor=processor) for c in convs]
+    followups = [[(question_text(q, kind), a) for q, a, _f, kind in c.turns[1:]] for c in convs]
+    batch = TL.encode_training_batch(processor, [c.image for c in convs], prompts, [c.turns[0][1] for c in convs],
+                                     followups)
+    ret = trainer.RetrievalAux(model, layer=1, head=1, tokenizer=processor.tokenizer)
+    readout = trainer.ReadoutAux(model, ret, layer=1)
+    ret.set_targets(convs, batch)
+    rows, cols = (t.clone() for t in ret.queries)
+    words = batch["input_ids"][rows, cols]
+    full_targets = ret.targets.clone()
+    out = trainer.drop_visual_tokens(model, batch, random.Random(2), (0.2, 0.4), [c.scene for c in convs])
+    out.pop("kept")
+    kept_rows = out.pop("kept_rows")
+    ret.remap(kept_rows)
+    new_rows, new_cols = ret.queries
+    assert torch.equal(new_rows, rows)
+    # the queries are the same tokens, now at their compacted index
+    for n, (i, c) in enumerate(zip(rows.tolist(), new_cols.tolist())):
+        assert int(kept_rows[i][c]) == int(cols[n])
+    assert torch.equal(batch["input_ids"][rows, torch.stack([kept_rows[i][c] for i, c in zip(rows, new_cols)])], words)
+    # each query's sequence mask marks exactly the referent patches that survived
+    visual = batch["input_ids"] == model.config.image_token_id
+    for n, i in enumerate(rows.tolist()):
+        patches = visual[i].nonzero().squeeze(1)[full_targets[n]]
+        survived = int(torch.isin(kept_rows[i], patches).sum())
+        assert int(ret.seq_targets[n].sum()) == survived
+        assert bool(ret.valid[n]) == (survived > 0)
+    assert ret.valid.any() and not ret.valid.all()  # 20-40% kept uniformly: some referents vanish
+    res = model(**out, output_attentions=True)
+    eager = res.attentions[1][new_rows, 1, new_cols]
+    torch.testing.assert_close(ret.attention(), eager, rtol=1e-4, atol=1e-6)
+    mass = (eager * ret.seq_targets).sum(-1)[ret.valid]
+    torch.testing.assert_close(ret.loss(), -(mass + 1e-6).log().mean(), rtol=1e-4, atol=1e-6)
+    readout.set_targets()
+    assert (readout.labels[~ret.valid] == -100).all()
+    assert torch.isfinite(readout.loss())
+    readout.remove()
+    ret.remove()

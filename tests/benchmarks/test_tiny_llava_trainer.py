@@ -88,21 +88,27 @@ def test_referent_classes_name_what_the_answer_is_read_from(trainer):
     assert ref("Which objects are in the image?", "describe") == set()
 
 
-def test_retrieval_aux_recomputes_the_heads_attention(trainer):
-    """The supervised head's attention, rebuilt from the hooked layer input, equals eager attention's weights."""
+def _training_batch(processor, seed: int, turns: int, text_fraction: float):
+    """Three conversations of the training stream encoded as the trainer does: (conversations, batch)."""
     from vtprune.benchmarks.prompts import build_prompt, question_text
 
-    model, processor = TL.build_untrained_tiny_llava(seed=5, vision_layers=2, text_layers=2)
-    model.set_attn_implementation("eager")
-    torch.manual_seed(0)
-    for p in model.parameters():  # spread the untrained attention so that the comparison means something
-        p.data.add_(0.05 * torch.randn_like(p))
-    stream = S.training_conversations(3, max_objects=4, turns=4, text_fraction=0.3)
+    stream = S.training_conversations(seed, max_objects=4, turns=turns, text_fraction=text_fraction)
     convs = [next(stream) for _ in range(3)]
     prompts = [build_prompt(c.turns[0][0], benchmark=c.turns[0][3], processor=processor) for c in convs]
     followups = [[(question_text(q, kind), a) for q, a, _f, kind in c.turns[1:]] for c in convs]
     batch = TL.encode_training_batch(processor, [c.image for c in convs], prompts, [c.turns[0][1] for c in convs],
                                      followups)
+    return convs, batch
+
+
+def test_retrieval_aux_recomputes_the_heads_attention(trainer):
+    """The supervised head's attention, rebuilt from the hooked layer input, equals eager attention's weights."""
+    model, processor = TL.build_untrained_tiny_llava(seed=5, vision_layers=2, text_layers=2)
+    model.set_attn_implementation("eager")
+    torch.manual_seed(0)
+    for p in model.parameters():  # spread the untrained attention so that the comparison means something
+        p.data.add_(0.05 * torch.randn_like(p))
+    convs, batch = _training_batch(processor, seed=3, turns=4, text_fraction=0.3)
     ret = trainer.RetrievalAux(model, layer=1, head=2, tokenizer=processor.tokenizer)
     ret.set_targets(convs, batch)
     rows, cols = ret.queries
@@ -220,16 +226,9 @@ def test_token_dropout_removes_visual_rows_and_renumbers(trainer):
 
 def test_retrieval_targets_follow_the_kept_tokens(trainer):
     """--token-dropout-aux: RetrievalAux.remap moves queries and referent masks onto the compacted batch."""
-    from vtprune.benchmarks.prompts import build_prompt, question_text
-
     model, processor = TL.build_untrained_tiny_llava(seed=8, vision_layers=1, text_layers=2)
     model.set_attn_implementation("eager")
-    stream = S.training_conversations(4, max_objects=4, turns=3, text_fraction=0.0)
-    convs = [next(stream) for _ in range(3)]
-    prompts = [build_prompt(c.turns[0][0], benchmark=c.turns[0][3], processor=processor) for c in convs]
-    followups = [[(question_text(q, kind), a) for q, a, _f, kind in c.turns[1:]] for c in convs]
-    batch = TL.encode_training_batch(processor, [c.image for c in convs], prompts, [c.turns[0][1] for c in convs],
-                                     followups)
+    convs, batch = _training_batch(processor, seed=4, turns=3, text_fraction=0.0)
     ret = trainer.RetrievalAux(model, layer=1, head=1, tokenizer=processor.tokenizer)
     readout = trainer.ReadoutAux(model, ret, layer=1)
     ret.set_targets(convs, batch)

@@ -38,6 +38,7 @@ import torch
 from .. import methods as _methods  # noqa: F401  (registers the built-in methods)
 from ..adapters import get_adapter
 from ..api import prune, unprune
+from ..budget import validate_budget
 from ..cli import UsageError, check_method, check_out_dir
 from ..registry import list_methods, method_class
 from . import gqa as gqa_mod
@@ -213,12 +214,21 @@ def load_method_config(spec) -> tuple[str, str, dict]:
     return name, method, data
 
 
+def _valid_budget(keep=None, ratio=None) -> bool:
+    """The budget rule of ``vtprune.prune`` (one place: :func:`vtprune.budget.validate_budget`)."""
+    try:
+        validate_budget(ratio, keep)
+    except ValueError:
+        return False
+    return True
+
+
 def _budget_errors(keeps: Sequence, ratios: Sequence) -> str | None:
-    bad_keep = [k for k in keeps if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+    bad_keep = [k for k in keeps if not _valid_budget(keep=k)]
     if bad_keep:
         return (f"--keep {','.join(map(str, bad_keep))}: must be positive whole numbers "
                 "(visual tokens kept per image)")
-    bad_ratio = [r for r in ratios if not (isinstance(r, (int, float)) and 0.0 <= r < 1.0)]  # nan fails too
+    bad_ratio = [r for r in ratios if not _valid_budget(ratio=r)]  # nan fails too
     if bad_ratio:
         return (f"--ratio {','.join(map(str, bad_ratio))}: must be in [0, 1) (the fraction of visual tokens "
                 "removed; 0 = no pruning)")

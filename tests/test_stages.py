@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.methods.base import Method
+from vtprune.core.probes import LLMAttention
+from vtprune.methods.base import Cut, Method
 from vtprune.methods.fastv import FastV
 from vtprune.registry import register
 
@@ -76,13 +77,16 @@ class _TwoCuts(FastV):
     name: ClassVar[str] = "_test_two_cuts"
     description: ClassVar[str] = "test multi-cut"
 
-    def cut_layers(self):
-        return (1, 3)
+    def cuts(self, model):
+        return (Cut("llm", 1), Cut("llm", 3))
 
-    def attention_rows(self):
-        return {0: "last", 2: "last"}
+    def probes(self, model):
+        return (LLMAttention(0), LLMAttention(2))
 
-    def n_keep(self, image, reference):
+    def score(self, image):
+        return image[LLMAttention(image.layer - 1)].mean(0)
+
+    def budget(self, image):
         return max(1, image.n // 2)
 
 
@@ -149,31 +153,34 @@ def test_fastv_keeps_top_k_of_eager_last_token_attention(models, family, keep):
 @register
 @dataclass
 class _ScaleVisualAttention(Method):
-    """Test-only ``attention`` stage method: multiply post-softmax attention to visual keys by ``alpha``
-    (no renormalisation), written out in plain torch."""
+    """Test-only modulator: multiply post-softmax attention to visual keys by ``alpha`` (no renormalisation),
+    written out in plain torch from the call's q/k/v and mask."""
 
     alpha: float = 1.0
 
     name: ClassVar[str] = "_test_scale_visual"
     description: ClassVar[str] = "test modulator"
-    stage: ClassVar[str] = "attention"
+    has_budget: ClassVar[bool] = False
+    prunes: ClassVar[bool] = False
 
-    def modulated_layers(self, n_layers):
-        return tuple(range(1, n_layers))
+    def cuts(self, model):
+        return ()
 
-    def modulate(self, session, base, module, query, key, value, attention_mask, scaling=None, **kwargs):
-        groups = query.shape[1] // key.shape[1]
-        k = key.repeat_interleave(groups, 1)
-        v = value.repeat_interleave(groups, 1)
-        logits = query @ k.transpose(-1, -2) * scaling
-        q_len, k_len = query.shape[2], key.shape[2]
-        if attention_mask is None:
+    def modulated_layers(self, model):
+        return tuple(range(1, model.llm_layers))
+
+    def modulate(self, call):
+        groups = call.query.shape[1] // call.key.shape[1]
+        k = call.key.repeat_interleave(groups, 1)
+        v = call.value.repeat_interleave(groups, 1)
+        logits = call.query @ k.transpose(-1, -2) * call.kwargs["scaling"]
+        q_len, k_len = call.query.shape[2], call.key.shape[2]
+        if call.mask is None:
             allowed = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)[None, None]
         else:
-            allowed = attention_mask[..., :k_len]
+            allowed = call.mask[..., :k_len]
         probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
-        visual = session.visual_key_mask(k_len)
-        probs = probs * torch.where(visual, self.alpha, 1.0)[:, None, None, :]
+        probs = probs * torch.where(call.visual, self.alpha, 1.0)[:, None, None, :]
         return (probs @ v).transpose(1, 2), probs
 
 
@@ -188,13 +195,13 @@ def test_attention_stage_hook_runs_on_chosen_layers_only(models, alpha):
     calls = []
     original = _ScaleVisualAttention.modulate
 
-    def spy(self, session, base, module, *a, **k):
-        calls.append(module.layer_idx)
-        return original(self, session, base, module, *a, **k)
+    def spy(self, call):
+        calls.append(call.module.layer_idx)
+        return original(self, call)
 
     _ScaleVisualAttention.modulate = spy
     try:
-        with vtprune.pruned(model, "_test_scale_visual", ratio=0.5, alpha=alpha), torch.no_grad():
+        with vtprune.pruned(model, "_test_scale_visual", alpha=alpha), torch.no_grad():
             out = model(**batch).logits
             gen = model.generate(**batch, max_new_tokens=4)
     finally:

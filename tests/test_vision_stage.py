@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.methods.base import Method, top_k_sorted
+from vtprune.methods.base import Cut, Method, top_k_sorted
 from vtprune.registry import register
 
 from .conftest import collate, make_prompt
@@ -26,10 +26,9 @@ class _NormVisionCut(Method):
 
     name: ClassVar[str] = "_test_vision_norm"
     description: ClassVar[str] = "test vision-stage method"
-    stage: ClassVar[str] = "vision"
 
-    def vision_cut_layers(self, n_layers, feature_layer):
-        return (self.layer,)
+    def cuts(self, model):
+        return (Cut("vision", self.layer),)
 
     def score(self, image):
         return image.embeds.float().norm(dim=-1)

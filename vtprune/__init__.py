@@ -5,12 +5,12 @@
 """
 
 from . import methods  # noqa: F401  (registers the built-in methods)
-from .api import list_configs, list_methods, load_config, prune, pruned, unprune
+from .api import list_configs, list_methods, load_config, method, prune, pruned, unprune
 from .errors import ConfigError, PruneError
 from .methods.base import ImageView, Method, Selection
 from .registry import register
 
 __version__ = "0.1.0"
 
-__all__ = ["prune", "unprune", "pruned", "list_methods", "list_configs", "load_config", "register", "Method", "ImageView",
+__all__ = ["prune", "unprune", "pruned", "method", "list_methods", "list_configs", "load_config", "register", "Method", "ImageView",
            "Selection", "PruneError", "ConfigError"]

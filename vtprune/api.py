@@ -1,4 +1,4 @@
-"""Public entry points: ``prune``, ``unprune``, ``pruned``, ``list_methods``, ``list_configs``, ``load_config``."""
+"""Public entry points: ``prune``, ``unprune``, ``pruned``, ``method``, ``list_methods``, ``list_configs``, ``load_config``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .adapters import get_adapter
 from .errors import ConfigError, ConfigNotFoundError, PruneError, UnknownFieldError
+from .methods.base import Method
 from .registry import check_keywords, list_methods, make_method, method_class, method_fields
 from .session import Session
 
@@ -54,11 +55,33 @@ def _key_line(path: Path, key: str) -> str:
 
 
 def _load(spec) -> tuple[Path, dict]:
+    """(path, mapping): one method (``method:`` and its keywords) or a pipeline (``pipeline:`` list of those; a
+    top-level YAML list is read as one)."""
+    path = _resolve_config(spec)
+    data = _read_yaml(path)
+    if isinstance(data, list):
+        data = {"pipeline": data}
+    if isinstance(data, dict) and "pipeline" in data:
+        entries = data["pipeline"]
+        if not isinstance(entries, list) or not entries or set(data) - {"pipeline", "model"}:
+            raise ConfigError(
+                f"vtprune: config {os.fspath(path)}: 'pipeline' must be a non-empty list of '{{method: <name>, ...}}' "
+                "entries (and at most a 'model:' beside it)"
+            )
+        _check_model_key(path, data)
+        for entry in entries:
+            _check_entry(path, entry)
+        return path, data
+    _check_entry(path, data)
+    _check_model_key(path, data)
+    return path, data
+
+
+def _read_yaml(path: Path):
     import yaml
 
-    path = _resolve_config(spec)
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -69,13 +92,20 @@ def _load(spec) -> tuple[Path, dict]:
         raise ConfigError(f"vtprune: config {os.fspath(path)} is not valid YAML{where}: {what}; fix the file") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"vtprune: config {os.fspath(path)} cannot be read: {err}") from None
+
+
+def _check_model_key(path: Path, data: dict) -> None:
+    if data.get("model") is not None and not isinstance(data["model"], str):
+        raise ConfigError(f"vtprune: config {os.fspath(path)}{_key_line(path, 'model')}: 'model' must be a model name")
+
+
+def _check_entry(path: Path, data) -> None:
+    """One method's mapping: a known ``method:`` name and only its keywords."""
     if not isinstance(data, dict) or not isinstance(data.get("method"), str) or not all(isinstance(k, str) for k in data):
         raise ConfigError(
             f"vtprune: config {os.fspath(path)} must be a mapping of names with a 'method: <name>' entry, "
-            f"e.g. 'method: fastv'; methods: {', '.join(list_methods())}"
+            f"e.g. 'method: fastv' (or a list of those for a pipeline); methods: {', '.join(list_methods())}"
         )
-    if data.get("model") is not None and not isinstance(data["model"], str):
-        raise ConfigError(f"vtprune: config {os.fspath(path)}{_key_line(path, 'model')}: 'model' must be a model name")
     try:
         cls = method_class(data["method"])
     except ConfigError as err:
@@ -86,14 +116,14 @@ def _load(spec) -> tuple[Path, dict]:
     except UnknownFieldError as err:
         first = min(keys - set(method_fields(cls)))
         raise UnknownFieldError(f"{err} (config {os.fspath(path)}{_key_line(path, first)})") from None
-    return path, data
 
 
 def load_config(path_or_name) -> dict:
     """Read a config: a YAML path or a shipped ``"<method>/<model>"`` name (see :func:`list_configs`).
 
-    Returns the mapping (``method``, optional ``model`` and keyword entries). Checked without a model: valid YAML
-    (the error names the file and line), a known method and only its keywords; values are checked by ``prune``.
+    Returns the mapping (``method``, optional ``model`` and keyword entries; a pipeline: ``pipeline``, a list of
+    such mappings). Checked without a model: valid YAML (the error names the file and line), known methods and
+    only their keywords; values are checked by ``prune``.
     Raises ConfigError (a ValueError) naming the file.
     """
     return _load(path_or_name)[1]
@@ -109,7 +139,8 @@ def _warn_family(path: Path, data: dict, adapter, model) -> None:
     family = _model_family(data.get("model") or "")
     if family is None or family == adapter.family:
         return
-    hint = f"{data['method']}/{SHIPPED_MODELS[adapter.family]}" if adapter.family in SHIPPED_MODELS else None
+    hint = (f"{data['method']}/{SHIPPED_MODELS[adapter.family]}"
+            if "method" in data and adapter.family in SHIPPED_MODELS else None)
     warnings.warn(
         f"vtprune: config {os.fspath(path)} is for {data['model']!r} ({family} family) but the model being pruned is "
         f"a {type(model).__name__} ({adapter.family} family); its settings may not fit"
@@ -118,47 +149,81 @@ def _warn_family(path: Path, data: dict, adapter, model) -> None:
     )
 
 
-def prune(model, method: str | None = None, *, config=None, **kwargs):
-    """Install a pruning method on ``model`` (in place) and return it.
+def method(name: str, **kwargs) -> Method:
+    """A method object by name, e.g. ``vtprune.method("fastv", ratio=0.5)``; fields are validated here."""
+    return make_method(name, **kwargs)
 
-    ``ratio`` = fraction of each image's visual tokens removed, in [0, 1); ``keep`` = visual tokens kept per
-    image (for the model's standard image; anyres images scale it). Other keywords are the method's
-    hyperparameters, validated here (wrong type or range: ConfigError, a ValueError). ``config`` is a YAML path
-    or a shipped name such as ``"flowcut/llava-1.5-7b"`` with ``method:`` and keyword entries (keywords given
-    here override it; a ``model:`` of another family warns). A model holds one method at a time: pruning an
-    already pruned model raises; call :func:`unprune` first.
-    """
-    path = data = None
-    if config is not None:
-        path, data = _load(config)
-        if method is not None and method_class(method).name != method_class(data["method"]).name:
-            raise ConfigError(f"vtprune: method {method!r} conflicts with {data['method']!r} in config {os.fspath(path)}")
-        method = data["method"]
-        kwargs = {**{k: v for k, v in data.items() if k not in ("method", "model")}, **kwargs}
+
+def _methods_from_config(config, method, kwargs) -> tuple[list, Path, dict]:
+    path, data = _load(config)
+    entries = data.get("pipeline", [data])
+    if len(entries) > 1 and (method is not None or kwargs):
+        raise ConfigError(f"vtprune: config {os.fspath(path)} is a pipeline; pass no method or keywords beside it")
+    if method is not None and method_class(method).name != method_class(entries[0]["method"]).name:
+        raise ConfigError(f"vtprune: method {method!r} conflicts with {entries[0]['method']!r} in config {os.fspath(path)}")
+    methods = []
+    for entry in entries:
+        fields = {**{k: v for k, v in entry.items() if k not in ("method", "model")}, **kwargs}
+        try:
+            methods.append(make_method(entry["method"], **fields))
+        except ConfigError as err:
+            raise type(err)(f"{err} (config {os.fspath(path)})") from None
+    return methods, path, data
+
+
+def _methods(method, kwargs) -> list[Method]:
+    """A name with keywords, a Method object, or a list of names / objects (a pipeline, no keywords)."""
     if method is None:
         raise ConfigError("vtprune: name a method, e.g. vtprune.prune(model, 'fastv', ratio=0.75); see vtprune.list_methods()")
+    if isinstance(method, (list, tuple)):
+        if not method or kwargs:
+            raise ConfigError(
+                "vtprune: a pipeline is a non-empty list of method objects or names, with no keywords beside it, "
+                "e.g. prune(model, [VisionZip(keep=192), FastV(ratio=0.5)])"
+            )
+        return [m if isinstance(m, Method) else make_method(m) for m in method]
+    if isinstance(method, Method):
+        if kwargs:
+            raise ConfigError(f"vtprune: set {', '.join(sorted(kwargs))} on the {method.name} object, not beside it")
+        return [method]
+    return [make_method(method, **kwargs)]
+
+
+def prune(model, method=None, *, config=None, **kwargs):
+    """Install a method, or a pipeline of methods, on ``model`` (in place) and return it.
+
+    ``method``: a name with keywords (``prune(model, "fastv", ratio=0.5)``), a method object
+    (``prune(model, FastV(ratio=0.5))``) or a list of them, run as a pipeline in order
+    (``prune(model, [VisionZip(keep=192), FastV(ratio=0.5)])``). ``ratio`` = fraction of the visual tokens a
+    method receives that it removes, in [0, 1); ``keep`` = visual tokens kept per image after it (for the
+    model's standard image; anyres images scale it). Other keywords are the method's hyperparameters,
+    validated here (wrong type or range: ConfigError, a ValueError). ``config`` is a YAML path or a shipped name
+    such as ``"flowcut/llava-1.5-7b"`` with ``method:`` and keyword entries, or a list of those (a pipeline);
+    keywords given here override a one-method config; a ``model:`` of another family warns. Each method of a
+    pipeline must cut at or after the ones before it. A model holds one session: call :func:`unprune` first.
+    """
+    path = data = None
     existing = getattr(model, "vtprune", None)
     if isinstance(existing, Session):
         raise PruneError(
-            f"vtprune: this model is already pruned with {existing.method.name!r}; stacking methods is not supported. "
-            "Call vtprune.unprune(model) first."
+            f"vtprune: this model is already pruned with {existing.plan_name!r}; to stack methods, pass them as one "
+            "pipeline (a list). Call vtprune.unprune(model) first."
         )
+    if config is not None:
+        methods, path, data = _methods_from_config(config, method, kwargs)
+    else:
+        methods = _methods(method, kwargs)
     adapter = get_adapter(model)
     source = f" (config {os.fspath(path)})" if path is not None else ""
     if data is not None:
         _warn_family(path, data, adapter, model)
-    try:
-        method_obj = make_method(method, **kwargs)
-    except ConfigError as err:
-        if path is None:
-            raise
-        raise type(err)(f"{err}{source}") from None
-    if method_obj.keep is not None and method_obj.keep > adapter.nominal_tokens:
-        raise ConfigError(
-            f"vtprune: keep={method_obj.keep} is more than the {adapter.nominal_tokens} visual tokens an image has "
-            f"for this model; use keep <= {adapter.nominal_tokens}{source}"
-        )
-    session = Session(model, adapter, method_obj)
+    for m in methods:
+        if m.keep is not None and m.keep > adapter.nominal_tokens:
+            raise ConfigError(
+                f"vtprune: keep={m.keep} is more than the {adapter.nominal_tokens} visual tokens an image has "
+                f"for this model; use keep <= {adapter.nominal_tokens}{source}"
+            )
+    session = Session(model, adapter, tuple(methods))
     session.install()
     model.vtprune = session
     return model
@@ -185,4 +250,4 @@ def pruned(model, method: str | None = None, **kwargs):
             unprune(model)
 
 
-__all__ = ["prune", "unprune", "pruned", "list_methods", "list_configs", "load_config"]
+__all__ = ["prune", "unprune", "pruned", "method", "list_methods", "list_configs", "load_config"]

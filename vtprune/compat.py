@@ -95,8 +95,8 @@ def base_attention_function(module: torch.nn.Module, implementation: str) -> Cal
 def wrapped_attention_name(implementation: str) -> str:
     """Register (once) an attention function that delegates to ``implementation`` unless a vtprune hook is set.
 
-    The hook is an instance attribute ``_vtprune_attention`` of the attention module, so other models in the
-    process that happen to use the same name are untouched.
+    The hook is an instance attribute ``_vtprune_attention`` of the attention module (vtprune's ordered chain,
+    ``core.hooks.AttentionChain``), so other models in the process that use the same name are untouched.
     """
     if implementation.startswith(WRAPPED_PREFIX):
         return implementation

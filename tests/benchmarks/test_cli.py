@@ -221,7 +221,7 @@ def test_default_methods_scaled_keeps_and_configs():
     @dataclass
     class OnlyModulates(Method):
         name: ClassVar[str] = "_test_modulation_only"
-        stage: ClassVar[str] = "attention"
+        prunes: ClassVar[bool] = False
 
     registry.register(OnlyModulates)
     try:

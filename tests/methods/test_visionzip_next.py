@@ -15,7 +15,7 @@ import yaml
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
 import vtprune
-from vtprune.methods.base import ImageView, VisionView
+from vtprune.methods.base import Cut, ImageView, VisionView
 from vtprune.registry import make_method
 
 from ..conftest import build_model, collate, make_prompt
@@ -119,13 +119,14 @@ def _next_image(n_crops=5, n_tokens=2928, patches=576):
     view = VisionView(cls_attention=torch.zeros(n_tokens), keys=torch.zeros(n_tokens, 1), pre_projector=None,
                       cls_pre_projector=None, project=None, crop_cls=torch.zeros(n_crops, patches))
     return ImageView(sample=0, image=0, index_in_sample=0, n_tokens=n_tokens, index=torch.arange(n_tokens),
-                     embeds=torch.zeros(n_tokens, 1), stage="pre_llm", _vision=lambda: view)
+                     embeds=torch.zeros(n_tokens, 1), cut=Cut("pre_llm"), nominal=patches, n_received=n_tokens,
+                     _lookup=lambda probe: view)
 
 
 @pytest.mark.parametrize("keep,total,split", [(32, 160, (27, 5)), (64, 320, (54, 10)), (128, 640, (108, 20))])
 def test_table9_budgets_are_per_crop(keep, total, split):
     method = make_method("visionzip", keep=keep)
-    assert method.n_keep(_next_image(), 576) == total
+    assert method.budget(_next_image()) == total
     assert method.split(keep) == split
 
 
@@ -134,5 +135,5 @@ def test_shipped_next_config_is_table9_160():
     data.pop("model")
     method = make_method(data.pop("method"), **data)
     assert method.anyres == "per_crop"
-    assert method.n_keep(_next_image(), 576) == 160
+    assert method.budget(_next_image()) == 160
     assert method.split(160 // 5) == (27, 5)

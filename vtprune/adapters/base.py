@@ -76,6 +76,10 @@ class Adapter:
         """Visual tokens of one standard image; the reference for ``keep=`` budgets."""
         raise NotImplementedError
 
+    def decoder_sublayer(self, layer: int, part: str) -> nn.Module:
+        """The attention (``"attn"``) or FFN (``"mlp"``) sublayer of decoder layer ``layer``."""
+        return getattr(self.decoder_layers[layer], {"attn": "self_attn", "mlp": "mlp"}[part])
+
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         return self.language_model.rotary_emb(hidden, position_ids=position_ids)
 

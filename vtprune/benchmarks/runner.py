@@ -153,7 +153,7 @@ class BenchSettings:
 
 def default_methods() -> list[str]:
     """Every registered method that removes tokens (attention-modulation-only methods excluded)."""
-    return [name for name in list_methods() if method_class(name).stage != "attention"]
+    return [name for name in list_methods() if method_class(name).prunes]
 
 
 def scaled_keeps(visual_tokens: int, reference: Sequence[int] = REFERENCE_KEEPS,

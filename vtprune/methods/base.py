@@ -1,10 +1,19 @@
-"""The method base class, modelled on kvpress "presses".
+"""The method interface (v2), modelled on kvpress "presses".
 
-A method is a dataclass whose fields are its hyperparameters (paper defaults) plus one budget knob
-(``ratio``: fraction of each image's visual tokens removed, or ``keep``: tokens kept per image). It declares
-*where* it cuts (``stage``) and writes ``score()``; the base turns scores and the budget into sorted keep
-indices. Methods that merge or re-order tokens override ``select()`` instead. Model facts never appear here:
-a method sees one image at a time through an :class:`ImageView`.
+A method is a dataclass whose fields are its hyperparameters (paper defaults) plus one budget knob (``ratio``:
+fraction of the visual tokens it receives that it removes, or ``keep``: visual tokens kept per image after it).
+It declares *where* it acts and *what* it observes, and writes the decision:
+
+    cuts(model)             Cut("vision", j) | Cut("pre_llm") | Cut("llm", k)
+    probes(model)           typed observables (vtprune.core.probes); read back as ``image[probe]``
+    setup(model)            model-dependent initialisation, once at ``prune()``
+    budget(image)           tokens to keep at a cut (None: the method has no budget there)
+    score(image)            [n] importance: the default ``select`` keeps the top ``budget``
+    select(image, n_keep) / select_batch(images)     per image / batch-level decisions
+    modulated_layers(model), modulate(call)          rewrite attention; ``call`` is an AttentionCall
+
+Model facts never appear here: a method sees the model's shape as a :class:`ModelInfo` and each image (or,
+at a vision cut, each crop) through an :class:`ImageView`. Per-forward scratch lives in ``image.state``.
 """
 
 from __future__ import annotations
@@ -14,16 +23,52 @@ import numbers
 import sys
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
 
 from ..budget import _is_bool, tokens_to_keep, validate_budget
+from ..core.probes import FeatureLayer, Probe
 from ..errors import ConfigError
 
-STAGES = ("vision", "pre_llm", "llm", "attention")
+CUT_POINTS = ("vision", "pre_llm", "llm")
 POSITION_MODES = ("original", "renumber")
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Where a method cuts: before vision layer ``layer`` (``"vision"``), on the LLM input (``"pre_llm"``, no
+    layer) or before LLM layer ``layer`` (``"llm"``)."""
+
+    where: str
+    layer: int | None = None
+
+    def __post_init__(self):
+        if self.where not in CUT_POINTS:
+            raise ConfigError(f"vtprune: Cut where={self.where!r}; use one of {CUT_POINTS}")
+        if (self.layer is None) != (self.where == "pre_llm"):
+            raise ConfigError(f"vtprune: Cut({self.where!r}) needs {'no' if self.where == 'pre_llm' else 'a'} layer")
+
+    def __str__(self) -> str:
+        return {"vision": f"vision layer {self.layer}", "pre_llm": "the LLM input"}.get(self.where, f"LLM layer {self.layer}")
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Position in the forward pass: vision cuts, then the LLM input, then LLM layers."""
+        return CUT_POINTS.index(self.where), self.layer or 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model's shape as a method may see it: vision layers 0..vision_layers-1 (features read after
+    ``feature_layer``), LLM layers 0..llm_layers-1, ``nominal_tokens`` visual tokens of a standard image."""
+
+    family: str
+    vision_layers: int
+    feature_layer: int
+    llm_layers: int
+    nominal_tokens: int
 
 
 @dataclass
@@ -50,7 +95,6 @@ class VisionView:
     pre_projector: torch.Tensor | None
     cls_pre_projector: torch.Tensor | None
     project: Callable[[torch.Tensor], torch.Tensor] | None
-    layer_cls: dict[int, torch.Tensor] | None = None  # vision layer -> [N] head-mean CLS->patch attention
     crop_cls: torch.Tensor | None = None
     crop_keys: torch.Tensor | None = None
     crop_features: torch.Tensor | None = None
@@ -60,13 +104,14 @@ class VisionView:
 
 @dataclass
 class ImageView:
-    """One image as a method sees it at a cut.
+    """One image (at a vision cut: one crop) as a method sees it at a cut.
 
-    n_tokens: N, the image's token count before any pruning. index: [n] original indices (0..N-1) of the
-    tokens still present (sorted). embeds: [n, D] their current hidden states (LLM input embeddings before
-    the LLM, layer input inside it). attention: [H, n] attention from the last prompt token at the scoring
-    layer (``llm`` stage only). vision: lazily computed :class:`VisionView` (methods that declare
-    ``needs_vision``).
+    n_tokens: N, the image's token count before any pruning (patches per crop at a vision cut). index: [n]
+    original indices (0..N-1) of the tokens still present (sorted). embeds: [n, D] their current hidden states.
+    nominal: the token count ``keep`` refers to; n_received: the tokens this method first received (``ratio``
+    is relative to it). model: the model's shape. state: this method's scratch for this image in this forward.
+    ``image[probe]``: what a declared probe recorded, sliced to this image's current tokens. Vision cuts also
+    give ``units`` ([n] id of the LLM token each patch feeds), ``crops_in_image`` and ``patches_per_unit``.
     """
 
     sample: int
@@ -75,42 +120,57 @@ class ImageView:
     n_tokens: int
     index: torch.Tensor
     embeds: torch.Tensor
-    stage: str
-    layer: int | None = None
-    attention: torch.Tensor | None = None
-    _vision: Callable[[], VisionView] | None = None
-    observations: list | None = None  # vision stage: [(layer, cls_row [H, n+1], values [H, n+1, d] | None)]
-    state: dict | None = None  # vision stage: per-crop scratch space kept across the cuts of one forward
-    qkv: dict | None = None  # llm stage, "qkv_last" rows: q_last [H, d], v_last [H, d], keys/values [H, n, d]
-    units: torch.Tensor | None = None  # vision stage: [n] id of the LLM token each patch feeds (tile-local)
-    crops_in_image: int = 1  # vision stage: how many crops the image this crop belongs to has (anyres)
-    patches_per_unit: int = 1  # vision stage: patches pooled into one LLM token (4 for a 2x2 pixel shuffle)
-    vision_feature_layer: int | None = None  # vision stage: the layer whose output the model reads
+    cut: Cut
+    nominal: int
+    n_received: int
+    model: ModelInfo | None = None
+    state: dict = field(default_factory=dict)
+    units: torch.Tensor | None = None
+    crops_in_image: int = 1
+    patches_per_unit: int = 1
+    _lookup: Callable[[Probe], Any] | None = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
         return int(self.index.numel())
 
     @property
+    def stage(self) -> str:
+        return self.cut.where
+
+    @property
+    def layer(self) -> int | None:
+        return self.cut.layer
+
+    def __getitem__(self, probe: Probe):
+        if self._lookup is None:
+            raise KeyError(f"vtprune: no probe records at {self.cut}")
+        return self._lookup(probe)
+
+    @property
     def vision(self) -> VisionView:
-        if self._vision is None:
-            raise RuntimeError("vtprune: this method did not declare needs_vision=True")
-        return self._vision()
+        """The image's :class:`VisionView` (declare ``FeatureLayer()`` in ``probes``)."""
+        return self[FeatureLayer()]
 
 
 @dataclass
 class Selection:
     """keep: [k] sorted indices into the image's current tokens. values: optional [k, D] replacement rows
-    (merging methods). sources: optional original indices to report in stats instead of ``index[keep]``."""
+    (merging methods). sources: optional original indices to report in stats instead of ``index[keep]``.
+    extra_values / extra_index: optional [m, D] tokens appended to the kept set (merged or recycled) and the
+    original index each stands for; they take the image's first free slots (keep + m <= n)."""
 
     keep: torch.Tensor
     values: torch.Tensor | None = None
     sources: torch.Tensor | None = None
+    extra_values: torch.Tensor | None = None
+    extra_index: torch.Tensor | None = None
 
 
 @dataclass
 class Method:
-    """Base for all methods. Subclasses set ``name``, ``description``, ``stage`` and write ``score``."""
+    """Base for all methods. Subclasses set ``name`` and ``description``, return their ``cuts`` and write
+    ``score`` (or ``select``)."""
 
     ratio: float | None = None
     keep: int | None = None
@@ -118,14 +178,17 @@ class Method:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    stage: ClassVar[str] = "pre_llm"
-    needs_vision: ClassVar[bool] = False
+    has_budget: ClassVar[bool] = True  # False: schedule-defined or learned, ratio / keep are refused
+    prunes: ClassVar[bool] = True  # False: the method only modulates attention (left out of default bench sweeps)
 
     def __post_init__(self):
         """Validate every field at construction: types from the annotations (numpy scalars become Python
         numbers, lists become tuples), then the budget and ``positions``, then the method's ``check_fields``."""
         _check_field_types(self)
-        validate_budget(self.ratio, self.keep)
+        if self.has_budget:
+            validate_budget(self.ratio, self.keep)
+        elif self.ratio is not None or self.keep is not None:
+            raise ConfigError(f"vtprune: {self.name} has no ratio / keep budget (its schedule decides); drop them")
         if self.positions not in POSITION_MODES:
             raise ConfigError(f"vtprune: positions must be one of {POSITION_MODES}, got {self.positions!r}")
         self.check_fields()
@@ -141,56 +204,56 @@ class Method:
             f"expected {expected}"
         )
 
-    # --- what the core asks ---------------------------------------------------------------------------
     @property
     def is_noop(self) -> bool:
+        """ratio 0: nothing is cut and nothing is computed."""
         return self.ratio is not None and float(self.ratio) == 0.0
 
-    def cut_layers(self) -> tuple[int, ...]:
-        """LLM layer indices K before which the ``llm`` stage cuts (empty for other stages)."""
+    # --- declarations ---------------------------------------------------------------------------------
+    def setup(self, model: ModelInfo) -> None:
+        """Model-dependent initialisation, once at ``prune()`` (e.g. load weights sized for this model)."""
+
+    def cuts(self, model: ModelInfo) -> tuple[Cut, ...]:
+        """Where the method cuts. Default: the LLM input, so a method that writes only ``score`` is complete;
+        a pure modulator returns ()."""
+        return (Cut("pre_llm"),)
+
+    def probes(self, model: ModelInfo) -> tuple[Probe, ...]:
         return ()
 
-    def vision_observe_layers(self, n_layers: int, feature_layer: int) -> tuple[int, ...]:
-        """Vision layers whose CLS attention row (all heads) is recorded; with ``needs_values`` also the values."""
+    def modulated_layers(self, model: ModelInfo) -> tuple[int, ...]:
         return ()
 
-    needs_values: ClassVar[bool] = False
-
-    def select_crops(self, views: list[ImageView]) -> list[Selection]:
-        """``vision`` stage: choose the patches of every crop of the batch at once (a batch-level schedule may
-        need all crops). Default: each crop on its own with ``n_keep``/``select``."""
-        return [self.select(v, min(self.n_keep(v, v.n_tokens), v.n)) for v in views]
-
-    def vision_cut_layers(self, n_layers: int, feature_layer: int) -> tuple[int, ...]:
-        """Vision-encoder layer indices j before which the ``vision`` stage cuts patches (CLS always stays)."""
-        return ()
-
-    def attention_rows(self) -> dict[int, str]:
-        """LLM layers whose attention probabilities the method needs, with which query rows ("last")."""
-        return {}
-
-    def n_keep(self, image: ImageView, reference: int) -> int:
-        return tokens_to_keep(image.n_tokens, self.ratio, self.keep, reference)
+    # --- decisions --------------------------------------------------------------------------------------
+    def budget(self, image: ImageView) -> int | None:
+        """Tokens to keep at this cut: ``ratio`` of the tokens the method received, or ``keep`` per image (scaled
+        by the image's N over ``nominal`` for anyres images); never more than the image has now."""
+        if not self.has_budget:
+            return None
+        if self.ratio is not None:
+            return min(image.n, tokens_to_keep(image.n_received, self.ratio, None))
+        return min(image.n, tokens_to_keep(image.n_tokens, None, self.keep, image.nominal))
 
     def score(self, image: ImageView) -> torch.Tensor:
         """[n] importance of the image's current tokens; higher is kept."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} writes neither score() nor select()")
 
-    def select(self, image: ImageView, n_keep: int) -> Selection:
+    def select(self, image: ImageView, n_keep: int | None) -> Selection:
         """Keep the top ``n_keep`` tokens by ``score`` (ties broken by lower index), in original order."""
         scores = self.score(image).float()
         if scores.shape != (image.n,):
             raise RuntimeError(f"{type(self).__name__}.score returned shape {tuple(scores.shape)}, expected ({image.n},)")
-        return Selection(keep=top_k_sorted(scores, n_keep))
+        return Selection(keep=top_k_sorted(scores, image.n if n_keep is None else n_keep))
 
-    def modulated_layers(self, n_layers: int) -> tuple[int, ...]:
-        """LLM layers whose attention an ``attention``-stage method rewrites."""
-        return ()
+    def select_batch(self, images: list[ImageView]) -> list[Selection]:
+        """Every image (crop) of the batch at one cut; override for batch-level decisions. Default: each alone."""
+        return [self.select(v, self.budget(v)) for v in images]
 
-    def modulate(self, session, base, module, query, key, value, attention_mask, **kwargs) -> Any:
-        """``attention``-stage hook around one attention call; ``base`` is the model's own attention function.
-        Return its ``(output, weights)`` result, or None to leave the call alone."""
+    def modulate(self, call) -> Any:
+        """Rewrite one attention call of a modulated layer (``call``: :class:`~vtprune.core.attention.AttentionCall`).
+        Return ``(output, weights)`` (e.g. ``call.run(bias=...)``), or None to leave it alone."""
         return None
+
 
 class _Mismatch(Exception):
     pass

@@ -13,8 +13,9 @@ from typing import ClassVar
 
 import torch
 
+from ..core.probes import LLMAttention
 from ..registry import register
-from .base import ImageView, Method
+from .base import Cut, ImageView, Method
 
 
 @register
@@ -27,17 +28,16 @@ class FastV(Method):
 
     name: ClassVar[str] = "fastv"
     description: ClassVar[str] = "Last-token attention at LLM layer K-1, keep the top visual tokens from layer K on."
-    stage: ClassVar[str] = "llm"
 
     def check_fields(self) -> None:
         if self.layer < 1:  # layer 0 has no earlier layer to score at; the upper bound is checked at install
             raise self.field_error("layer", "an LLM layer K >= 1 (scores at K-1, cuts before K)")
 
-    def cut_layers(self) -> tuple[int, ...]:
-        return (int(self.layer),)
+    def cuts(self, model):
+        return (Cut("llm", self.layer),)
 
-    def attention_rows(self) -> dict[int, str]:
-        return {int(self.layer) - 1: "last"}
+    def probes(self, model):
+        return (LLMAttention(self.layer - 1),)
 
     def score(self, image: ImageView) -> torch.Tensor:
-        return image.attention.mean(0)  # [H, n] -> [n], head average
+        return image[LLMAttention(self.layer - 1)].mean(0)  # [H, n] -> [n], head average

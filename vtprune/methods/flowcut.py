@@ -30,7 +30,8 @@ import torch
 
 from ..budget import tokens_to_keep
 from ..registry import register
-from .base import ImageView, Method, Selection, top_k_sorted
+from ..core.probes import LLMQKV, VisionCLS, VisionValues
+from .base import Cut, ImageView, Method, Selection, top_k_sorted
 
 
 def flowcut_prune_count(attention: torch.Tensor, n_target: int, remaining: int) -> int:
@@ -57,8 +58,6 @@ class FlowCut(Method):
 
     name: ClassVar[str] = "flowcut"
     description: ClassVar[str] = "Information-flow scores (CLS attention, value relevance, density) pruned progressively in the ViT."
-    stage: ClassVar[str] = "vision"
-    needs_values: ClassVar[bool] = True
 
     def check_fields(self) -> None:
         if self.semantic_scaling not in ("none", "sqrt_d"):
@@ -71,19 +70,14 @@ class FlowCut(Method):
             raise self.field_error("llm_layer", "an LLM layer >= 1 (scores at llm_layer - 1, cuts before it)")
 
     # --- schedule -----------------------------------------------------------------------------------------
-    def vision_observe_layers(self, n_layers: int, feature_layer: int) -> tuple[int, ...]:
-        return tuple(range(feature_layer))
-
-    def vision_cut_layers(self, n_layers: int, feature_layer: int) -> tuple[int, ...]:
+    def cuts(self, model):
         # prune the output of layer l when r = s - l - 1 is even  ->  cut before layer l + 1 = s - r
-        s = feature_layer
-        return tuple(sorted(s - r for r in range(0, s, 2)))
+        s = model.feature_layer
+        return tuple(Cut("vision", s - r) for r in sorted(range(0, s, 2), reverse=True)) + (Cut("llm", self.llm_layer),)
 
-    def cut_layers(self) -> tuple[int, ...]:
-        return (int(self.llm_layer),)
-
-    def attention_rows(self) -> dict[int, str]:
-        return {int(self.llm_layer) - 1: "qkv_last"}
+    def probes(self, model):
+        observed = tuple(range(model.feature_layer))
+        return VisionCLS(observed), VisionValues(observed), LLMQKV(self.llm_layer - 1)
 
     # --- vision stage ---------------------------------------------------------------------------------------
     def _layer_score(self, cls_row: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,12 +101,15 @@ class FlowCut(Method):
             target = int(math.floor(target * view.crops_in_image * self.vit_share))
         return max(1, min(n_units, target))
 
-    def select_crops(self, views: list[ImageView]) -> list[Selection]:
+    def select_batch(self, views: list[ImageView]) -> list[Selection]:
+        if not views or views[0].stage != "vision":
+            return super().select_batch(views)
+        cls_probe, values_probe, _ = self.probes(views[0].model)
         plans = []
         for v in views:
-            st = v.state
-            for _layer, cls_row, values in v.observations:
-                score, a = self._layer_score(cls_row, values)
+            st, cls_rows, values = v.state, v[cls_probe], v[values_probe]
+            for layer in sorted(cls_rows):
+                score, a = self._layer_score(cls_rows[layer], values[layer])
                 w = float(self.cumulative_weight)
                 st["score"] = score if "score" not in st else w * st["score"] + (1 - w) * score
                 st["attention"] = a
@@ -120,7 +117,7 @@ class FlowCut(Method):
             unit_ids, inverse = torch.unique(v.units, return_inverse=True)
             unit_score = torch.zeros(unit_ids.numel(), dtype=torch.float64).index_add_(0, inverse, st["score"].double())
             unit_attn = torch.zeros(unit_ids.numel(), dtype=torch.float64).index_add_(0, inverse, st["attention"].double())
-            remaining = v.vision_feature_layer - v.layer  # r of the layer whose output is cut
+            remaining = v.model.feature_layer - v.layer  # r of the layer whose output is cut
             prune = flowcut_prune_count(unit_attn, target_units, remaining)
             plans.append((v, unit_score, inverse, target_units, prune))
         if self.shared_prune_count:
@@ -142,7 +139,7 @@ class FlowCut(Method):
     def select(self, image: ImageView, n_keep: int) -> Selection:
         if image.stage != "llm" or image.n <= n_keep:
             return Selection(keep=torch.arange(image.n, device=image.embeds.device))
-        qkv = image.qkv
+        qkv = image[LLMQKV(self.llm_layer - 1)]
         scale = qkv["scaling"]
         rel = (qkv["keys"] @ qkv["q_last"][..., None])[..., 0].mul(scale).softmax(-1).mean(0)  # [n]
         sem = (qkv["values"] @ qkv["v_last"][..., None])[..., 0].mul(scale).softmax(-1).mean(0)

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..registry import register
-from .base import ImageView, Method
+from .base import Cut, ImageView, Method
 
 
 @register
@@ -22,11 +22,13 @@ class RandomPrune(Method):
 
     name: ClassVar[str] = "random"
     description: ClassVar[str] = "Seeded uniformly random visual tokens kept, cut after the projector (baseline)."
-    stage: ClassVar[str] = "pre_llm"
 
     def check_fields(self) -> None:
         if not 0 <= self.seed < 2**32:  # keeps the per-image generator seed in torch's 64-bit range
             raise self.field_error("seed", "an integer in [0, 2**32)")
+
+    def cuts(self, model):
+        return (Cut("pre_llm"),)
 
     def score(self, image: ImageView) -> torch.Tensor:
         gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + image.index_in_sample * 7919 + image.n_tokens)

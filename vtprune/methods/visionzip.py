@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from ..budget import tokens_to_keep
 from ..registry import register
-from .base import ImageView, Method, Selection, VisionView, top_k_sorted
+from ..core.probes import FeatureLayer
+from .base import Cut, ImageView, Method, Selection, VisionView, top_k_sorted
 
 ANYRES_MODES = ("per_crop", "global")
 
@@ -50,8 +51,6 @@ class VisionZip(Method):
 
     name: ClassVar[str] = "visionzip"
     description: ClassVar[str] = "CLS-attention dominant tokens plus merged contextual tokens, cut before the LLM."
-    stage: ClassVar[str] = "pre_llm"
-    needs_vision: ClassVar[bool] = True
 
     def check_fields(self) -> None:
         if not 0.0 < self.dominant_fraction <= 1.0:
@@ -67,13 +66,19 @@ class VisionZip(Method):
     def _per_crop(self, v: VisionView) -> bool:
         return self.anyres == "per_crop" and v.crop_cls is not None
 
-    def n_keep(self, image: ImageView, reference: int) -> int:
+    def cuts(self, model):
+        return (Cut("pre_llm"),)
+
+    def probes(self, model):
+        return (FeatureLayer(),)
+
+    def budget(self, image: ImageView) -> int:
         v = image.vision
         if not self._per_crop(v):
-            return super().n_keep(image, reference)
+            return super().budget(image)
         crops, patches = v.crop_cls.shape
-        per_crop = tokens_to_keep(patches, self.ratio, self.keep, reference)
-        return crops * max(1, min(per_crop, image.n_tokens // crops))
+        per_crop = tokens_to_keep(patches, self.ratio, self.keep, image.nominal)
+        return min(image.n, crops * max(1, min(per_crop, image.n_tokens // crops)))
 
     def score(self, image: ImageView) -> torch.Tensor:
         return image.vision.cls_attention[image.index]

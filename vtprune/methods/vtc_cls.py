@@ -25,7 +25,8 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import register
-from .base import ImageView, Method
+from ..core.probes import VisionCLS
+from .base import Cut, ImageView, Method
 
 OFFICIAL_START, OFFICIAL_DEPTH = 16, 24  # --layer 16 of CLIP-L's 24 layers
 
@@ -38,8 +39,6 @@ class VTCCLS(Method):
 
     name: ClassVar[str] = "vtc_cls"
     description: ClassVar[str] = "CLS attention ensembled over the last vision layers; one cut before the projector."
-    stage: ClassVar[str] = "pre_llm"
-    needs_vision: ClassVar[bool] = True
 
     def layers(self, n_layers: int, feature_layer: int) -> range:
         """Vision layers ensembled: ``range(n_layers)[start_layer : feature_layer + 1]`` (see the module doc)."""
@@ -56,9 +55,13 @@ class VTCCLS(Method):
             )
         return range(start, feature_layer + 1)
 
-    def vision_observe_layers(self, n_layers: int, feature_layer: int) -> tuple[int, ...]:
-        return tuple(self.layers(n_layers, feature_layer))
+    def cuts(self, model):
+        return (Cut("pre_llm"),)
+
+    def probes(self, model):
+        return (VisionCLS(tuple(self.layers(model.vision_layers, model.feature_layer))),)
 
     def score(self, image: ImageView) -> torch.Tensor:
-        per_layer = image.vision.layer_cls
+        (probe,) = self.probes(image.model)
+        per_layer = image[probe]
         return torch.stack([per_layer[l] for l in sorted(per_layer)]).sum(0)[image.index]

@@ -1,0 +1,70 @@
+"""What a modulator is handed: one attention call of one LLM layer, never the session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class AttentionCall:
+    """query: [B, H, q, d] (post-RoPE); key / value: [B, H_kv, T, d]; mask: what the model passes (None, bool
+    True = attend, or additive). layer: LLM layer index. visual: [B, T] bool, True where a key slot holds a
+    visual token *in this layer's layout* (cut tokens are gone; generated tokens are text), None when the forward
+    has no images. ``records``: the LLM-side probe records of this forward (empty in decode steps)."""
+
+    module: torch.nn.Module
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    kwargs: dict
+    layer: int
+    visual: torch.Tensor | None
+    next: Callable = field(repr=False)
+    records: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def scaling(self) -> float:
+        return self.kwargs.get("scaling") or self.query.shape[-1] ** -0.5
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.query.shape[2] > 1
+
+    def repeated(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H_kv, T, d] -> [B, H, T, d] (grouped-query heads repeated)."""
+        groups = self.query.shape[1] // x.shape[1]
+        return x.repeat_interleave(groups, dim=1) if groups > 1 else x
+
+    def allowed(self) -> torch.Tensor:
+        """[B|1, 1, q, T] bool: which keys each query may attend to (causal when the model passes no mask)."""
+        q, T = self.query.shape[2], self.key.shape[2]
+        if self.mask is None:
+            return torch.ones(q, T, dtype=torch.bool, device=self.query.device).tril(T - q)[None, None]
+        m = self.mask[..., :T]
+        return m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+
+    def logits(self, rows: slice | None = None) -> torch.Tensor:
+        """[B, H, r, T] float32 scaled q.k logits of query ``rows`` (all by default), masked keys at -inf."""
+        rows = rows if rows is not None else slice(None)
+        q = self.query[:, :, rows].float()
+        logits = (q @ self.repeated(self.key).float().transpose(-1, -2)) * self.scaling
+        return logits.masked_fill(~self.allowed()[:, :, rows], float("-inf"))
+
+    def probs(self, rows: slice | None = None) -> torch.Tensor:
+        """[B, H, r, T] attention probabilities of query ``rows``."""
+        return self.logits(rows).softmax(-1)
+
+    def run(self, bias: torch.Tensor | None = None, **tensors):
+        """The rest of the chain (finally the model's own attention) with an additive logit ``bias`` broadcast to
+        [B, H, q, T] and optionally replaced ``query`` / ``key`` / ``value``; returns ``(output, weights)``."""
+        q, k, v = (tensors.get(n, getattr(self, n)) for n in ("query", "key", "value"))
+        mask = self.mask
+        if bias is not None:
+            dtype = q.dtype
+            mask = torch.zeros(self.allowed().shape, dtype=dtype, device=q.device).masked_fill(
+                ~self.allowed(), torch.finfo(dtype).min) + bias.to(dtype)
+        return self.next(self.module, q, k, v, mask, **self.kwargs)

@@ -1,0 +1,396 @@
+"""Typed probes: what a method may observe during a forward, each recording only what is asked.
+
+A method returns probes from ``probes(model)``; the session attaches each once (equal probes are merged) and a
+method reads what one recorded as ``image[probe]``, sliced to that image (or crop) and its current tokens.
+Recorders run inside the attention chain (SDPA stays on for the whole model) or as forward hooks; records
+live in the per-forward context and are dropped with it.
+
+Vision probes (vision tower; one record per run of ``get_image_features``):
+    VisionCLS(layers)            CLS query's attention row, all heads
+    VisionValues(layers)         value vectors, all heads
+    VisionAttentionMap(layers)   full attention map, mean over heads
+    FeatureLayer()               the :class:`VisionView` (feature-layer CLS attention and keys, projector inputs)
+    ProjectorInput()             the model's own projector input
+LLM probes (prefill only; rows refer to the layout of the layer they were recorded at):
+    LLMAttention(layer, queries) attention probabilities of the last prompt token or the instruction tokens
+    LLMQKV(layer)                post-RoPE query of the last prompt token, keys and values
+    Residual(layer)              the residual stream entering a decoder layer
+    Sublayer(layer, part)        input and output of the attention (``"attn"``) or FFN (``"mlp"``) sublayer
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import PruneError
+from .layout import instruction_slots, slots_of
+
+QUERY_SETS = ("last", "instruction")
+
+
+@dataclass(frozen=True)
+class CropSlice:
+    """A vision-stage cut's view of one crop: ``n`` current patches, probe rows recorded in [since, until)."""
+
+    crop: int
+    n: int
+    since: int
+    until: int
+
+
+@dataclass(frozen=True)
+class ImageSlice:
+    """An LLM-side cut's view of one image: its span, the forward, the adapter and its current tokens."""
+
+    span: Any
+    forward: Any
+    adapter: Any
+    index: torch.Tensor  # [n] original indices of the image's current tokens
+
+    def crops(self) -> slice:
+        first, n = self.forward.crop_ranges(self.adapter)[self.span.image]
+        return slice(first, first + n)
+
+    def sources(self, device) -> torch.Tensor:
+        """[N, S] positions in this image's vision sequences feeding each token (-1 pads)."""
+        return self.adapter.token_sources(self.forward.source(self.span), self.forward.image_sizes).to(device)
+
+    def to_tokens(self, per_position: torch.Tensor) -> torch.Tensor:
+        """[crops * S] values per vision position -> [N] per token, summed over the positions feeding it."""
+        src = self.sources(per_position.device)
+        return (per_position[src.clamp(min=0)] * (src >= 0)).sum(1)
+
+    def rows(self, record_layout) -> torch.Tensor:
+        """[n] slots of the current tokens in the layout a record was made in."""
+        return slots_of(record_layout, self.span.image, self.index)
+
+
+class Probe:
+    """Base: ``scope`` is "vision" or "llm"; ``attach`` installs the recorders; ``for_crop`` / ``for_image`` slice
+    a record for a vision-stage or an LLM-side cut."""
+
+    scope: ClassVar[str] = "llm"
+
+    def check(self, info) -> None:
+        """Raise PruneError when a layer does not exist in the model (``info``: ModelInfo)."""
+
+    def attach(self, host) -> None:
+        raise NotImplementedError
+
+    def for_crop(self, record, where: CropSlice):
+        raise PruneError(f"vtprune: probe {self} has no per-crop view (vision-stage cuts); use it at an LLM-side cut")
+
+    def for_image(self, record, where: ImageSlice):
+        raise PruneError(f"vtprune: probe {self} has no per-image view; use it at a vision-stage cut")
+
+
+def _check_vision(probe, layers, info) -> None:
+    bad = [j for j in layers if not 0 <= j < info.vision_layers]
+    if bad:
+        raise PruneError(f"vtprune: {probe} observes vision layer {bad[0]}; the tower has 0..{info.vision_layers - 1}")
+
+
+def _check_llm(probe, layer, info) -> None:
+    if not 0 <= layer < info.llm_layers:
+        raise PruneError(f"vtprune: {probe} observes LLM layer {layer}; the model has layers 0..{info.llm_layers - 1}")
+
+
+def _masked_logits(logits: torch.Tensor, mask, rows: slice, keys: int) -> torch.Tensor:
+    if isinstance(mask, torch.Tensor):
+        m = mask[:, :, rows, :keys]
+        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
+    return logits
+
+
+def _vision_attention(host, layers, record):
+    """Put ``record(run_records, layer, module, q, k, v, mask, kwargs)`` in the chain of each vision layer."""
+    a = host.adapter
+    for j in layers:
+        def fn(next, module, query, key, value, attention_mask, j=j, **kwargs):
+            run = host.vision_run()
+            if run is not None:
+                record(run.records, j, query, key, value, attention_mask, kwargs)
+            return next(module, query, key, value, attention_mask, **kwargs)
+
+        host.hooks.attention(a.vision_attention(a.vision_layers[j]), fn, "record")
+
+
+# --- vision probes -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VisionCLS(Probe):
+    """At a vision cut: {layer: [H, n+1]} CLS row (CLS column first) for layers in [previous cut, this cut). At an
+    LLM-side cut: {layer: [N]} head-mean CLS attention summed over each token's patches (full-grid layers only)."""
+
+    layers: tuple[int, ...]
+    scope: ClassVar[str] = "vision"
+
+    def check(self, info):
+        _check_vision(self, self.layers, info)
+
+    def attach(self, host):
+        def record(records, j, query, key, value, mask, kwargs):
+            rec = records.setdefault(self, {})
+            if j not in rec:
+                scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+                logits = (query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling
+                rec[j] = _masked_logits(logits, mask, slice(0, 1), key.shape[2]).softmax(-1)[:, :, 0]  # [crops, H, n+1]
+
+        _vision_attention(host, self.layers, record)
+
+    def for_crop(self, record, where):
+        return {l: r[where.crop][:, : where.n + 1] for l, r in sorted(record.items()) if where.since <= l < where.until}
+
+    def for_image(self, record, where):
+        seq = where.adapter.vision_seq_len
+        return {l: where.to_tokens(r[where.crops()].mean(1).reshape(-1))
+                for l, r in sorted(record.items()) if r.shape[-1] == seq}
+
+
+@dataclass(frozen=True)
+class VisionValues(Probe):
+    """At a vision cut: {layer: [H, n+1, d]} value vectors (CLS first) for layers in [previous cut, this cut)."""
+
+    layers: tuple[int, ...]
+    scope: ClassVar[str] = "vision"
+
+    def check(self, info):
+        _check_vision(self, self.layers, info)
+
+    def attach(self, host):
+        def record(records, j, query, key, value, mask, kwargs):
+            records.setdefault(self, {}).setdefault(j, value.float())
+
+        _vision_attention(host, self.layers, record)
+
+    def for_crop(self, record, where):
+        return {l: r[where.crop][:, : where.n + 1] for l, r in sorted(record.items()) if where.since <= l < where.until}
+
+
+@dataclass(frozen=True)
+class VisionAttentionMap(Probe):
+    """Head-mean attention map. At a vision cut: {layer: [n+1, n+1]} (CLS first); at an LLM-side cut:
+    {layer: [crops, S, S]} over the image's crops (full-grid layers only)."""
+
+    layers: tuple[int, ...]
+    scope: ClassVar[str] = "vision"
+
+    def check(self, info):
+        _check_vision(self, self.layers, info)
+
+    def attach(self, host):
+        def record(records, j, query, key, value, mask, kwargs):
+            rec = records.setdefault(self, {})
+            if j not in rec:
+                scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+                logits = (query.float() @ key.float().transpose(-1, -2)) * scaling
+                rec[j] = _masked_logits(logits, mask, slice(None), key.shape[2]).softmax(-1).mean(1)
+
+        _vision_attention(host, self.layers, record)
+
+    def for_crop(self, record, where):
+        k = where.n + 1
+        return {l: r[where.crop][:k, :k] for l, r in sorted(record.items()) if where.since <= l < where.until}
+
+    def for_image(self, record, where):
+        seq = where.adapter.vision_seq_len
+        return {l: r[where.crops()] for l, r in sorted(record.items()) if r.shape[-1] == seq}
+
+
+@dataclass(frozen=True)
+class ProjectorInput(Probe):
+    """[N, D_in] the model's own projector input row of each token, or None when a token has none (newlines)."""
+
+    scope: ClassVar[str] = "vision"
+
+    def attach(self, host):
+        def record(module, args):
+            run = host.vision_run()
+            if run is not None and self not in run.records:  # the model's call only: methods may project merges
+                run.records[self] = args[0]
+
+        host.hooks.pre(host.adapter.projector, record, with_kwargs=False)
+
+    def for_image(self, record, where):
+        rows = where.adapter.projector_rows(where.forward.source(where.span), where.forward.image_sizes)
+        crops = where.crops()
+        flat = record[crops].reshape(-1, record.shape[-1])
+        return flat[rows.to(flat.device)] if bool((rows >= 0).all()) else None
+
+
+@dataclass(frozen=True)
+class FeatureLayer(Probe):
+    """The :class:`~vtprune.methods.base.VisionView` of an image at the feature layer the model reads: CLS
+    attention and keys mapped onto its tokens, projector inputs, the CLS vector, per-crop views on anyres."""
+
+    scope: ClassVar[str] = "vision"
+
+    def attach(self, host):
+        a = host.adapter
+        feature = a.vision_feature_layer
+
+        def record(records, j, query, key, value, mask, kwargs):
+            rec = records.setdefault(self, {})
+            if "cls" not in rec:
+                scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+                logits = (query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling
+                probs = _masked_logits(logits, mask, slice(0, 1), key.shape[2]).softmax(-1)[:, :, 0]
+                rec.update(cls=probs.sum(1), keys=key.float().mean(1), n_crops=query.shape[0])
+
+        def hidden(module, args, output):
+            run = host.vision_run()
+            if run is not None:
+                out = output[0] if isinstance(output, tuple) else output
+                run.records.setdefault(self, {}).setdefault("hidden_cls", out[:, 0])
+
+        _vision_attention(host, (feature,), record)
+        host.hooks.post(a.vision_layers[feature], hidden)
+        ProjectorInput().attach(host)
+
+    def for_image(self, record, where):
+        from .vision_view import vision_view  # the view's construction is model geometry, kept in one place
+
+        return vision_view(record, where)
+
+
+# --- LLM probes ----------------------------------------------------------------------------------------------
+def _llm_attention(host, layer, record):
+    """Put ``record(forward, q, k, v, mask, kwargs)`` in the chain of LLM layer ``layer`` (prefill only)."""
+    def fn(next, module, query, key, value, attention_mask, **kwargs):
+        fwd = host.prefill()
+        if fwd is not None and query.shape[2] > 1:
+            record(fwd, query, key, value, attention_mask, kwargs)
+        return next(module, query, key, value, attention_mask, **kwargs)
+
+    host.hooks.attention(host.adapter.decoder_layers[layer].self_attn, fn, "record")
+
+
+def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    groups = heads // x.shape[1]
+    return x.repeat_interleave(groups, dim=1) if groups > 1 else x
+
+
+@dataclass(frozen=True)
+class LLMAttention(Probe):
+    """Attention probabilities at LLM layer ``layer`` of the last prompt token (``queries="last"``: [H, n] per
+    image) or of every prompt token after the sample's last image (``"instruction"``: [H, q, n]); columns are the
+    image's current tokens."""
+
+    layer: int
+    queries: str = "last"
+
+    def __post_init__(self):
+        if self.queries not in QUERY_SETS:
+            raise PruneError(f"vtprune: LLMAttention queries={self.queries!r}; use one of {QUERY_SETS}")
+
+    def check(self, info):
+        _check_llm(self, self.layer, info)
+
+    def attach(self, host):
+        def record(fwd, query, key, value, mask, kwargs):
+            layout = fwd.layout_at(self.layer)
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            first = query.shape[2] - 1
+            if self.queries == "instruction":  # rows from the earliest instruction start of the batch
+                starts = [instruction_slots(layout, fwd.spans, b) for b in range(query.shape[0])]
+                first = min((int(s[0]) for s in starts if s.numel()), default=first)
+            k = _repeat_kv(key, query.shape[1]).float()
+            logits = (query[:, :, first:].float() @ k.transpose(-1, -2)) * scaling
+            probs = _masked_logits(logits, mask, slice(first, None), k.shape[2]).softmax(-1)  # [B, H, q, T]
+            fwd.records[self] = (probs, layout, first)
+
+        _llm_attention(host, self.layer, record)
+
+    def for_image(self, record, where):
+        probs, layout, first = record
+        cols = where.rows(layout)
+        sample = probs[where.span.sample]
+        if self.queries == "last":
+            return sample[:, -1, cols]
+        rows = instruction_slots(layout, where.forward.spans, where.span.sample) - first
+        return sample[:, rows][:, :, cols]
+
+
+@dataclass(frozen=True)
+class LLMQKV(Probe):
+    """Post-RoPE rows of LLM layer ``layer`` per image: ``q_last`` [H, d] and ``v_last`` [H, d] of the last prompt
+    token, ``keys`` / ``values`` [H, n, d] of the image's current tokens (KV heads repeated), ``scaling``."""
+
+    layer: int
+
+    def check(self, info):
+        _check_llm(self, self.layer, info)
+
+    def attach(self, host):
+        def record(fwd, query, key, value, mask, kwargs):
+            heads = query.shape[1]
+            fwd.records[self] = (dict(q_last=query[:, :, -1].float(), keys=_repeat_kv(key, heads).float(),
+                                      values=_repeat_kv(value, heads).float(),
+                                      scaling=kwargs.get("scaling") or query.shape[-1] ** -0.5),
+                                 fwd.layout_at(self.layer))
+
+        _llm_attention(host, self.layer, record)
+
+    def for_image(self, record, where):
+        rec, layout = record
+        b, cols = where.span.sample, where.rows(layout)
+        return dict(q_last=rec["q_last"][b], v_last=rec["values"][b][:, -1], keys=rec["keys"][b][:, cols],
+                    values=rec["values"][b][:, cols], scaling=rec["scaling"])
+
+
+@dataclass(frozen=True)
+class Residual(Probe):
+    """[n, D] the residual stream entering decoder layer ``layer`` (after any cut before it), per image."""
+
+    layer: int
+
+    def check(self, info):
+        _check_llm(self, self.layer, info)
+
+    def attach(self, host):
+        def record(module, args, kwargs):
+            fwd = host.prefill()
+            if fwd is not None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                fwd.records[self] = (hidden, fwd.layout_at(self.layer))
+
+        host.hooks.pre(host.adapter.decoder_layers[self.layer], record)  # after the session's cut hooks
+
+    def for_image(self, record, where):
+        hidden, layout = record
+        return hidden[where.span.sample, where.rows(layout)]
+
+
+@dataclass(frozen=True)
+class Sublayer(Probe):
+    """(input, output), each [n, D] per image, of LLM layer ``layer``'s attention (``part="attn"``) or FFN
+    (``"mlp"``) sublayer: after its norm, before the residual add."""
+
+    layer: int
+    part: str = "attn"
+    PARTS: ClassVar[tuple[str, ...]] = ("attn", "mlp")
+
+    def __post_init__(self):
+        if self.part not in self.PARTS:
+            raise PruneError(f"vtprune: Sublayer part={self.part!r}; use one of {self.PARTS}")
+
+    def check(self, info):
+        _check_llm(self, self.layer, info)
+
+    def attach(self, host):
+        def record(module, args, kwargs, output):
+            fwd = host.prefill()
+            if fwd is not None:
+                x = args[0] if args else kwargs["hidden_states"]
+                y = output[0] if isinstance(output, tuple) else output
+                fwd.records[self] = (x, y, fwd.layout_at(self.layer))
+
+        host.hooks.post(host.adapter.decoder_sublayer(self.layer, self.part), record, with_kwargs=True)
+
+    def for_image(self, record, where):
+        x, y, layout = record
+        b, rows = where.span.sample, where.rows(layout)
+        return x[b, rows], y[b, rows]

@@ -1,27 +1,35 @@
-"""kvpress-style matrix: every method x model family x batch size.
+"""kvpress-style matrix: every registered method x model family x batch size, and every method composed with an
+in-LLM pruner and wrapped by a test-only modulator.
 
 A left-padded batch of prompts of different lengths (and, for LLaVA-NeXT, different image sizes and so
 different visual-token counts) must give the same greedy tokens as each prompt alone; the kept sets must
-respect the budget, be sorted and be deterministic.
+respect the budget, be sorted and be deterministic. A method is in the matrix by being registered.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
 
 import vtprune
 from vtprune.budget import tokens_to_keep
+from vtprune.methods import FastV
+from vtprune.methods.base import Method
+from vtprune.registry import make_method, method_class, register
 
 from .conftest import FAMILIES, collate, make_prompt
 
-METHODS = {
-    "random": dict(ratio=0.6),
-    "fastv": dict(ratio=0.6),
+DEFAULT = dict(ratio=0.6)
+SETTINGS = {  # where a method needs other test settings than DEFAULT (tiny towers, batch-independent schedules)
     "visionzip": dict(keep=12),
     "vtc_cls": dict(ratio=0.6, start_layer=0),
     "flowcut": dict(ratio=0.75, shared_prune_count=False),
 }
+METHODS = {name: SETTINGS.get(name, DEFAULT if method_class(name).has_budget else {})
+           for name in vtprune.list_methods() if not name.startswith("_") and method_class(name).prunes}
 BUDGET_KEYS = ("ratio", "keep")
 STEPS = 8
 
@@ -92,3 +100,68 @@ def test_two_images_in_one_sample(models):
         stats = model.vtprune.stats
     assert [i.kept for i in stats.images] == [16, 16]
     assert out.logits.shape[1] == prompt.input_ids.numel() - 2 * (64 - 16)
+
+
+@register
+@dataclass
+class _DampVisual(Method):
+    """Test-only modulator (the wrapper of the composition axis): adds log(alpha) to every LLM layer's logits of
+    the keys that hold visual tokens in that layer's layout."""
+
+    alpha: float = 0.5
+
+    name: ClassVar[str] = "_test_damp_visual"
+    description: ClassVar[str] = "test wrapper modulator"
+    has_budget: ClassVar[bool] = False
+    prunes: ClassVar[bool] = False
+
+    def cuts(self, model):
+        return ()
+
+    def modulated_layers(self, model):
+        return tuple(range(1, model.llm_layers))
+
+    def modulate(self, call):
+        bias = torch.where(call.visual, torch.tensor(self.alpha).log(), torch.tensor(0.0))
+        return call.run(bias=bias[:, None, None, :])
+
+
+WRAPPERS = {
+    "then_fastv": lambda: FastV(ratio=0.5, layer=3),  # an in-LLM pruner after it
+    "damped": lambda: _DampVisual(alpha=0.5),  # a modulator over it
+    "identity_modulator": lambda: _DampVisual(alpha=1.0),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_pipelines_batch_equals_single(models, family, method, wrapper):
+    model = models(family)
+    prompts = [make_prompt(model, family, text_len=3 + 4 * i, seed=i) for i in range(3)]
+
+    def pipeline():
+        return [make_method(method, **METHODS[method]), WRAPPERS[wrapper]()]
+
+    with vtprune.pruned(model, pipeline()):
+        batched = _generate(model, prompts)
+        stats = model.vtprune.stats
+        kept_batch = [img.kept_index for img in stats.images]
+        singles, kept_single = [], []
+        for p in prompts:
+            singles.append(_generate(model, [p])[0])
+            kept_single.append(model.vtprune.stats.images[0].kept_index)
+    assert batched == singles and kept_batch == kept_single
+    for img in stats.images:
+        names = [st.method for st in img.stages]
+        if wrapper == "then_fastv":  # FastV's ratio is relative to the tokens the first method left
+            last = img.stages[-1]
+            assert names[-1] == "fastv" and set(names[:-1]) == {method}
+            assert (last.stage, last.layer) == ("llm", 3)
+            assert last.tokens_in == img.stages[-2].tokens_out
+            assert last.tokens_out == tokens_to_keep(last.tokens_in, 0.5, None)
+        else:
+            assert set(names) == {method}
+    if wrapper == "identity_modulator":  # alpha = 1 adds a zero bias: the method alone decides every token
+        with vtprune.pruned(model, method, **METHODS[method]):
+            assert _generate(model, prompts) == batched

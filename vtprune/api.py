@@ -181,12 +181,21 @@ def _methods(method, kwargs) -> list[Method]:
                 "vtprune: a pipeline is a non-empty list of method objects or names, with no keywords beside it, "
                 "e.g. prune(model, [VisionZip(keep=192), FastV(ratio=0.5)])"
             )
-        return [m if isinstance(m, Method) else make_method(m) for m in method]
+        return [m if isinstance(m, Method) else _pipeline_entry(m) for m in method]
     if isinstance(method, Method):
         if kwargs:
             raise ConfigError(f"vtprune: set {', '.join(sorted(kwargs))} on the {method.name} object, not beside it")
         return [method]
     return [make_method(method, **kwargs)]
+
+
+def _pipeline_entry(name) -> Method:
+    try:
+        return make_method(name)
+    except ConfigError as err:
+        raise type(err)(
+            f"{err} (pipeline entry {name!r}: give it its fields as an object, e.g. vtprune.method({name!r}, keep=64))"
+        ) from None
 
 
 def prune(model, method=None, *, config=None, **kwargs):

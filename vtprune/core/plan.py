@@ -122,5 +122,5 @@ def _check_full_grid(plan: Plan, method: Method, probes) -> None:
         cutter = plan.vision_step.method.name
         raise PruneError(
             f"vtprune: {method.name} reads the vision tower's full patch grid ({reads_grid[0]}), but {cutter} "
-            f"already cuts patches inside the tower; put {method.name} alone or before any vision-stage method"
+            f"already cuts patches inside the tower, so the grid is gone by then; run {method.name} without it"
         )

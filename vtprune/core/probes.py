@@ -99,10 +99,16 @@ def _check_llm(probe, layer, info) -> None:
         raise PruneError(f"vtprune: {probe} observes LLM layer {layer}; the model has layers 0..{info.llm_layers - 1}")
 
 
-def _masked_logits(logits: torch.Tensor, mask, rows: slice, keys: int) -> torch.Tensor:
+def _masked_logits(logits: torch.Tensor, mask, rows: slice, keys: int, causal: bool = False) -> torch.Tensor:
+    """Apply the model's mask to the logits of query ``rows``; with no mask, a causal layer (the LLM: SDPA's
+    ``is_causal`` path passes None) still hides later keys from each row."""
     if isinstance(mask, torch.Tensor):
         m = mask[:, :, rows, :keys]
-        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
+        return logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
+    if causal:
+        q_rows, first = logits.shape[-2], keys - logits.shape[-2]  # the rows are the last q_rows queries
+        later = torch.arange(keys, device=logits.device)[None] > torch.arange(first, keys, device=logits.device)[:, None]
+        return logits.masked_fill(later[:q_rows], float("-inf"))
     return logits
 
 
@@ -299,7 +305,7 @@ class LLMAttention(Probe):
                 first = min((int(s[0]) for s in starts if s.numel()), default=first)
             k = _repeat_kv(key, query.shape[1]).float()
             logits = (query[:, :, first:].float() @ k.transpose(-1, -2)) * scaling
-            probs = _masked_logits(logits, mask, slice(first, None), k.shape[2]).softmax(-1)  # [B, H, q, T]
+            probs = _masked_logits(logits, mask, slice(first, None), k.shape[2], causal=True).softmax(-1)  # [B, H, q, T]
             fwd.records[self] = (probs, layout, first)
 
         _llm_attention(host, self.layer, record)

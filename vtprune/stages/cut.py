@@ -111,8 +111,9 @@ def cut_tokens(host, fwd, step, prev: Layout, hidden: torch.Tensor, stage: str, 
         record_stage(fwd, step, stage, span, n_in, keep, sources)
     if all(keep.numel() == n_in and values is None for _, n_in, keep, values, _ in resolved):
         return None, hidden
-    spans = [r[0] for r in resolved]
-    new, keep_index, counts = cut_layout(prev, spans, [r[2] for r in resolved])
+    keeps = {span.image: keep for span, _, keep, _, _ in resolved}  # images with no tokens left keep none
+    empty = torch.zeros(0, dtype=torch.long, device=prev.valid.device)
+    new, keep_index, counts = cut_layout(prev, fwd.spans, [keeps.get(s.image, empty) for s in fwd.spans])
     new.position_ids = cut_positions(prev, new, step.method.positions)
     in_place = not (hidden.requires_grad or fwd.keep_hidden_states)
     hidden = compact_tokens(hidden, keep_index, counts, in_place)

@@ -1,0 +1,82 @@
+"""AttentionCall.visual (bug 2): the visual key slots a modulator sees are the slots holding visual tokens in
+*that layer's* layout, after any cut, in prefill and decode, checked against a layout rebuilt here from
+input_ids and the kept indices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.methods import FastV
+from vtprune.methods.base import Method
+from vtprune.registry import register
+
+from ..conftest import FAMILIES, collate, make_prompt
+from ..helpers import kept_sequence_positions
+
+SEEN: list[tuple[int, int, torch.Tensor]] = []
+
+
+@register
+@dataclass
+class _CaptureVisual(Method):
+    """Test-only modulator on every LLM layer: remembers (layer, query length, visual key mask), changes nothing."""
+
+    name: ClassVar[str] = "_test_capture_visual"
+    description: ClassVar[str] = "test: capture AttentionCall.visual"
+    has_budget: ClassVar[bool] = False
+    prunes: ClassVar[bool] = False
+
+    def cuts(self, model):
+        return ()
+
+    def modulated_layers(self, model):
+        return tuple(range(model.llm_layers))
+
+    def modulate(self, call):
+        SEEN.append((call.layer, call.query.shape[2], call.visual.clone()))
+        return None
+
+
+def _expected(batch, stats, image_token: int, after_cut: bool) -> torch.Tensor:
+    """[B, T] visual slots: the padded prompt before the cut; after it, each row's surviving tokens (padding,
+    text, kept visual) right-aligned in their original order."""
+    ids = batch["input_ids"]
+    if not after_cut:
+        return ids == image_token
+    rows = []
+    for b in range(ids.shape[0]):
+        imgs = [i for i in stats.images if i.sample == b]
+        seq = kept_sequence_positions(ids[b], image_token, [i.kept_index for i in imgs], [i.n_tokens for i in imgs])
+        rows.append(ids[b, seq] == image_token)
+    T = max(r.numel() for r in rows)
+    return torch.stack([torch.cat([torch.zeros(T - r.numel(), dtype=torch.bool), r]) for r in rows])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_visual_key_slots_follow_the_layout_of_each_layer(models, family):
+    model = models(family)
+    batch = collate([make_prompt(model, family, 3 + 4 * i, i) for i in range(2)])
+    image_token = model.config.image_token_id
+    SEEN.clear()
+    with vtprune.pruned(model, [FastV(ratio=0.5, layer=2), _CaptureVisual()]), torch.no_grad():
+        model.generate(**batch, max_new_tokens=3, do_sample=False)
+        stats = model.vtprune.stats
+    kept_visual = [sum(i.kept for i in stats.images if i.sample == b) for b in range(2)]
+    n_layers = model.config.text_config.num_hidden_layers
+    prefill, decode = SEEN[:n_layers], SEEN[n_layers:]
+    assert [layer for layer, _, _ in prefill] == list(range(n_layers)) and len(decode) == 2 * n_layers
+    for layer, _, visual in prefill:
+        expected = _expected(batch, stats, image_token, after_cut=layer >= 2)
+        assert torch.equal(visual, expected), f"layer {layer}"
+        if layer >= 2:
+            assert visual.sum(1).tolist() == kept_visual  # only slots that really hold visual tokens
+    for step, (layer, q, visual) in enumerate(decode):
+        expected = _expected(batch, stats, image_token, after_cut=layer >= 2)
+        generated = visual.shape[1] - expected.shape[1]
+        assert q == 1 and generated == 1 + step // n_layers  # the new tokens so far, this one included
+        assert torch.equal(visual[:, : expected.shape[1]], expected) and not visual[:, expected.shape[1]:].any()

@@ -19,7 +19,7 @@ def hook_snapshot(model):
         (name, tuple(m._forward_hooks.values()), tuple(m._forward_pre_hooks.values()), "_vtprune_attention" in m.__dict__,
          getattr(getattr(m, "config", None), "_attn_implementation", None))
         for name, m in model.named_modules()
-    ] + [("get_image_features" in model.model.__dict__,)]
+    ] + [("get_image_features" in model.model.__dict__, "_expand_inputs_for_generation" in model.__dict__)]
 
 
 def _logits(model, batch):

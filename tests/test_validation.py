@@ -24,7 +24,7 @@ def _fields():
         cls = method_class(name)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.init:
+            if f.init and (cls.has_budget or f.name not in ("ratio", "keep")):  # no budget: refused, tested below
                 yield pytest.param(name, f, hints[f.name], id=f"{name}.{f.name}")
 
 
@@ -35,8 +35,10 @@ def _types(hint) -> tuple:
     return typing.get_args(hint) or (hint,)
 
 
-def _budget(field: str) -> dict:
-    """A valid budget that leaves ``field`` free to be set."""
+def _budget(method: str, field: str) -> dict:
+    """A valid budget that leaves ``field`` free to be set (none for methods without a budget)."""
+    if not method_class(method).has_budget:
+        return {}
     return {"ratio": None, "keep": 4} if field == "ratio" else {"ratio": 0.5, "keep": None}
 
 
@@ -45,21 +47,21 @@ def test_wrong_type_names_method_field_value_and_expected_type(method, f, hint):
     wrong = 3 if str in _types(hint) else "abc"
     expected = re.escape(f"vtprune: {method} {f.name}={wrong!r} has the wrong type: expected")
     with pytest.raises(ConfigError, match=expected):
-        make_method(method, **{**_budget(f.name), f.name: wrong})
+        make_method(method, **{**_budget(method, f.name), f.name: wrong})
 
 
 @pytest.mark.parametrize("method, f, hint", [p for p in FIELDS if {int, bool} & set(_types(p.values[2]))])
 def test_bool_is_not_an_int_and_an_int_is_not_a_bool(method, f, hint):
     wrong = True if int in _types(hint) else 1
     with pytest.raises(ConfigError, match=re.escape(f"{f.name}={wrong!r} has the wrong type")):
-        make_method(method, **{**_budget(f.name), f.name: wrong})
+        make_method(method, **{**_budget(method, f.name), f.name: wrong})
 
 
 @pytest.mark.parametrize("method, f, hint", [p for p in FIELDS if set(NUMPY) & set(_types(p.values[2]))])
 def test_numpy_scalars_are_accepted_as_python_numbers(method, f, hint):
     base = next(t for t in _types(hint) if t in NUMPY)
     value = f.default if f.default is not None else {int: 1, float: 0.5, bool: True}[base]
-    budget = {"ratio": None, "keep": None} if f.name in ("ratio", "keep") else {"ratio": 0.5}
+    budget = {"ratio": None, "keep": None} if f.name in ("ratio", "keep") else _budget(method, "")
     m = make_method(method, **{**budget, f.name: NUMPY[base](value)})
     assert type(getattr(m, f.name)) is base and getattr(m, f.name) == value
 
@@ -98,6 +100,11 @@ def test_range_checks(method, kwargs, expected):
 
 @pytest.mark.parametrize("name", sorted(vtprune.list_methods()))
 def test_defaults_and_the_edges_of_the_ranges_are_valid(name):
+    if not method_class(name).has_budget:  # schedule-defined or learned: a budget is refused, by name
+        make_method(name)
+        with pytest.raises(ConfigError, match=f"{name} has no ratio / keep budget"):
+            make_method(name, ratio=0.5)
+        return
     make_method(name, ratio=0.5)
     make_method(name, keep=1)
     make_method(name, ratio=0.0)

@@ -80,3 +80,45 @@ def test_visual_key_slots_follow_the_layout_of_each_layer(models, family):
         generated = visual.shape[1] - expected.shape[1]
         assert q == 1 and generated == 1 + step // n_layers  # the new tokens so far, this one included
         assert torch.equal(visual[:, : expected.shape[1]], expected) and not visual[:, expected.shape[1]:].any()
+
+
+ROWS: list[torch.Tensor] = []
+
+
+@register
+@dataclass
+class _LastRowProbs(Method):
+    """Test-only modulator on LLM layer 1: remembers call.probs of the last query row (prefill), changes nothing."""
+
+    name: ClassVar[str] = "_test_last_row_probs"
+    description: ClassVar[str] = "test: AttentionCall.probs"
+    has_budget: ClassVar[bool] = False
+    prunes: ClassVar[bool] = False
+
+    def cuts(self, model):
+        return ()
+
+    def modulated_layers(self, model):
+        return (1,)
+
+    def modulate(self, call):
+        if call.is_prefill:
+            ROWS.append(call.probs(slice(-1, None)))
+        return None
+
+
+@pytest.mark.parametrize("n_prompts", [1, 2])  # one prompt: SDPA passes no mask (causal); two: a padding mask
+def test_call_probs_equal_the_eager_attention_rows(models, n_prompts):
+    from ..conftest import build_model
+
+    model = models("internvl")
+    eager = build_model("internvl", attn="eager")
+    eager.load_state_dict(model.state_dict())
+    batch = collate([make_prompt(model, "internvl", 3 + 4 * i, i) for i in range(n_prompts)])
+    ROWS.clear()
+    with torch.no_grad():
+        ref = eager(**batch, output_attentions=True).attentions[1][:, :, -1:]
+        with vtprune.pruned(model, "_test_last_row_probs"):
+            model(**batch)
+    (probs,) = ROWS
+    torch.testing.assert_close(probs, ref, atol=1e-5, rtol=1e-4)

@@ -48,7 +48,8 @@ class Plan:
 def model_info(adapter) -> ModelInfo:
     return ModelInfo(family=adapter.family, vision_layers=len(adapter.vision_layers),
                      feature_layer=adapter.vision_feature_layer, llm_layers=len(adapter.decoder_layers),
-                     nominal_tokens=adapter.nominal_tokens)
+                     nominal_tokens=adapter.nominal_tokens,
+                     hidden_size=int(adapter.language_model.config.hidden_size))
 
 
 def build_plan(methods: tuple[Method, ...], info: ModelInfo) -> Plan:

@@ -62,13 +62,15 @@ class Cut:
 @dataclass(frozen=True)
 class ModelInfo:
     """The model's shape as a method may see it: vision layers 0..vision_layers-1 (features read after
-    ``feature_layer``), LLM layers 0..llm_layers-1, ``nominal_tokens`` visual tokens of a standard image."""
+    ``feature_layer``), LLM layers 0..llm_layers-1 of width ``hidden_size``, ``nominal_tokens`` visual tokens of a
+    standard image."""
 
     family: str
     vision_layers: int
     feature_layer: int
     llm_layers: int
     nominal_tokens: int
+    hidden_size: int = 0
 
 
 @dataclass

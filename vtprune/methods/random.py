@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..registry import register
-from .base import Cut, ImageView, Method
+from .base import ImageView, Method
 
 
 @register
@@ -26,9 +26,6 @@ class RandomPrune(Method):
     def check_fields(self) -> None:
         if not 0 <= self.seed < 2**32:  # keeps the per-image generator seed in torch's 64-bit range
             raise self.field_error("seed", "an integer in [0, 2**32)")
-
-    def cuts(self, model):
-        return (Cut("pre_llm"),)
 
     def score(self, image: ImageView) -> torch.Tensor:
         gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + image.index_in_sample * 7919 + image.n_tokens)

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from ..budget import tokens_to_keep
-from ..registry import register
 from ..core.probes import FeatureLayer
-from .base import Cut, ImageView, Method, Selection, VisionView, top_k_sorted
+from ..registry import register
+from .base import ImageView, Method, Selection, VisionView, top_k_sorted
 
 ANYRES_MODES = ("per_crop", "global")
 
@@ -66,9 +66,6 @@ class VisionZip(Method):
     def _per_crop(self, v: VisionView) -> bool:
         return self.anyres == "per_crop" and v.crop_cls is not None
 
-    def cuts(self, model):
-        return (Cut("pre_llm"),)
-
     def probes(self, model):
         return (FeatureLayer(),)
 
@@ -79,9 +76,6 @@ class VisionZip(Method):
         crops, patches = v.crop_cls.shape
         per_crop = tokens_to_keep(patches, self.ratio, self.keep, image.nominal)
         return min(image.n, crops * max(1, min(per_crop, image.n_tokens // crops)))
-
-    def score(self, image: ImageView) -> torch.Tensor:
-        return image.vision.cls_attention[image.index]
 
     def select(self, image: ImageView, n_keep: int) -> Selection:
         v = image.vision

@@ -26,7 +26,7 @@ import torch
 from ..errors import ConfigError
 from ..registry import register
 from ..core.probes import VisionCLS
-from .base import Cut, ImageView, Method
+from .base import ImageView, Method
 
 OFFICIAL_START, OFFICIAL_DEPTH = 16, 24  # --layer 16 of CLIP-L's 24 layers
 
@@ -54,9 +54,6 @@ class VTCCLS(Method):
                 f"{-n_layers}..{feature_layer - n_layers} counting back, or the default"
             )
         return range(start, feature_layer + 1)
-
-    def cuts(self, model):
-        return (Cut("pre_llm"),)
 
     def probes(self, model):
         return (VisionCLS(tuple(self.layers(model.vision_layers, model.feature_layer))),)

@@ -46,6 +46,25 @@ def test_bench_config_files_and_set(tiny, tmp_path):
     assert by_label["random@keep16,positions=renumber"]["config"] is None
 
 
+def test_bench_runs_a_pipeline_config_as_the_file_says(tiny, tmp_path, capsys):
+    gqa = synthetic.write_gqa(tmp_path / "gqa", n_questions=2)
+    pipe = tmp_path / "zip_then_fastv.yaml"
+    pipe.write_text("- {method: visionzip, keep: 48}\n- {method: fastv, ratio: 0.5, layer: 1}\n")
+    out = tmp_path / "out"
+    assert top_cli.main(["bench", "--model", str(tiny[0]), "--data", str(gqa), "--config", str(pipe),
+                         "--out", str(out), *FAST]) == 0
+    run = json.loads((out / "results.json").read_text())["runs"][1]
+    assert run["label"] == "visionzip+fastv[zip_then_fastv]" and run["kept_tokens"] == 24
+    assert run["hyper"] == {"pipeline": [{"method": "visionzip", "keep": 48},
+                                         {"method": "fastv", "layer": 1, "ratio": 0.5}]}
+    assert run["scores"]["gqa"]["accuracy"] is not None
+    capsys.readouterr()
+    assert top_cli.main(["bench", "--model", str(tiny[0]), "--config", str(pipe), "--set", "seed=1",
+                         "--out", str(tmp_path / "o2"), *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--set does not apply to the pipeline config zip_then_fastv" in err[0]
+
+
 def test_set_overrides_a_config_field_and_seed_defaults():
     files = [("cfg", "random", {"keep": 8, "positions": "original"})]
     configs = runner.build_configs([], keeps=[4], seed=3, hyper={"random": {"positions": "renumber"}}, files=files)

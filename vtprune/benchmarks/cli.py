@@ -36,8 +36,9 @@ examples:
 vtprune/configs/<method>/<model>.yaml; or a shipped name such as flowcut/llava-1.5-7b), read as
 vtprune.prune(model, config=...) reads it. A config with its own budget runs once at that budget, one without is
 swept over --keep/--ratio; its row is labelled method@budget[file stem]. With --config and no --methods only the
-configs run (plus vanilla). --set KEY=VALUE applies a method field to every pruned configuration (over a config
-file's value); every method in the run must have that field.
+configs run (plus vanilla). A pipeline config (a YAML list of {method: ..., fields}, or that list under
+pipeline:) runs once, as the file says, labelled a+b[file stem]. --set KEY=VALUE applies a method field to every
+pruned configuration (over a config file's value; not to pipelines); every method in the run must have that field.
 
 Decoding uses the KV cache, so FastV chooses its kept set once, at the prefill. With use_cache=False (not used
 here) every generated step is a full prefill and FastV re-chooses its kept set at each step.

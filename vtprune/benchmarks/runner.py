@@ -40,7 +40,7 @@ from ..adapters import get_adapter
 from ..api import prune, unprune
 from ..budget import validate_budget
 from ..cli import UsageError, check_method, check_out_dir
-from ..registry import list_methods, method_class
+from ..registry import list_methods, make_method, method_class
 from . import gqa as gqa_mod
 from . import mme as mme_mod
 from . import perf, synthetic
@@ -93,11 +93,14 @@ class BenchConfig:
     hyper: tuple = ()  # sorted (key, value) pairs of method hyper-parameters (--set, seed)
     source: str | None = None  # name of the --config file this point comes from
     fixed: tuple = ()  # that file's own (key, value) fields: named by ``source`` in the label, not listed
+    pipeline: tuple = ()  # a pipeline config: ((method, ((key, value), ...)), ...), run as the file says
 
     @property
     def label(self) -> str:
         if self.method is None:
             return "vanilla"
+        if self.pipeline:
+            return f"{self.method}[{self.source}]"
         budget = f"keep{self.keep}" if self.keep is not None else f"ratio{self.ratio:g}"
         extra = "".join(f",{k}={v}" for k, v in self.hyper if k != "seed")  # the run's --seed is in meta
         return f"{self.method}@{budget}{extra}" + (f"[{self.source}]" if self.source else "")
@@ -186,6 +189,9 @@ def build_configs(methods: Sequence[str], keeps: Sequence[int] = (), ratios: Seq
         configs += [BenchConfig(name, keep=int(k), hyper=items) for k in keeps]
         configs += [BenchConfig(name, ratio=float(r), hyper=items) for r in ratios]
     for source, name, fields in files:
+        if "pipeline" in fields:  # budgets are the file's own: one point
+            configs.append(BenchConfig(name, source=source, pipeline=fields["pipeline"]))
+            continue
         fixed = {k: v for k, v in fields.items() if k not in ("keep", "ratio")}
         items = _with_seed(name, dict((hyper or {}).get(name, {})), seed, fixed)
         own = dict(fixed=tuple(sorted(fixed.items())), source=source, hyper=items)
@@ -204,10 +210,15 @@ def load_method_config(spec) -> tuple[str, str, dict]:
 
     try:
         data = dict(load_config(spec))
-        method = method_class(data.pop("method")).name
+        data.pop("model", None)
+        if "pipeline" in data:  # (label, "a+b", {"pipeline": ((method, sorted fields), ...)})
+            steps = tuple((method_class(e["method"]).name, tuple(sorted((k, v) for k, v in e.items() if k != "method")))
+                          for e in data["pipeline"])
+            method, data = "+".join(m for m, _ in steps), {"pipeline": steps}
+        else:
+            method = method_class(data.pop("method")).name
     except (OSError, ValueError, TypeError) as err:  # missing, not YAML, no method, unknown field (ConfigError)
         raise UsageError(f"--config {spec}: {err}") from None
-    data.pop("model", None)
     name = Path(str(spec)).name
     for suffix in (".yaml", ".yml"):
         name = name.removesuffix(suffix)
@@ -253,9 +264,13 @@ def check_settings(settings: BenchSettings) -> list:
     # a model-free dry run of every configuration (the budget is a placeholder when it depends on the model)
     probe = build_configs(methods, list(settings.keeps or [1]), list(settings.ratios or []), settings.seed,
                           {m: settings.hyper for m in methods + [f[1] for f in files]}, files)
+    pipelines = [source for source, _, fields in files if "pipeline" in fields]
+    if pipelines and settings.hyper:
+        raise UsageError(f"--set does not apply to the pipeline config {pipelines[0]}; set the fields in that file")
     for config in probe[1:]:
         try:
-            check_method(config.method, **config.prune_kwargs())
+            for method, kwargs in config.pipeline or ((config.method, config.prune_kwargs()),):
+                check_method(method, **dict(kwargs))
         except UsageError as err:
             where = f"--config {config.source}" if config.source else f"--methods {config.method}"
             fix = " (or drop that --set field)" if any(k in str(err) for k in settings.hyper) else ""
@@ -676,7 +691,10 @@ def _applied(model, config: BenchConfig):
     if config.method is None:
         yield model
         return
-    prune(model, config.method, **config.prune_kwargs())
+    if config.pipeline:
+        prune(model, [make_method(m, **dict(kwargs)) for m, kwargs in config.pipeline])
+    else:
+        prune(model, config.method, **config.prune_kwargs())
     try:
         yield model
     finally:
@@ -851,7 +869,10 @@ def _merge(gathered: list, label: str, task: TaskData) -> tuple[list[str], Token
 
 
 def _hyper_of(config: BenchConfig) -> dict:
-    """The method fields of a configuration (a config file's, then --set and seed), budget excluded."""
+    """The method fields of a configuration (a config file's, then --set and seed), budget excluded; a pipeline's
+    methods with all their fields."""
+    if config.pipeline:
+        return {"pipeline": [{"method": m, **dict(kwargs)} for m, kwargs in config.pipeline]}
     return {k: v for k, v in config.prune_kwargs().items() if k not in ("keep", "ratio")}
 
 
@@ -948,8 +969,8 @@ def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
         return "-" if x is None else format(x, fmt)
 
     for r in runs:
-        budget = "-" if r["method"] == "vanilla" else (f"keep {r['keep']}" if r["keep"] is not None
-                                                       else f"ratio {r['ratio']:g}")
+        budget = ("-" if r["method"] == "vanilla" else f"keep {r['keep']}" if r["keep"] is not None
+                  else f"ratio {r['ratio']:g}" if r["ratio"] is not None else "in file")
         if r.get("error"):
             rows.append([_run_name(r), budget, "failed (see results.json)"] + [""] * (len(header) - 3))
             continue

@@ -112,6 +112,16 @@ def _masked_logits(logits: torch.Tensor, mask, rows: slice, keys: int, causal: b
     return logits
 
 
+def _scaling(query: torch.Tensor, kwargs: dict) -> float:
+    return kwargs.get("scaling") or query.shape[-1] ** -0.5
+
+
+def _cls_row(query, key, mask, kwargs) -> torch.Tensor:
+    """[crops, H, n+1] attention probabilities of the CLS query (row 0)."""
+    logits = (query[:, :, :1].float() @ key.float().transpose(-1, -2)) * _scaling(query, kwargs)
+    return _masked_logits(logits, mask, slice(0, 1), key.shape[2]).softmax(-1)[:, :, 0]
+
+
 def _vision_attention(host, layers, record):
     """Put ``record(run_records, layer, module, q, k, v, mask, kwargs)`` in the chain of each vision layer."""
     a = host.adapter
@@ -141,9 +151,7 @@ class VisionCLS(Probe):
         def record(records, j, query, key, value, mask, kwargs):
             rec = records.setdefault(self, {})
             if j not in rec:
-                scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-                logits = (query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling
-                rec[j] = _masked_logits(logits, mask, slice(0, 1), key.shape[2]).softmax(-1)[:, :, 0]  # [crops, H, n+1]
+                rec[j] = _cls_row(query, key, mask, kwargs)
 
         _vision_attention(host, self.layers, record)
 
@@ -191,8 +199,7 @@ class VisionAttentionMap(Probe):
         def record(records, j, query, key, value, mask, kwargs):
             rec = records.setdefault(self, {})
             if j not in rec:
-                scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-                logits = (query.float() @ key.float().transpose(-1, -2)) * scaling
+                logits = (query.float() @ key.float().transpose(-1, -2)) * _scaling(query, kwargs)
                 rec[j] = _masked_logits(logits, mask, slice(None), key.shape[2]).softmax(-1).mean(1)
 
         _vision_attention(host, self.layers, record)
@@ -241,10 +248,7 @@ class FeatureLayer(Probe):
         def record(records, j, query, key, value, mask, kwargs):
             rec = records.setdefault(self, {})
             if "cls" not in rec:
-                scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-                logits = (query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling
-                probs = _masked_logits(logits, mask, slice(0, 1), key.shape[2]).softmax(-1)[:, :, 0]
-                rec.update(cls=probs.sum(1), keys=key.float().mean(1), n_crops=query.shape[0])
+                rec.update(cls=_cls_row(query, key, mask, kwargs).sum(1), keys=key.float().mean(1), n_crops=query.shape[0])
 
         def hidden(module, args, output):
             run = host.vision_run()
@@ -298,13 +302,12 @@ class LLMAttention(Probe):
     def attach(self, host):
         def record(fwd, query, key, value, mask, kwargs):
             layout = fwd.layout_at(self.layer)
-            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
             first = query.shape[2] - 1
             if self.queries == "instruction":  # rows from the earliest instruction start of the batch
                 starts = [instruction_slots(layout, fwd.spans, b) for b in range(query.shape[0])]
                 first = min((int(s[0]) for s in starts if s.numel()), default=first)
             k = _repeat_kv(key, query.shape[1]).float()
-            logits = (query[:, :, first:].float() @ k.transpose(-1, -2)) * scaling
+            logits = (query[:, :, first:].float() @ k.transpose(-1, -2)) * _scaling(query, kwargs)
             probs = _masked_logits(logits, mask, slice(first, None), k.shape[2], causal=True).softmax(-1)  # [B, H, q, T]
             fwd.records[self] = (probs, layout, first)
 
@@ -335,7 +338,7 @@ class LLMQKV(Probe):
             heads = query.shape[1]
             fwd.records[self] = (dict(q_last=query[:, :, -1].float(), keys=_repeat_kv(key, heads).float(),
                                       values=_repeat_kv(value, heads).float(),
-                                      scaling=kwargs.get("scaling") or query.shape[-1] ** -0.5),
+                                      scaling=_scaling(query, kwargs)),
                                  fwd.layout_at(self.layer))
 
         _llm_attention(host, self.layer, record)

@@ -33,6 +33,7 @@ class VisionRun:
     records: dict = field(default_factory=dict)  # vision probe -> what it recorded
     cuts: CropCuts | None = None
     state: dict = field(default_factory=dict)  # (pipeline slot, crop) -> the method's scratch for that crop
+    received: dict = field(default_factory=dict)  # (pipeline slot, crop) -> patches the method first saw
 
 
 @dataclass

@@ -105,10 +105,10 @@ def _masked_logits(logits: torch.Tensor, mask, rows: slice, keys: int, causal: b
     if isinstance(mask, torch.Tensor):
         m = mask[:, :, rows, :keys]
         return logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
-    if causal:
-        q_rows, first = logits.shape[-2], keys - logits.shape[-2]  # the rows are the last q_rows queries
+    if causal:  # the rows are the last queries of a prefill: row r is query keys - rows + r
+        first = keys - logits.shape[-2]
         later = torch.arange(keys, device=logits.device)[None] > torch.arange(first, keys, device=logits.device)[:, None]
-        return logits.masked_fill(later[:q_rows], float("-inf"))
+        return logits.masked_fill(later, float("-inf"))
     return logits
 
 

@@ -7,13 +7,12 @@ import torch
 
 from ..errors import PruneError
 from ..methods.base import VisionView
+from .probes import ProjectorInput
 
 
 def vision_view(record: dict, where) -> VisionView:
     """``record``: the FeatureLayer record of the run (cls [crops, S], keys [crops, S, d], n_crops, hidden_cls
     [crops, D_v]); ``where``: the image's ImageSlice."""
-    from .probes import ProjectorInput
-
     a, fwd = where.adapter, where.forward
     if "cls" not in record:
         raise PruneError("vtprune: the vision tower's attention was not recorded (was pixel_values given?)")

@@ -136,7 +136,7 @@ def crop_views(host, step, run, hidden: torch.Tensor, crops_in_image: list[int])
         where = CropSlice(c, n, cuts.last_cut, step.cut.layer)
         views.append(ImageView(
             sample=-1, image=c, index_in_sample=c, n_tokens=n_patches, index=index, embeds=hidden[c, 1:n + 1],
-            cut=step.cut, nominal=n_patches, n_received=run.state.setdefault(("received",) + key, n),
+            cut=step.cut, nominal=n_patches, n_received=run.received.setdefault(key, n),
             model=host.plan.info, state=run.state.setdefault(key, {}), units=units[index],
             crops_in_image=crops_in_image[c], patches_per_unit=per_unit,
             _lookup=probe_lookup(host, step, run.records.get, where, crop=True),

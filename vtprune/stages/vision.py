@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..core.context import CropCuts, VisionRun
+from ..core.stats import StageStats
 from ..errors import PruneError
 from ..kernels import compact_
 from ..methods.base import Selection
@@ -116,8 +117,6 @@ def after_tower(host, run: VisionRun, output):
 def survivors(host, fwd) -> list[tuple[object, int, Selection]]:
     """The LLM-input cut implied by the vision cuts: keep a token if any of its vision sources survived.
     Also records every vision cut in stats (as seen by the image's first crop)."""
-    from ..core.stats import StageStats
-
     run = fwd.vision
     if run is None or run.cuts is None or run.cuts.keep is None:
         raise PruneError("vtprune: the vision stage did not run (was pixel_values given?)")

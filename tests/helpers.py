@@ -56,27 +56,35 @@ def greedy_from_embeds(model, embeds, position_ids, steps: int):
 
 
 def slow_in_llm_generate(model, embeds, kept_positions: torch.Tensor, layer_k: int, steps: int, renumber=False):
-    """Reference for in-LLM pruning: recompute the whole forward per step, no cache. Layers < K see every token;
-    from layer K on only the kept prompt tokens and all generated tokens, at their original positions (or at
-    contiguous ones with ``renumber``)."""
+    """Reference for in-LLM pruning with one cut: :func:`slow_multi_cut_generate` with a cut before ``layer_k``
+    (layers < K see every token; from K on the kept prompt tokens and every generated token)."""
+    return slow_multi_cut_generate(model, embeds, {layer_k: kept_positions}, steps, renumber=renumber)
+
+
+def slow_multi_cut_generate(model, embeds, kept_positions: dict, steps: int, renumber=True):
+    """Reference for progressive in-LLM pruning (several cuts): recompute the whole forward per step, no cache.
+    ``kept_positions``: {layer K: original prompt positions that survive the cut before K} (each a subset of the
+    previous cut's). From layer K on only those prompt tokens and every generated token remain, at contiguous
+    positions over the rows present (``renumber``: generated tokens continue after the pruned sequence) or at
+    their original positions."""
     lm = model.model.language_model
-    seq = embeds
     T = embeds.shape[1]
-    tokens, first_logits = [], None
+    seq, tokens, first_logits = embeds, [], None
     with torch.no_grad():
         for _ in range(steps):
             n = seq.shape[1]
-            h = seq
-            pos = torch.arange(n)[None]
+            h, rows = seq, torch.arange(n)
+            pos = rows[None]
             cos, sin = lm.rotary_emb(h, position_ids=pos)
             for i, layer in enumerate(lm.layers):
-                if i == layer_k:
-                    keep = torch.cat([kept_positions, torch.arange(T, n)])
-                    h, cos, sin, pos = h[:, keep], cos[:, keep], sin[:, keep], pos[:, keep]
-                    if renumber:
-                        pos = torch.arange(keep.numel())[None]
-                        cos, sin = lm.rotary_emb(h, position_ids=pos)
-                h = layer(h, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
+                if i in kept_positions:
+                    sel = torch.isin(rows, kept_positions[i]) | (rows >= T)
+                    h, rows = h[:, sel], rows[sel]
+                    pos = torch.arange(rows.numel())[None] if renumber else rows[None]
+                    cos, sin = lm.rotary_emb(h, position_ids=pos)
+                L = h.shape[1]
+                causal = torch.full((L, L), float("-inf")).triu(1)[None, None]
+                h = layer(h, attention_mask=causal, position_embeddings=(cos, sin), position_ids=pos)
                 h = h[0] if isinstance(h, tuple) else h
             logits = model.lm_head(lm.norm(h))[:, -1]
             first_logits = logits if first_logits is None else first_logits

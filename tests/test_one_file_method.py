@@ -49,7 +49,7 @@ class _NormThenFFN(Method):
             norm = image.embeds.float().norm(dim=-1)
             image.state["norm"] = torch.zeros(image.n_tokens).index_copy_(0, image.index, norm)
             return Selection(keep=top_k_sorted(norm, FIRST))
-        _, ffn_out = image[Sublayer(1, "mlp")]
+        ffn_out = image[Sublayer(1, "mlp")].output
         return Selection(keep=top_k_sorted(ffn_out.float().norm(dim=-1) * image.state["norm"][image.index], SECOND))
 
     def modulate(self, call):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 from dataclasses import dataclass
 from typing import ClassVar
@@ -32,7 +33,8 @@ FIELDS = list(_fields())
 
 
 def _types(hint) -> tuple:
-    return typing.get_args(hint) or (hint,)
+    """The members of a union (``int | None`` -> int, None); any other hint, tuples included, as itself."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
 
 
 def _budget(method: str, field: str) -> dict:

@@ -86,6 +86,14 @@ def _eager_function_for(module: torch.nn.Module) -> Callable:
     return fn
 
 
+def rotary_function(module: torch.nn.Module) -> Callable:
+    """The model family's own ``apply_rotary_pos_emb(q, k, cos, sin)`` (each modeling file defines one)."""
+    fn = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise RuntimeError(f"vtprune: no apply_rotary_pos_emb next to {type(module).__name__}")
+    return fn
+
+
 def base_attention_function(module: torch.nn.Module, implementation: str) -> Callable:
     if implementation == "eager":
         return _eager_function_for(module)

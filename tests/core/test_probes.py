@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.core.probes import LLMAttention, Residual, Sublayer, VisionAttentionMap, VisionCLS
+from vtprune.core.probes import LLMAttention, Residual, Sublayer, SublayerRows, VisionAttentionMap, VisionCLS
 from vtprune.errors import PruneError
 from vtprune.methods.base import Cut, Method
 from vtprune.registry import register
@@ -23,6 +23,8 @@ TOL = dict(atol=1e-5, rtol=1e-4)
 
 
 def _copy(x):
+    if isinstance(x, SublayerRows):
+        return (x.input.detach().clone(), x.output.detach().clone())
     if isinstance(x, torch.Tensor):
         return x.detach().clone()
     if isinstance(x, (tuple, list)):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import compat
+
 
 @dataclass(frozen=True)
 class VisualSpan:
@@ -80,6 +82,20 @@ class Adapter:
         """The attention (``"attn"``) or FFN (``"mlp"``) sublayer of decoder layer ``layer``."""
         return getattr(self.decoder_layers[layer], {"attn": "self_attn", "mlp": "mlp"}[part])
 
+    def preview_qk(self, layer: int, hidden: torch.Tensor, position_embeddings, rows: slice = slice(None)):
+        """(q [B, H, r, d] of ``rows``, k [B, H_kv, T, d], scaling): what decoder layer ``layer`` would compute from
+        ``hidden`` [B, T, D] (its input norm, q/k projections and the model's own RoPE), without running it."""
+        block = self.decoder_layers[layer]
+        attn = block.self_attn
+        x = block.input_layernorm(hidden)
+        cos, sin = position_embeddings
+        q = attn.q_proj(x[:, rows]).view(*x[:, rows].shape[:-1], -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(*x.shape[:-1], -1, attn.head_dim).transpose(1, 2)
+        rotate = compat.rotary_function(attn)
+        q, _ = rotate(q, q, cos[:, rows], sin[:, rows])
+        _, k = rotate(k, k, cos, sin)
+        return q, k, attn.scaling
+
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         return self.language_model.rotary_emb(hidden, position_ids=position_ids)
 
@@ -115,6 +131,21 @@ class Adapter:
         order: rank of each patch in the model's packing with nothing unpadded and no newline tokens.
         tokens: index (0..N-1) of the image token the patch becomes, -1 where the model drops it (unpadding)."""
         return None
+
+    def token_grid(self, span: VisualSpan, image_sizes) -> torch.Tensor:
+        """[N, 3] (grid, row, col) of each token on its image's token grid: one grid per crop / tile, coordinates
+        of the token's vision patches divided by the pooling (2 for a 2x2 pixel shuffle)."""
+        src = self.token_sources(span, image_sizes)
+        offset = 1 if self.drops_cls else 0
+        side = int(round((self.vision_seq_len - 1) ** 0.5))
+        pool = int(round(src.shape[1] ** 0.5))
+        first = src.clamp(min=0).min(1).values  # the token's top-left patch
+        crop, patch = first // self.vision_seq_len, first % self.vision_seq_len - offset
+        return torch.stack([crop, patch // side // pool, patch % side // pool], 1)
+
+    # de-normalisation of pixel_values (the processor's image_mean / image_std; CLIP's unless an adapter says)
+    pixel_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    pixel_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
 
     vision_layer_takes_mask: bool = True  # CLIP layers accept an attention mask; InternVL's do not
 

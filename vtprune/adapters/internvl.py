@@ -36,6 +36,9 @@ class InternVLAdapter(Adapter):
         return self.tokens_per_tile
 
     vision_layer_takes_mask = False
+    # OpenGVLab's InternVL preprocessing normalises with the ImageNet statistics
+    pixel_mean = (0.485, 0.456, 0.406)
+    pixel_std = (0.229, 0.224, 0.225)
 
     @property
     def cls_in_projector_space(self) -> bool:

@@ -85,6 +85,22 @@ class LlavaNextAdapter(LlavaAdapter):
         tokens[layout[layout >= 0]] = torch.nonzero(layout >= 0).flatten()
         return order.view(n_crops, seq)[:, 1:], tokens.view(n_crops, seq)[:, 1:]
 
+    def token_grid(self, span: VisualSpan, image_sizes) -> torch.Tensor:
+        """Grid 0: the base crop (side x side); grid 1: the packed high-res canvas, rows of W tokens including the
+        newline column (as the official anyres code counts them)."""
+        layout = self._layout(image_sizes[span.image])
+        seq, side = self.vision_seq_len, int(round((self.vision_seq_len - 1) ** 0.5))
+        base = (layout >= 0) & (layout < seq)
+        n_base = int(base.sum())
+        grid = torch.zeros(layout.numel(), 3, dtype=torch.long)
+        patch = layout[:n_base] - (1 if self.drops_cls else 0)
+        grid[:n_base, 1], grid[:n_base, 2] = patch // side, patch % side
+        canvas = torch.arange(layout.numel() - n_base)
+        newlines = torch.nonzero(layout[n_base:] < 0).flatten()
+        width = int(newlines[0]) + 1 if newlines.numel() else max(1, canvas.numel())
+        grid[n_base:, 0], grid[n_base:, 1], grid[n_base:, 2] = 1, canvas // width, canvas % width
+        return grid
+
     def crop_counts(self, pixel_values, image_sizes):
         return [self._num_crops(s) for s in image_sizes]
 

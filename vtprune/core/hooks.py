@@ -45,8 +45,8 @@ class HookSet:
         self._configs: list = []  # configs whose attention implementation was wrapped
         self._attributes: list = []  # (object, name) instance attributes set
 
-    def pre(self, module, fn, with_kwargs: bool = True) -> None:
-        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+    def pre(self, module, fn, with_kwargs: bool = True, prepend: bool = False) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs, prepend=prepend))
 
     def post(self, module, fn, with_kwargs: bool = False, always_call: bool = False) -> None:
         self._handles.append(module.register_forward_hook(fn, with_kwargs=with_kwargs, always_call=always_call))

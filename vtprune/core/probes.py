@@ -16,6 +16,11 @@ LLM probes (prefill only; rows refer to the layout of the layer they were record
     LLMQKV(layer)                post-RoPE query of the last prompt token, keys and values
     Residual(layer)              the residual stream entering a decoder layer
     Sublayer(layer, part)        input and output of the attention (``"attn"``) or FFN (``"mlp"``) sublayer
+    IncomingAttention(layer, q)  the attention layer ``layer`` would compute on the hidden states entering it,
+                                 before a cut there decides (its own norm, q/k projections and RoPE)
+    PatchEntropy()               information entropy of each vision patch's pixels (vision probe)
+``image.batch(probe)`` gives the batch-level record where a probe has one (LLM probes: whole [B, T] rows), for
+decisions that need every position (softmax over a sample's sequence).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import PruneError
-from .layout import instruction_slots, slots_of
+from .layout import instruction_slots, mask_4d, slots_of
 
 QUERY_SETS = ("last", "instruction")
 
@@ -68,6 +73,19 @@ class ImageSlice:
         """[n] slots of the current tokens in the layout a record was made in."""
         return slots_of(record_layout, self.span.image, self.index)
 
+    def token_grid(self) -> torch.Tensor:
+        """[N, 3] (grid, row, col) of every token of the image (adapter geometry)."""
+        return self.adapter.token_grid(self.forward.source(self.span), self.forward.image_sizes)
+
+    def from_patches(self, per_patch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[crops, P] per vision patch (CLS excluded) -> ([N] summed over each token's patches, [N] bool: the token
+        has patches; newline tokens have none)."""
+        seq = self.adapter.vision_seq_len
+        per_position = per_patch.new_zeros(per_patch.shape[0], seq)
+        per_position[:, seq - per_patch.shape[1]:] = per_patch
+        src = self.sources(per_patch.device)
+        return self.to_tokens(per_position.reshape(-1)), (src >= 0).any(1)
+
 
 class Probe:
     """Base: ``scope`` is "vision" or "llm"; ``attach`` installs the recorders; ``for_crop`` / ``for_image`` slice
@@ -86,6 +104,9 @@ class Probe:
 
     def for_image(self, record, where: ImageSlice):
         raise PruneError(f"vtprune: probe {self} has no per-image view; use it at a vision-stage cut")
+
+    def for_batch(self, record, where: ImageSlice):
+        raise PruneError(f"vtprune: probe {self} has no batch-level view")
 
 
 def _check_vision(probe, layers, info) -> None:
@@ -186,10 +207,11 @@ class VisionValues(Probe):
 
 @dataclass(frozen=True)
 class VisionAttentionMap(Probe):
-    """Head-mean attention map. At a vision cut: {layer: [n+1, n+1]} (CLS first); at an LLM-side cut:
-    {layer: [crops, S, S]} over the image's crops (full-grid layers only)."""
+    """Head-mean attention map (``per_head=True``: every head). At a vision cut: {layer: [(H,) n+1, n+1]} (CLS
+    first); at an LLM-side cut: {layer: [crops, (H,) S, S]} over the image's crops (full-grid layers only)."""
 
     layers: tuple[int, ...]
+    per_head: bool = False
     scope: ClassVar[str] = "vision"
 
     def check(self, info):
@@ -200,13 +222,14 @@ class VisionAttentionMap(Probe):
             rec = records.setdefault(self, {})
             if j not in rec:
                 logits = (query.float() @ key.float().transpose(-1, -2)) * _scaling(query, kwargs)
-                rec[j] = _masked_logits(logits, mask, slice(None), key.shape[2]).softmax(-1).mean(1)
+                probs = _masked_logits(logits, mask, slice(None), key.shape[2]).softmax(-1)
+                rec[j] = probs if self.per_head else probs.mean(1)
 
         _vision_attention(host, self.layers, record)
 
     def for_crop(self, record, where):
         k = where.n + 1
-        return {l: r[where.crop][:k, :k] for l, r in sorted(record.items()) if where.since <= l < where.until}
+        return {l: r[where.crop][..., :k, :k] for l, r in sorted(record.items()) if where.since <= l < where.until}
 
     def for_image(self, record, where):
         seq = where.adapter.vision_seq_len
@@ -266,6 +289,36 @@ class FeatureLayer(Probe):
         return vision_view(record, where)
 
 
+@dataclass(frozen=True)
+class PatchEntropy(Probe):
+    """[crops, P] information entropy (bits, 0..8) of each vision patch of the image's crops: the pixels the tower
+    saw, de-normalised with the adapter's mean / std to 0..255, grey = channel mean, a 256-bin histogram."""
+
+    scope: ClassVar[str] = "vision"
+
+    def attach(self, host):
+        def record(module, args, kwargs):
+            run = host.vision_run()
+            if run is not None and self not in run.records:
+                run.records[self] = args[0] if args else kwargs["pixel_values"]
+
+        host.hooks.pre(host.adapter.vision_tower, record)
+
+    def for_image(self, record, where):
+        a = where.adapter
+        pixels = record[where.crops()].float()
+        mean = torch.tensor(a.pixel_mean, device=pixels.device)[:, None, None]
+        std = torch.tensor(a.pixel_std, device=pixels.device)[:, None, None]
+        grey = ((pixels * std + mean) * 255).mean(1).round().clamp(0, 255).long()  # [crops, H, W]
+        side = int(round((a.vision_seq_len - 1) ** 0.5))
+        p = grey.shape[-1] // side
+        patches = grey.unfold(1, p, p).unfold(2, p, p).reshape(grey.shape[0], side * side, p * p)
+        counts = torch.zeros(*patches.shape[:2], 256, device=grey.device).scatter_add_(
+            2, patches, torch.ones_like(patches, dtype=torch.float))
+        prob = counts / (p * p)
+        return -(prob * torch.log2(prob + 1e-10)).sum(-1)
+
+
 # --- LLM probes ----------------------------------------------------------------------------------------------
 def _llm_attention(host, layer, record):
     """Put ``record(forward, q, k, v, mask, kwargs)`` in the chain of LLM layer ``layer`` (prefill only)."""
@@ -299,13 +352,17 @@ class LLMAttention(Probe):
     def check(self, info):
         _check_llm(self, self.layer, info)
 
+    def _first_row(self, layout, spans, length: int) -> int:
+        """The first query row recorded: the last one, or the earliest instruction start of the batch."""
+        if self.queries == "last":
+            return length - 1
+        starts = [instruction_slots(layout, spans, b) for b in range(layout.valid.shape[0])]
+        return min((int(s[0]) for s in starts if s.numel()), default=length - 1)
+
     def attach(self, host):
         def record(fwd, query, key, value, mask, kwargs):
             layout = fwd.layout_at(self.layer)
-            first = query.shape[2] - 1
-            if self.queries == "instruction":  # rows from the earliest instruction start of the batch
-                starts = [instruction_slots(layout, fwd.spans, b) for b in range(query.shape[0])]
-                first = min((int(s[0]) for s in starts if s.numel()), default=first)
+            first = self._first_row(layout, fwd.spans, query.shape[2])
             k = _repeat_kv(key, query.shape[1]).float()
             logits = (query[:, :, first:].float() @ k.transpose(-1, -2)) * _scaling(query, kwargs)
             probs = _masked_logits(logits, mask, slice(first, None), k.shape[2], causal=True).softmax(-1)  # [B, H, q, T]
@@ -401,5 +458,60 @@ class Sublayer(Probe):
 
     def for_image(self, record, where):
         x, y, layout = record
-        b, rows = where.span.sample, where.rows(layout)
-        return x[b, rows], y[b, rows]
+        return SublayerRows(x, y, where.span.sample, where.rows(layout))
+
+    def for_batch(self, record, where):
+        x, y, layout = record
+        return SublayerBatch(x, y, layout.valid)
+
+
+@dataclass(frozen=True)
+class SublayerRows:
+    """One image's rows of a :class:`Sublayer` record: ``slots`` [n] of its current tokens in the recorded layout;
+    ``input`` / ``output`` [n, D] (gathered on access)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    sample: int
+    slots: torch.Tensor
+
+    @property
+    def input(self) -> torch.Tensor:
+        return self.x[self.sample, self.slots]
+
+    @property
+    def output(self) -> torch.Tensor:
+        return self.y[self.sample, self.slots]
+
+
+@dataclass(frozen=True)
+class SublayerBatch:
+    """A :class:`Sublayer` record for the whole batch: input / output [B, T, D], valid [B, T] (padding False)."""
+
+    input: torch.Tensor
+    output: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass(frozen=True)
+class IncomingAttention(LLMAttention):
+    """Like :class:`LLMAttention`, but what layer ``layer`` would compute on the hidden states *entering* it, before
+    a cut before that layer runs (its input norm, q/k projections, RoPE at the current positions, causal and
+    padding mask); for a method that decides the cut before ``layer`` from ``layer``'s own attention."""
+
+    def attach(self, host):
+        def record(module, args, kwargs):
+            fwd = host.prefill()
+            if fwd is None:
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            layout = fwd.layout_at(self.layer)  # this layer's own cut has not run yet
+            rotary = layout.position_embeddings if layout.position_embeddings is not None else kwargs["position_embeddings"]
+            first = self._first_row(layout, fwd.spans, hidden.shape[1])
+            q, k, scaling = host.adapter.preview_qk(self.layer, hidden, rotary, rows=slice(first, None))
+            k = _repeat_kv(k, q.shape[1]).float()
+            logits = (q.float() @ k.transpose(-1, -2)) * scaling
+            allowed = mask_4d(layout.valid, q.shape[2], logits.dtype, boolean=True)
+            fwd.records[self] = (logits.masked_fill(~allowed, float("-inf")).softmax(-1), layout, first)
+
+        host.hooks.pre(host.adapter.decoder_layers[self.layer], record, prepend=True)  # before the cut hook

@@ -13,6 +13,7 @@ class StageStats:
     tokens_out: int
     kept_index: list[int]
     method: str = ""
+    note: str | None = None  # what the method reports about this stage (e.g. a budget it could not reach)
 
 
 @dataclass

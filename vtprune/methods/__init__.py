@@ -4,7 +4,9 @@ from .base import ImageView, Method, Selection, VisionView, top_k_sorted
 from .fastv import FastV
 from .flowcut import FlowCut
 from .random import RandomPrune
+from .transprune import TransPrune
+from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 from .vtc_cls import VTCCLS
 
-__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "FastV", "FlowCut", "RandomPrune", "VisionZip", "VTCCLS"]
+__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "FastV", "FlowCut", "RandomPrune", "TransPrune", "VFlowOpt", "VisionZip", "VTCCLS"]

@@ -131,6 +131,8 @@ class ImageView:
     crops_in_image: int = 1
     patches_per_unit: int = 1
     _lookup: Callable[[Probe], Any] | None = field(default=None, repr=False)
+    _batch: Callable[[Probe], Any] | None = field(default=None, repr=False)
+    _geometry: Any = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
@@ -149,6 +151,26 @@ class ImageView:
             raise KeyError(f"vtprune: no probe records at {self.cut}")
         return self._lookup(probe)
 
+    def batch(self, probe: Probe):
+        """The batch-level record of a declared probe (e.g. a Sublayer's [B, T, D] rows), the same for every image."""
+        if self._batch is None:
+            raise KeyError(f"vtprune: no batch-level records at {self.cut}")
+        return self._batch(probe)
+
+    def token_grid(self) -> torch.Tensor:
+        """[N, 3] (grid, row, col) of each of the image's N tokens on its token grid (LLM-side cuts)."""
+        return self._require_geometry().token_grid()
+
+    def from_patches(self, per_patch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[crops, P] values per vision patch of this image's crops -> ([N] summed over each token's patches,
+        [N] bool: the token comes from patches; LLaVA-NeXT newline tokens do not)."""
+        return self._require_geometry().from_patches(per_patch)
+
+    def _require_geometry(self):
+        if self._geometry is None:
+            raise RuntimeError(f"vtprune: token geometry is available at LLM-side cuts, not at {self.cut}")
+        return self._geometry
+
     @property
     def vision(self) -> VisionView:
         """The image's :class:`VisionView` (declare ``FeatureLayer()`` in ``probes``)."""
@@ -160,13 +182,15 @@ class Selection:
     """keep: [k] sorted indices into the image's current tokens. values: optional [k, D] replacement rows
     (merging methods). sources: optional original indices to report in stats instead of ``index[keep]``.
     extra_values / extra_index: optional [m, D] tokens appended to the kept set (merged or recycled) and the
-    original index each stands for; they take the image's first free slots (keep + m <= n)."""
+    original index each stands for; they take the image's first free slots (keep + m <= n). note: a line for
+    this stage's stats."""
 
     keep: torch.Tensor
     values: torch.Tensor | None = None
     sources: torch.Tensor | None = None
     extra_values: torch.Tensor | None = None
     extra_index: torch.Tensor | None = None
+    note: str | None = None  # reported in this stage's stats (e.g. a budget the schedule could not reach)
 
 
 @dataclass
@@ -181,13 +205,15 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     has_budget: ClassVar[bool] = True  # False: schedule-defined or learned, ratio / keep are refused
+    budget_optional: ClassVar[bool] = False  # True: ratio / keep may both be left out (the schedule decides)
     prunes: ClassVar[bool] = True  # False: the method only modulates attention (left out of default bench sweeps)
+    budget_kind: ClassVar[str] = "kept"  # "kept": tokens kept per image after it; "average": over all LLM layers
 
     def __post_init__(self):
         """Validate every field at construction: types from the annotations (numpy scalars become Python
         numbers, lists become tuples), then the budget and ``positions``, then the method's ``check_fields``."""
         _check_field_types(self)
-        if self.has_budget:
+        if self.has_budget and not (self.budget_optional and self.ratio is None and self.keep is None):
             validate_budget(self.ratio, self.keep)
         elif self.ratio is not None or self.keep is not None:
             raise ConfigError(f"vtprune: {self.name} has no ratio / keep budget (its schedule decides); drop them")
@@ -225,6 +251,10 @@ class Method:
 
     def modulated_layers(self, model: ModelInfo) -> tuple[int, ...]:
         return ()
+
+    def positions_at(self, cut: Cut) -> str:
+        """Position handling of one cut ("original" or "renumber"); default: the ``positions`` field."""
+        return self.positions
 
     # --- decisions --------------------------------------------------------------------------------------
     def budget(self, image: ImageView) -> int | None:
@@ -316,6 +346,8 @@ def _coerce(value, hint):
             return value
         raise _Mismatch
     if origin is tuple:
+        if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 1:
+            value = value.tolist()  # a 1-D numpy array reads as a list
         if not isinstance(value, (tuple, list)):
             raise _Mismatch
         if len(args) == 2 and args[1] is Ellipsis:

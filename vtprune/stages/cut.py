@@ -12,9 +12,11 @@ from ..errors import PruneError
 from ..methods.base import ImageView, Selection
 
 
-def probe_lookup(host, step, records: dict, where, crop: bool):
-    """``image[probe]`` for one view: only declared probes, computed once."""
+def probe_lookup(host, step, records: dict, where, view: str):
+    """``image[probe]`` (``view`` "crop" or "image") or ``image.batch(probe)`` ("batch") for one view: only
+    declared probes, computed once."""
     declared, cache = host.plan.declared.get(step.slot, frozenset()), {}
+    slice_of = {"crop": "for_crop", "image": "for_image", "batch": "for_batch"}[view]
 
     def lookup(probe):
         if probe not in declared:
@@ -26,7 +28,7 @@ def probe_lookup(host, step, records: dict, where, crop: bool):
                     f"vtprune: {probe} recorded nothing before {step.method.name}'s cut at {step.cut}; an LLM probe "
                     "must observe a layer before the cut, a vision probe needs pixel_values"
                 )
-            cache[probe] = probe.for_crop(record, where) if crop else probe.for_image(record, where)
+            cache[probe] = getattr(probe, slice_of)(record, where)
         return cache[probe]
 
     return lookup
@@ -38,7 +40,7 @@ def image_views(host, step, fwd, layout: Layout, hidden: torch.Tensor) -> list[t
         store = fwd.vision.records if probe.scope == "vision" and fwd.vision is not None else fwd.records
         return store.get(probe)
 
-    out = []
+    out, batch_cache = [], {}
     for span in fwd.spans:
         index = layout.image_index[span.image]
         if index.numel() == 0:
@@ -49,7 +51,10 @@ def image_views(host, step, fwd, layout: Layout, hidden: torch.Tensor) -> list[t
             sample=span.sample, image=span.image, index_in_sample=span.index_in_sample, n_tokens=span.length,
             index=index, embeds=hidden[span.sample, layout.images[span.image]], cut=step.cut,
             nominal=host.adapter.nominal_tokens, n_received=fwd.received.setdefault(key, int(index.numel())),
-            model=host.plan.info, state=fwd.state.setdefault(key, {}), _lookup=probe_lookup(host, step, records, where, crop=False),
+            model=host.plan.info, state=fwd.state.setdefault(key, {}),
+            _lookup=probe_lookup(host, step, records, where, "image"),
+            _batch=batch_cache.setdefault("lookup", probe_lookup(host, step, records, where, "batch")),
+            _geometry=where,
         )))
     return out
 
@@ -85,10 +90,10 @@ def resolve(method, sel: Selection, view: ImageView) -> tuple[torch.Tensor, torc
     return slots, values, sources
 
 
-def record_stage(fwd, step, stage: str, span, n_in: int, keep: torch.Tensor, sources: torch.Tensor) -> None:
+def record_stage(fwd, step, stage: str, span, n_in: int, keep: torch.Tensor, sources: torch.Tensor, note=None) -> None:
     fwd.stats.images[span.image].stages.append(StageStats(
         stage, step.cut.layer if stage == "llm" else None, n_in, int(keep.numel()),
-        [int(x) for x in sources.tolist() if int(x) >= 0], step.method.name,
+        [int(x) for x in sources.tolist() if int(x) >= 0], step.method.name, note,
     ))
 
 
@@ -102,19 +107,21 @@ def cut_tokens(host, fwd, step, prev: Layout, hidden: torch.Tensor, stage: str, 
         if len(selections) != len(pairs):
             raise PruneError(f"vtprune: {step.method.name}.select_batch returned {len(selections)} selections for {len(pairs)} images")
         resolved = [(span, view.n, *resolve(step.method, sel, view)) for (span, view), sel in zip(pairs, selections)]
+        notes = [sel.note for sel in selections]
     else:
         for span, n, _ in answer:  # the method received the whole image (its cuts ran inside the vision tower)
             fwd.received.setdefault((step.slot, span.image), n)
         resolved = [(span, n, checked_keep(step.method, sel.keep, n), sel.values,
                      prev.image_index[span.image][sel.keep]) for span, n, sel in answer]
-    for span, n_in, keep, _, sources in resolved:
-        record_stage(fwd, step, stage, span, n_in, keep, sources)
+        notes = [None] * len(resolved)
+    for (span, n_in, keep, _, sources), note in zip(resolved, notes):
+        record_stage(fwd, step, stage, span, n_in, keep, sources, note)
     if all(keep.numel() == n_in and values is None for _, n_in, keep, values, _ in resolved):
         return None, hidden
     keeps = {span.image: keep for span, _, keep, _, _ in resolved}  # images with no tokens left keep none
     empty = torch.zeros(0, dtype=torch.long, device=prev.valid.device)
     new, keep_index, counts = cut_layout(prev, fwd.spans, [keeps.get(s.image, empty) for s in fwd.spans])
-    new.position_ids = cut_positions(prev, new, step.method.positions)
+    new.position_ids = cut_positions(prev, new, step.method.positions_at(step.cut))
     in_place = not (hidden.requires_grad or fwd.keep_hidden_states)
     hidden = compact_tokens(hidden, keep_index, counts, in_place)
     for span, _, _, values, _ in resolved:
@@ -139,6 +146,6 @@ def crop_views(host, step, run, hidden: torch.Tensor, crops_in_image: list[int])
             cut=step.cut, nominal=n_patches, n_received=run.received.setdefault(key, n),
             model=host.plan.info, state=run.state.setdefault(key, {}), units=units[index],
             crops_in_image=crops_in_image[c], patches_per_unit=per_unit,
-            _lookup=probe_lookup(host, step, run.records.get, where, crop=True),
+            _lookup=probe_lookup(host, step, run.records.get, where, "crop"),
         ))
     return views

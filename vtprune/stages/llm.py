@@ -17,7 +17,7 @@ def before_layer(host, fwd, layer: int, hidden: torch.Tensor, kwargs: dict) -> t
         prev = fwd.layout_at(layer)
         new, hidden = cut_tokens(host, fwd, step, prev, hidden, "llm")
         if new is not None:
-            _segment_inputs(host, step.method.positions, prev, new, hidden, kwargs)
+            _segment_inputs(host, step.method.positions_at(step.cut), prev, new, hidden, kwargs)
             fwd.segments[layer] = new
     if layer == max(host.plan.llm):
         fwd.stats.finish()

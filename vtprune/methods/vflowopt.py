@@ -20,7 +20,8 @@ Budget (spec §1.9): ``keep=`` / ``ratio=`` are the *average* visual tokens over
 standard image, anyres images scaled; ``ratio``: 1 - the average fraction kept). Given retention and r1, the
 last stage keeps n2 = round((L target - k1 n0 - (k2 - k1) n1) / (L - k2)) of the realised counts n0, n1 (the
 spec's r2 solved from the budget), so ``stats.equivalent_tokens`` equals the request within one token; when n2
-would exceed n1 (r2 > 1) it is clipped, a warning is given at prune() and the stage's stats carry a note. No
+would exceed n1 (r2 > 1) or drop below 1 it is clipped and the stage's stats carry a note; prune() warns when a
+standard image cannot reach the budget whatever stage 0 recycles. No
 budget: ``retention`` and ``llm_ratios=(r1, r2)`` alone (defaults: the released 25 % setting).
 Defaults, tuned by the authors for LLaVA-OV-7B only: ``threshold``, ``cell``, ``retention`` and r1 are the
 released 10 / 25 / 50 % settings interpolated linearly in the budget (anchored at no pruning for 100 %); the
@@ -134,18 +135,32 @@ class VFlowOpt(Method):
         return self.positions if cut.where == "pre_llm" else "original"
 
     def setup(self, model) -> None:
-        """Warn at prune() when the budget cannot be met with this retention and r1 (r2 would exceed 1)."""
+        """Warn at prune() when a standard image cannot reach the budget whatever stage 0 recycles: of the P =
+        dropped + floor(N / cell^2) pruned tokens, between 1 and min(P, cells of the grid) come back; stage 2 keeps
+        between 1 and n1."""
         if self.ratio is None and self.keep is None:
             return
-        fraction = 1.0 - self.ratio if self.ratio is not None else self.keep / model.nominal_tokens
-        _, _, rho, r1 = self.setting(fraction, int(round(math.sqrt(model.nominal_tokens))))
+        N = model.nominal_tokens
+        target = N * (1.0 - self.ratio) if self.ratio is not None else float(self.keep)
+        _, cell, rho, r1 = self.setting(target / N, int(round(math.sqrt(N))))
         (k1, k2), L = self.stage_layers(model), model.llm_layers
-        r2 = (L * fraction - k1 * rho - (k2 - k1) * rho * r1) / ((L - k2) * rho * r1)
-        if r2 > 1.0:
+        side, dropped = int(round(math.sqrt(N))), int(round(N * (1 - rho)))
+        if self.recycle:
+            pruned = min(N - 1, dropped + int(math.floor(N / cell**2)))
+            n0_min, n0_max = N - pruned + 1, N - pruned + min(pruned, math.ceil(side / cell) ** 2)
+        else:
+            n0_min = n0_max = N - dropped
+
+        def average(n0: int, last: int | None) -> float:
+            n1 = n0 - int(round(n0 * (1 - r1)))
+            return (k1 * n0 + (k2 - k1) * n1 + (L - k2) * (n1 if last is None else last)) / L
+
+        reach = (average(max(1, n0_min), 1), average(n0_max, None))
+        if not reach[0] - 1 <= target <= reach[1] + 1:
             warnings.warn(
-                f"vtprune: vflowopt cannot reach an average visual fraction of {fraction:.3f} over the LLM layers "
-                f"with retention {rho:.3f} and r1 {r1:.3f} (r2 would be {r2:.2f} > 1); its last stage keeps every "
-                "token and the average falls short (raise retention or llm_ratios)", UserWarning, stacklevel=2)
+                f"vtprune: vflowopt cannot average {target:g} visual tokens over the LLM layers of a {N}-token image "
+                f"with retention {rho:.3f} and r1 {r1:.3f} (reachable: {reach[0]:.1f}..{reach[1]:.1f}); the last "
+                "stage is clipped and the average misses (change retention or llm_ratios)", UserWarning, stacklevel=2)
 
     # --- decisions ------------------------------------------------------------------------------------------
     def select_batch(self, images: list[ImageView]) -> list[Selection]:

@@ -101,7 +101,8 @@ class BenchConfig:
             return "vanilla"
         if self.pipeline:
             return f"{self.method}[{self.source}]"
-        budget = f"keep{self.keep}" if self.keep is not None else f"ratio{self.ratio:g}"
+        budget = (f"keep{self.keep}" if self.keep is not None else f"ratio{self.ratio:g}" if self.ratio is not None
+                  else "schedule")
         extra = "".join(f",{k}={v}" for k, v in self.hyper if k != "seed")  # the run's --seed is in meta
         return f"{self.method}@{budget}{extra}" + (f"[{self.source}]" if self.source else "")
 
@@ -195,7 +196,7 @@ def build_configs(methods: Sequence[str], keeps: Sequence[int] = (), ratios: Seq
         fixed = {k: v for k, v in fields.items() if k not in ("keep", "ratio")}
         items = _with_seed(name, dict((hyper or {}).get(name, {})), seed, fixed)
         own = dict(fixed=tuple(sorted(fixed.items())), source=source, hyper=items)
-        if "keep" in fields or "ratio" in fields:  # the file's own budget: one point
+        if "keep" in fields or "ratio" in fields or method_class(name).budget_optional:  # one point, as the file says
             configs.append(BenchConfig(name, keep=fields.get("keep"), ratio=fields.get("ratio"), **own))
         else:  # no budget in the file: swept like a method
             configs += [BenchConfig(name, keep=int(k), **own) for k in keeps]

@@ -8,6 +8,7 @@ import torch
 
 import vtprune
 from vtprune.errors import PruneError
+from vtprune.methods.base import Cut
 
 from .conftest import FAMILIES, build_model, collate, make_prompt
 
@@ -19,8 +20,10 @@ PROMPT_ONLY = {
     "visionzip": dict(keep=12),
     "vtc_cls": dict(ratio=0.6, start_layer=0),
     "flowcut": dict(ratio=0.75, shared_prune_count=False),
+    "vflowopt": dict(ratio=0.6),
 }
-ALL_METHODS = {**PROMPT_ONLY, "fastv": dict(ratio=0.6)}
+# TransPrune's instruction attention reads every prompt token after the image, which use_cache=False extends
+ALL_METHODS = {**PROMPT_ONLY, "fastv": dict(ratio=0.6), "transprune": {}}
 
 
 def _prompts(model, family, n=2):
@@ -44,17 +47,20 @@ def _record_positions(model):
     return seen, handles
 
 
-def _tokens_at_layer(stats, sample: int, layer: int) -> int:
-    """Visual tokens of ``sample`` removed before decoder ``layer``, from the kept layout in ``stats``."""
+def _renumbered_away(stats, method, sample: int, layer: int) -> int:
+    """Visual tokens of ``sample`` removed, before decoder ``layer``, by the cuts that renumber positions (from the
+    kept layout in ``stats`` and each cut's position mode)."""
     removed = 0
     for img in stats.images:
         if img.sample != sample:
             continue
-        out = img.n_tokens
+        before = img.n_tokens
         for st in img.stages:
             if st.stage != "llm" or st.layer <= layer:
-                out = st.tokens_out
-        removed += img.n_tokens - out
+                cut = Cut("llm", st.layer) if st.stage == "llm" else Cut("pre_llm")
+                if method.positions_at(cut) == "renumber":
+                    removed += before - st.tokens_out
+                before = st.tokens_out
     return removed
 
 
@@ -71,13 +77,12 @@ def test_decode_positions_of_every_layer_follow_the_kept_layout(models, family, 
         finally:
             for h in handles:
                 h.remove()
-        stats = model.vtprune.stats
-        renumber = model.vtprune.method.positions == "renumber"
+        stats, pruner = model.vtprune.stats, model.vtprune.method
     for layer, calls in seen.items():
         assert len(calls) == STEPS
         for step, pos in enumerate(calls[1:]):  # calls[0] is the prefill
             for b in range(pos.shape[0]):
-                kept_prompt = int(valid[b]) - (_tokens_at_layer(stats, b, layer) if renumber else 0)
+                kept_prompt = int(valid[b]) - _renumbered_away(stats, pruner, b, layer)
                 assert int(pos[b]) == kept_prompt + step, (layer, step, b)
 
 

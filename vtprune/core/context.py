@@ -49,6 +49,7 @@ class Forward:
     records: dict = field(default_factory=dict)  # LLM probe -> what it recorded
     state: dict = field(default_factory=dict)  # (pipeline slot, image) -> the method's scratch for that image
     received: dict = field(default_factory=dict)  # (pipeline slot, image) -> tokens the method first saw
+    shared: dict = field(default_factory=dict)  # pipeline slot -> the method's batch-level scratch
     stats: PruneStats | None = None
     keep_hidden_states: bool = False  # the caller asked for hidden states: never compact a tensor handed back
 

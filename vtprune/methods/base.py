@@ -111,7 +111,8 @@ class ImageView:
     n_tokens: N, the image's token count before any pruning (patches per crop at a vision cut). index: [n]
     original indices (0..N-1) of the tokens still present (sorted). embeds: [n, D] their current hidden states.
     nominal: the token count ``keep`` refers to; n_received: the tokens this method first received (``ratio``
-    is relative to it). model: the model's shape. state: this method's scratch for this image in this forward.
+    is relative to it). model: the model's shape. state: this method's scratch for this image in this forward;
+    shared: its scratch for the whole batch in this forward (the same dict in every image's view).
     ``image[probe]``: what a declared probe recorded, sliced to this image's current tokens. Vision cuts also
     give ``units`` ([n] id of the LLM token each patch feeds), ``crops_in_image`` and ``patches_per_unit``.
     """
@@ -127,6 +128,7 @@ class ImageView:
     n_received: int
     model: ModelInfo | None = None
     state: dict = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)
     units: torch.Tensor | None = None
     crops_in_image: int = 1
     patches_per_unit: int = 1

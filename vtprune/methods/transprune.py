@@ -108,8 +108,10 @@ class TransPrune(Method):
             return []
         first, layer = images[0], images[0].layer
         accumulated = [l for l in self.accumulation_layers(first.model) if l < layer]
-        ttv = {l: self.transition(first.batch(Sublayer(l, "attn"))) + self.transition(first.batch(Sublayer(l, "mlp")))
-               for l in accumulated}
+        ttv = first.shared.setdefault("ttv", {})  # [B, T_l] per layer, computed once per forward
+        for l in accumulated:
+            if l not in ttv:
+                ttv[l] = self.transition(first.batch(Sublayer(l, "attn"))) + self.transition(first.batch(Sublayer(l, "mlp")))
         out = []
         for image in images:
             acc = sum(ttv[l][image.sample, image[Sublayer(l, "attn")].slots] for l in accumulated)

@@ -51,7 +51,7 @@ def image_views(host, step, fwd, layout: Layout, hidden: torch.Tensor) -> list[t
             sample=span.sample, image=span.image, index_in_sample=span.index_in_sample, n_tokens=span.length,
             index=index, embeds=hidden[span.sample, layout.images[span.image]], cut=step.cut,
             nominal=host.adapter.nominal_tokens, n_received=fwd.received.setdefault(key, int(index.numel())),
-            model=host.plan.info, state=fwd.state.setdefault(key, {}),
+            model=host.plan.info, state=fwd.state.setdefault(key, {}), shared=fwd.shared.setdefault(step.slot, {}),
             _lookup=probe_lookup(host, step, records, where, "image"),
             _batch=batch_cache.setdefault("lookup", probe_lookup(host, step, records, where, "batch")),
             _geometry=where,

@@ -290,10 +290,11 @@ STAGE_CASES = {  # family: (budget kwargs, retention, llm_ratios)
 
 
 @pytest.mark.parametrize("case", list(STAGE_CASES))
-def test_llm_stages_drop_the_lowest_of_the_same_map(models, eager_copy, case):
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_llm_stages_drop_the_lowest_of_the_same_map(models, eager_copy, case, batch_size):
     family, budget, retention, ratios = STAGE_CASES[case]
     model = models(family)
-    prompts = [make_prompt(model, family, 3 + 2 * i, i) for i in range(2)]
+    prompts = [make_prompt(model, family, 3 + 2 * i, i) for i in range(batch_size)]
     batch = collate(prompts)
     params = dict(BASE, retention=retention, llm_ratios=ratios)
     stats, _, _ = _run(model, batch, **budget, **params)

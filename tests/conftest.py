@@ -150,3 +150,22 @@ def models():
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def dyvte_routers(models, tmp_path_factory):
+    """``get(family, seed=0)``: a DyVTE router file (seeded Xavier-initialised routers) for that tiny model."""
+    from vtprune.methods.dyvte import Routers, save_routers
+
+    cache = {}
+
+    def get(family: str, seed: int = 0):
+        if (family, seed) not in cache:
+            cfg = models(family).config.text_config
+            torch.manual_seed(seed)
+            path = tmp_path_factory.mktemp(f"routers-{family}-{seed}") / "dyvte_routers.safetensors"
+            save_routers(Routers(cfg.hidden_size, cfg.num_hidden_layers), path, {"model_id": f"tiny-{family}"})
+            cache[family, seed] = str(path)
+        return cache[family, seed]
+
+    return get

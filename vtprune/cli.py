@@ -3,6 +3,7 @@
     vtprune bench [...]     accuracy + speed of pruning methods on MME / GQA (see ``vtprune bench -h``)
     vtprune methods         list the registered methods
     vtprune viz [...]       draw which visual tokens a method keeps (see ``vtprune viz -h``)
+    vtprune train-dyvte     train DyVTE's exit routers for a model (see ``vtprune train-dyvte -h``)
 
 Adding a sub-command (e.g. ``viz``): write ``_add_<name>(subparsers)`` that creates the sub-parser, adds its
 flags and sets ``handler=<function(args) -> exit status>``, then list it in ``COMMANDS``. Heavy imports
@@ -221,10 +222,57 @@ def _add_viz(subparsers) -> None:
 
 
 # name -> function that registers the sub-command
+def _run_train_dyvte(args) -> int:
+    from .training.dyvte import TrainSettings, train
+
+    try:
+        check_model_spec_arg(args.model)
+        if args.data is not None and not Path(args.data).is_dir():
+            raise UsageError(f"--data {args.data}: not a folder (a GQA- or MME-format folder)")
+        if args.steps < 1 or args.batch_size < 1 or not args.lr > 0:
+            raise UsageError("--steps and --batch-size must be >= 1 and --lr > 0")
+        check_out_dir(args.out)
+    except UsageError as err:
+        return report("vtprune train-dyvte", err)
+    meta = train(TrainSettings(model=args.model, data=args.data, steps=args.steps, minutes=args.minutes, lr=args.lr,
+                               batch_size=args.batch_size, out=args.out, seed=args.seed, width=args.width,
+                               prompt_style=args.prompt_style, progress=not args.no_progress))
+    print(f"wrote {Path(args.out) / 'dyvte_routers.safetensors'} ({meta['steps']} steps); safe-to-exit per layer: "
+          + ", ".join(f"{r:.2f}" for r in meta["exit_rate"]))
+    return 0
+
+
+def check_model_spec_arg(spec) -> None:
+    if spec is not None:
+        from .benchmarks.runner import check_model_spec
+
+        check_model_spec(spec)
+
+
+def _add_train_dyvte(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train-dyvte", help="train DyVTE's exit routers on a frozen model (the synthetic set by default)",
+        description="Train one exit router per LLM layer (spec §2.6); resumes from --out when it holds state.pt.",
+    )
+    p.add_argument("--model", default=None, help="model folder (default: the shipped tiny LLaVA)")
+    p.add_argument("--data", default=None, help="GQA- or MME-format folder (default: the synthetic generator)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
+    p.add_argument("--lr", type=float, default=6e-5, help="peak learning rate, cosine with 3%% warm-up (6e-5)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--width", type=int, default=None, help="router hidden width (default: d // 2)")
+    p.add_argument("--prompt-style", default="llava_v1", choices=["llava_v1", "chat_template"])
+    p.add_argument("--out", default="out/dyvte", help="output folder (routers, exit curve, state.pt)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_run_train_dyvte)
+
+
 COMMANDS = {
     "bench": _add_bench,
     "methods": _add_methods,
     "viz": _add_viz,
+    "train-dyvte": _add_train_dyvte,
 }
 
 

@@ -155,9 +155,17 @@ class BenchSettings:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
-def default_methods() -> list[str]:
-    """Every registered method that removes tokens (attention-modulation-only methods excluded)."""
-    return [name for name in list_methods() if method_class(name).prunes]
+def default_methods(model_path: str | None = None) -> list[str]:
+    """Every registered method that removes tokens (attention-modulation-only methods excluded) and can run on
+    the model at ``model_path`` (default: the embedded tiny LLaVA) as it is, e.g. has its learned routers."""
+    path = str(model_path if model_path is not None else tiny_llava_dir())
+    return [name for name in list_methods() if method_class(name).prunes and method_class(name).available_for(path)]
+
+
+def tiny_llava_dir():
+    from . import tiny_llava
+
+    return tiny_llava.DEFAULT_ASSET_DIR
 
 
 def scaled_keeps(visual_tokens: int, reference: Sequence[int] = REFERENCE_KEEPS,
@@ -187,6 +195,9 @@ def build_configs(methods: Sequence[str], keeps: Sequence[int] = (), ratios: Seq
     configs = [BenchConfig()]
     for name in validate_methods(methods):
         items = _with_seed(name, dict((hyper or {}).get(name, {})), seed)
+        if not method_class(name).has_budget:  # schedule-defined or learned: one point
+            configs.append(BenchConfig(name, hyper=items))
+            continue
         configs += [BenchConfig(name, keep=int(k), hyper=items) for k in keeps]
         configs += [BenchConfig(name, ratio=float(r), hyper=items) for r in ratios]
     for source, name, fields in files:
@@ -290,7 +301,7 @@ def check_settings(settings: BenchSettings) -> list:
 def _methods_of(settings: BenchSettings) -> list[str]:
     if settings.methods is not None:
         return validate_methods(settings.methods)
-    return [] if settings.configs else default_methods()
+    return [] if settings.configs else default_methods(settings.model)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -971,7 +982,7 @@ def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
 
     for r in runs:
         budget = ("-" if r["method"] == "vanilla" else f"keep {r['keep']}" if r["keep"] is not None
-                  else f"ratio {r['ratio']:g}" if r["ratio"] is not None else "in file")
+                  else f"ratio {r['ratio']:g}" if r["ratio"] is not None else "schedule")
         if r.get("error"):
             rows.append([_run_name(r), budget, "failed (see results.json)"] + [""] * (len(header) - 3))
             continue

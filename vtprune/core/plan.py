@@ -49,7 +49,8 @@ def model_info(adapter) -> ModelInfo:
     return ModelInfo(family=adapter.family, vision_layers=len(adapter.vision_layers),
                      feature_layer=adapter.vision_feature_layer, llm_layers=len(adapter.decoder_layers),
                      nominal_tokens=adapter.nominal_tokens,
-                     hidden_size=int(adapter.language_model.config.hidden_size))
+                     hidden_size=int(adapter.language_model.config.hidden_size),
+                     name_or_path=str(getattr(adapter.config, "_name_or_path", "") or ""))
 
 
 def build_plan(methods: tuple[Method, ...], info: ModelInfo) -> Plan:

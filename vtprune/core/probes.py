@@ -15,6 +15,7 @@ LLM probes (prefill only; rows refer to the layout of the layer they were record
     LLMAttention(layer, queries) attention probabilities of the last prompt token or the instruction tokens
     LLMQKV(layer)                post-RoPE query of the last prompt token, keys and values
     Residual(layer)              the residual stream entering a decoder layer
+    LayerOutput(layer)           a decoder layer's output (before the next layer's cut), instruction rows per image
     Sublayer(layer, part)        input and output of the attention (``"attn"``) or FFN (``"mlp"``) sublayer
     IncomingAttention(layer, q)  the attention layer ``layer`` would compute on the hidden states entering it,
                                  before a cut there decides (its own norm, q/k projections and RoPE)
@@ -428,6 +429,31 @@ class Residual(Probe):
     def for_image(self, record, where):
         hidden, layout = record
         return hidden[where.span.sample, where.rows(layout)]
+
+
+@dataclass(frozen=True)
+class LayerOutput(Probe):
+    """What decoder layer ``layer`` outputs (before any cut before the next layer), per image: the rows of its
+    sample's instruction tokens (every prompt token after the sample's last image, the last prompt token last),
+    [q, D]."""
+
+    layer: int
+
+    def check(self, info):
+        _check_llm(self, self.layer, info)
+
+    def attach(self, host):
+        def record(module, args, output):
+            fwd = host.prefill()
+            if fwd is not None:
+                hidden = output[0] if isinstance(output, tuple) else output
+                fwd.records[self] = (hidden, fwd.layout_at(self.layer))
+
+        host.hooks.post(host.adapter.decoder_layers[self.layer], record)
+
+    def for_image(self, record, where):
+        hidden, layout = record
+        return hidden[where.span.sample, instruction_slots(layout, where.forward.spans, where.span.sample)]
 
 
 @dataclass(frozen=True)

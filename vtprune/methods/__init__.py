@@ -1,6 +1,7 @@
 """Built-in methods; importing this package registers them."""
 
 from .base import ImageView, Method, Selection, VisionView, top_k_sorted
+from .dyvte import DyVTE
 from .fastv import FastV
 from .flowcut import FlowCut
 from .random import RandomPrune
@@ -9,4 +10,4 @@ from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 from .vtc_cls import VTCCLS
 
-__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "FastV", "FlowCut", "RandomPrune", "TransPrune", "VFlowOpt", "VisionZip", "VTCCLS"]
+__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "DyVTE", "FastV", "FlowCut", "RandomPrune", "TransPrune", "VFlowOpt", "VisionZip", "VTCCLS"]

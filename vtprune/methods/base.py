@@ -71,6 +71,7 @@ class ModelInfo:
     llm_layers: int
     nominal_tokens: int
     hidden_size: int = 0
+    name_or_path: str = ""  # the model's config._name_or_path (a hub id or a local folder)
 
 
 @dataclass
@@ -210,6 +211,7 @@ class Method:
     budget_optional: ClassVar[bool] = False  # True: ratio / keep may both be left out (the schedule decides)
     prunes: ClassVar[bool] = True  # False: the method only modulates attention (left out of default bench sweeps)
     budget_kind: ClassVar[str] = "kept"  # "kept": tokens kept per image after it; "average": over all LLM layers
+    records_unchanged: ClassVar[bool] = True  # False: a cut that keeps an image whole adds no stage to its stats
 
     def __post_init__(self):
         """Validate every field at construction: types from the annotations (numpy scalars become Python
@@ -233,6 +235,12 @@ class Method:
             f"vtprune: {self.name or type(self).__name__} {field}={getattr(self, field)!r} is out of range; "
             f"expected {expected}"
         )
+
+    @classmethod
+    def available_for(cls, model_path: str | None) -> bool:
+        """Whether the method can run on the model at ``model_path`` as it is (e.g. its learned weights exist);
+        default sweeps leave out methods that cannot."""
+        return True
 
     @property
     def is_noop(self) -> bool:

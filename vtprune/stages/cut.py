@@ -114,8 +114,9 @@ def cut_tokens(host, fwd, step, prev: Layout, hidden: torch.Tensor, stage: str, 
         resolved = [(span, n, checked_keep(step.method, sel.keep, n), sel.values,
                      prev.image_index[span.image][sel.keep]) for span, n, sel in answer]
         notes = [None] * len(resolved)
-    for (span, n_in, keep, _, sources), note in zip(resolved, notes):
-        record_stage(fwd, step, stage, span, n_in, keep, sources, note)
+    for (span, n_in, keep, values, sources), note in zip(resolved, notes):
+        if step.method.records_unchanged or keep.numel() != n_in or values is not None or note:
+            record_stage(fwd, step, stage, span, n_in, keep, sources, note)
     if all(keep.numel() == n_in and values is None for _, n_in, keep, values, _ in resolved):
         return None, hidden
     keeps = {span.image: keep for span, _, keep, _, _ in resolved}  # images with no tokens left keep none

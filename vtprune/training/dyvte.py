@@ -1,0 +1,227 @@
+"""``vtprune train-dyvte``: train DyVTE's exit routers on a frozen LVLM (spec §2.6).
+
+Each step samples one exit layer l for the batch, runs the teacher-forced answer once in full and once with the
+image keys masked from layer l + 1 on (masking instead of removal, as the official recipe: the text outputs are
+the same), labels a sample "exit" when the exit run's argmax agrees with the full run's on > 99 % of its answer
+positions and its loss is < 1.03 x the full loss, and takes a cross-entropy step on router l's logits for the
+layer-l features (detached: no gradient reaches the model). Output (``--out``): the routers
+(``dyvte_routers.safetensors`` + ``.json``), ``exit_curve.csv`` / ``.png`` (the label rate per layer: where it is
+safe to exit) and ``state.pt`` to resume from.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .. import compat
+from ..adapters import get_adapter
+from ..methods.dyvte import ROUTER_FILE, Routers, router_features, save_routers
+
+AGREEMENT, LOSS_RATIO = 0.99, 1.03
+
+
+@dataclass
+class TrainSettings:
+    model: str | None = None  # None: the shipped tiny LLaVA
+    data: str | None = None  # None: the synthetic generator; else a GQA- or MME-format folder
+    steps: int = 300
+    minutes: float | None = None  # stop after this long (whichever of steps / minutes comes first)
+    lr: float = 6e-5
+    warmup: float = 0.03
+    batch_size: int = 8
+    width: int | None = None  # router hidden width; None = d // 2
+    out: str = "out/dyvte"
+    seed: int = 0
+    prompt_style: str = "llava_v1"
+    save_every: int = 50
+    progress: bool = True
+
+
+def samples(settings: TrainSettings) -> Iterator[tuple]:
+    """Endless (image, question, answer, benchmark) tuples: the synthetic stream or a folder, shuffled."""
+    if settings.data is None:
+        from ..benchmarks import synthetic
+
+        for s in synthetic.training_samples(seed=settings.seed):
+            yield s.image, s.question, s.answer, s.style
+        return
+    from PIL import Image
+
+    from ..benchmarks import gqa, mme
+
+    try:
+        items = [(q.image_path, q.question, q.answer, "gqa") for q in gqa.load_gqa(settings.data)]
+    except Exception:  # noqa: BLE001 - not a GQA folder: try MME's layout
+        items = [(q.image_path, q.question, q.answer.lower(), "mme") for q in mme.load_mme(settings.data)]
+    rng = random.Random(settings.seed)
+    while True:
+        rng.shuffle(items)
+        for path, question, answer, bench in items:
+            yield Image.open(path).convert("RGB"), question, answer, bench
+
+
+def encode(processor, batch: list[tuple], prompt_style: str) -> dict:
+    from ..benchmarks.prompts import build_prompt
+    from ..benchmarks.tiny_llava import encode_training_batch
+
+    prompts = [build_prompt(q, benchmark=b, style=prompt_style, processor=processor) for _, q, _, b in batch]
+    return encode_training_batch(processor, [s[0] for s in batch], prompts, [s[2] for s in batch])
+
+
+def exit_logits(model, adapter, hidden: torch.Tensor, batch: dict, layer: int) -> torch.Tensor:
+    """Logits when layers layer+1.. run with the image keys masked (causal, padding masked too)."""
+    lm = adapter.language_model
+    ids, valid = batch["input_ids"], batch["attention_mask"].bool()
+    T = ids.shape[1]
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None] & valid[:, None, :]
+    allowed &= (ids != adapter.image_token_id)[:, None, :] | torch.eye(T, dtype=torch.bool)[None]
+    allowed = allowed[:, None]
+    if not compat.mask_is_boolean(compat.get_attn_implementation(lm.config)):
+        allowed = torch.zeros(allowed.shape, dtype=hidden.dtype).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
+    pos = torch.arange(T)[None].expand(ids.shape[0], T)
+    rotary = adapter.rotary(hidden, pos)
+    for block in adapter.decoder_layers[layer + 1:]:
+        out = block(hidden, attention_mask=allowed, position_embeddings=rotary, position_ids=pos)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return model.lm_head(lm.norm(hidden))
+
+
+def answer_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: mean CE over the answer tokens [B] and the argmax predictions [B, T-1]."""
+    shifted, target = logits[:, :-1].float(), labels[:, 1:]
+    ce = F.cross_entropy(shifted.transpose(1, 2), target.clamp(min=0), reduction="none") * (target >= 0)
+    return ce.sum(1) / (target >= 0).sum(1).clamp(min=1), shifted.argmax(-1)
+
+
+def exit_labels(full: torch.Tensor, exited: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B] 1 where exiting is safe: argmax agreement > 99 % and loss < 1.03 x the full loss."""
+    loss_full, pred_full = answer_stats(full, labels)
+    loss_exit, pred_exit = answer_stats(exited, labels)
+    answer = labels[:, 1:] >= 0
+    agree = ((pred_full == pred_exit) & answer).sum(1) / answer.sum(1).clamp(min=1)
+    return ((agree > AGREEMENT) & (loss_exit < LOSS_RATIO * loss_full)).long()
+
+
+def features(hidden: torch.Tensor, batch: dict, image_token_id: int) -> torch.Tensor:
+    """[B, 2d] router features from layer outputs [B, T, d]: the prompt's tokens after its last image."""
+    rows = []
+    for b in range(hidden.shape[0]):
+        prompt_end = int(torch.nonzero(batch["labels"][b] >= 0)[0]) if bool((batch["labels"][b] >= 0).any()) else \
+            int(batch["attention_mask"][b].sum())
+        last_image = int(torch.nonzero(batch["input_ids"][b, :prompt_end] == image_token_id).max())
+        rows.append(router_features(hidden[b, last_image + 1:prompt_end]))
+    return torch.stack(rows)
+
+
+def train(settings: TrainSettings, model=None, processor=None) -> dict:
+    """Train (or resume) routers; returns the summary written to the router card."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from ..benchmarks.runner import load_model
+
+    if model is None:
+        model, processor, _ = load_model(settings.model, "float32", "cpu")
+    model.requires_grad_(False).eval()
+    adapter = get_adapter(model)
+    d, L = int(adapter.language_model.config.hidden_size), len(adapter.decoder_layers)
+    torch.manual_seed(settings.seed)
+    routers = Routers(d, L, settings.width)
+    optimizer = torch.optim.AdamW(routers.parameters(), lr=settings.lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(settings.warmup * settings.steps)), settings.steps)
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {"labels": [0] * (L - 1), "exits": [0] * (L - 1)}
+    step, rng = 0, random.Random(settings.seed)
+    if (out / "state.pt").is_file():  # resume
+        state = torch.load(out / "state.pt", weights_only=False)
+        routers.load_state_dict(state["routers"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, counts = state["step"], state["counts"]
+        rng.setstate(state["rng"])
+    stream = samples(settings)
+    for _ in range(step * settings.batch_size):  # the same data order as an uninterrupted run
+        next(stream)
+    start = time.monotonic()
+    bar = _progress(settings, step)
+    while step < settings.steps and (settings.minutes is None or time.monotonic() - start < settings.minutes * 60):
+        batch = encode(processor, [next(stream) for _ in range(settings.batch_size)], settings.prompt_style)
+        layer = rng.randrange(L - 1)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            full = model(**inputs, output_hidden_states=True)
+            hidden = full.hidden_states[layer + 1]
+            y = exit_labels(full.logits, exit_logits(model, adapter, hidden, batch, layer), batch["labels"])
+            f = features(hidden, batch, adapter.image_token_id)
+        loss = F.cross_entropy(routers(layer, f), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        counts["labels"][layer] += int(y.numel())
+        counts["exits"][layer] += int(y.sum())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}", exit_rate=" ".join(f"{r:.2f}" for r in _rates(counts)))
+        if step % settings.save_every == 0 or step == settings.steps:
+            _save(out, routers, optimizer, scheduler, step, counts, rng)
+    if bar is not None:
+        bar.close()
+    _save(out, routers, optimizer, scheduler, step, counts, rng)
+    meta = {"model_id": str(getattr(model.config, "_name_or_path", "")), "prompt_style": settings.prompt_style,
+            "steps": step, "seed": settings.seed, "lr": settings.lr, "batch_size": settings.batch_size,
+            "data": settings.data or "synthetic", "exit_rate": _rates(counts)}
+    save_routers(routers, out / ROUTER_FILE, meta)
+    _write_curve(out, counts)
+    return meta
+
+
+def _rates(counts: dict) -> list[float]:
+    return [e / n if n else float("nan") for e, n in zip(counts["exits"], counts["labels"])]
+
+
+def _progress(settings: TrainSettings, step: int):
+    if not settings.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=settings.steps, initial=step, desc="train-dyvte", unit="step")
+
+
+def _save(out: Path, routers, optimizer, scheduler, step: int, counts: dict, rng: random.Random) -> None:
+    torch.save({"routers": routers.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "counts": counts, "rng": rng.getstate()},
+               out / "state.pt")
+
+
+def _write_curve(out: Path, counts: dict) -> None:
+    """exit_curve.csv / .png: per layer, the share of samples for which exiting after it was safe."""
+    rates = _rates(counts)
+    with open(out / "exit_curve.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["layer", "samples", "safe_to_exit"])
+        for layer, (n, r) in enumerate(zip(counts["labels"], rates)):
+            writer.writerow([layer, n, "" if math.isnan(r) else f"{r:.4f}"])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(range(len(rates)), rates, marker="o")
+    ax.set(xlabel="exit after LLM layer", ylabel="safe to exit (label rate)", ylim=(0, 1), title="DyVTE exit curve")
+    fig.tight_layout()
+    fig.savefig(out / "exit_curve.png", dpi=120)
+    plt.close(fig)
+    (out / "exit_curve.json").write_text(json.dumps({"safe_to_exit": rates, "samples": counts["labels"]}) + "\n")

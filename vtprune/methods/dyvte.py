@@ -130,12 +130,13 @@ class DyVTE(Method):
         return tuple(LayerOutput(k - 1) for k in range(1, model.llm_layers))
 
     def select_batch(self, images: list[ImageView]) -> list[Selection]:
-        out = []
+        out, exits = [], {}  # sample -> decision: the images of a sample share one router call
         for image in images:
             layer = image.layer - 1
-            text = image[LayerOutput(layer)]
-            logits = self.router_logits(layer, router_features(text))
-            if float(logits[1] - logits[0]) > self.threshold:
+            if image.sample not in exits:
+                logits = self.router_logits(layer, router_features(image[LayerOutput(layer)]))
+                exits[image.sample] = float(logits[1] - logits[0]) > self.threshold
+            if exits[image.sample]:
                 out.append(Selection(keep=image.index[:0], note=f"exit after layer {layer}"))
             else:
                 out.append(Selection(keep=torch.arange(image.n, device=image.index.device)))

@@ -82,13 +82,15 @@ def exit_logits(model, adapter, hidden: torch.Tensor, batch: dict, layer: int) -
     """Logits when layers layer+1.. run with the image keys masked (causal, padding masked too)."""
     lm = adapter.language_model
     ids, valid = batch["input_ids"], batch["attention_mask"].bool()
-    T = ids.shape[1]
-    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None] & valid[:, None, :]
-    allowed &= (ids != adapter.image_token_id)[:, None, :] | torch.eye(T, dtype=torch.bool)[None]
+    T, device = ids.shape[1], hidden.device
+    ids, valid = ids.to(device), valid.to(device)
+    allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None] & valid[:, None, :]
+    allowed &= (ids != adapter.image_token_id)[:, None, :] | torch.eye(T, dtype=torch.bool, device=device)[None]
     allowed = allowed[:, None]
     if not compat.mask_is_boolean(compat.get_attn_implementation(lm.config)):
-        allowed = torch.zeros(allowed.shape, dtype=hidden.dtype).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
-    pos = torch.arange(T)[None].expand(ids.shape[0], T)
+        allowed = torch.zeros(allowed.shape, dtype=hidden.dtype, device=device).masked_fill(
+            ~allowed, torch.finfo(hidden.dtype).min)
+    pos = torch.arange(T, device=device)[None].expand(ids.shape[0], T)
     rotary = adapter.rotary(hidden, pos)
     for block in adapter.decoder_layers[layer + 1:]:
         out = block(hidden, attention_mask=allowed, position_embeddings=rotary, position_ids=pos)
@@ -146,8 +148,14 @@ def train(settings: TrainSettings, model=None, processor=None) -> dict:
         state = torch.load(out / "state.pt", weights_only=False)
         routers.load_state_dict(state["routers"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         step, counts = state["step"], state["counts"]
+        if state.get("total") == settings.steps:
+            scheduler.load_state_dict(state["scheduler"])
+        else:  # a longer (or shorter) run: the schedule of that length, advanced to this step
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] = settings.lr
+            scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(settings.warmup * settings.steps)),
+                                                        settings.steps, last_epoch=step - 1)
         rng.setstate(state["rng"])
     stream = samples(settings)
     for _ in range(step * settings.batch_size):  # the same data order as an uninterrupted run
@@ -163,7 +171,7 @@ def train(settings: TrainSettings, model=None, processor=None) -> dict:
             hidden = full.hidden_states[layer + 1]
             y = exit_labels(full.logits, exit_logits(model, adapter, hidden, batch, layer), batch["labels"])
             f = features(hidden, batch, adapter.image_token_id)
-        loss = F.cross_entropy(routers(layer, f), y)
+        loss = F.cross_entropy(routers(layer, f.to(next(routers.parameters()).device)), y.to(f.device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -175,10 +183,10 @@ def train(settings: TrainSettings, model=None, processor=None) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss):.3f}", exit_rate=" ".join(f"{r:.2f}" for r in _rates(counts)))
         if step % settings.save_every == 0 or step == settings.steps:
-            _save(out, routers, optimizer, scheduler, step, counts, rng)
+            _save(out, routers, optimizer, scheduler, step, counts, rng, settings.steps)
     if bar is not None:
         bar.close()
-    _save(out, routers, optimizer, scheduler, step, counts, rng)
+    _save(out, routers, optimizer, scheduler, step, counts, rng, settings.steps)
     meta = {"model_id": str(getattr(model.config, "_name_or_path", "")), "prompt_style": settings.prompt_style,
             "steps": step, "seed": settings.seed, "lr": settings.lr, "batch_size": settings.batch_size,
             "data": settings.data or "synthetic", "exit_rate": _rates(counts)}
@@ -199,8 +207,8 @@ def _progress(settings: TrainSettings, step: int):
     return tqdm(total=settings.steps, initial=step, desc="train-dyvte", unit="step")
 
 
-def _save(out: Path, routers, optimizer, scheduler, step: int, counts: dict, rng: random.Random) -> None:
-    torch.save({"routers": routers.state_dict(), "optimizer": optimizer.state_dict(),
+def _save(out: Path, routers, optimizer, scheduler, step: int, counts: dict, rng: random.Random, total: int) -> None:
+    torch.save({"routers": routers.state_dict(), "optimizer": optimizer.state_dict(), "total": total,
                 "scheduler": scheduler.state_dict(), "step": step, "counts": counts, "rng": rng.getstate()},
                out / "state.pt")
 

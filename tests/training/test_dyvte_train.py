@@ -1,0 +1,114 @@
+"""``vtprune.training.dyvte.train`` (spec §2.6) on a tiny untrained LLaVA: what it writes, that the routers load
+and run, and that a resume continues from the saved step and trains the routers only (the model stays frozen)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.benchmarks.prompts import build_prompt
+from vtprune.benchmarks.synthetic import training_samples
+from vtprune.benchmarks.tiny_llava import build_untrained_tiny_llava
+from vtprune.methods.dyvte import load_routers
+from vtprune.training.dyvte import TrainSettings, train
+
+OUTPUTS = ("dyvte_routers.safetensors", "dyvte_routers.json", "exit_curve.csv", "exit_curve.png", "state.pt")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _forwards(model):
+    """A counter of the model's top-level forward calls (one full teacher-forced pass per training step)."""
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def test_train_writes_routers_that_load_and_resume_continues(tmp_path):
+    model, processor = build_untrained_tiny_llava(seed=0)
+    d, L = model.config.text_config.hidden_size, model.config.text_config.num_hidden_layers
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tmp_path / "dyvte"
+
+    calls, handle = _forwards(model)
+    meta = train(TrainSettings(steps=3, batch_size=2, out=str(out), progress=False, save_every=1),
+                 model=model, processor=processor)
+    handle.remove()
+    assert len(calls) == 3
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    card = json.loads((out / "dyvte_routers.json").read_text())
+    assert card["steps"] == meta["steps"] == 3
+    assert (card["hidden_size"], card["layers"], card["width"]) == (d, L, d // 2)
+    state = torch.load(out / "state.pt", weights_only=False)
+    assert state["step"] == 3 and sum(state["counts"]["labels"]) == 3 * 2
+    with open(out / "exit_curve.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["layer"]) for r in rows] == list(range(L - 1))  # decisions after layers 0..L-2
+    assert sum(int(r["samples"]) for r in rows) == 6
+    for r in rows:
+        assert r["safe_to_exit"] == "" if r["samples"] == "0" else 0.0 <= float(r["safe_to_exit"]) <= 1.0
+
+    routers, loaded_card = load_routers(out, d, L)
+    assert loaded_card["steps"] == 3
+    assert all(not p.requires_grad for p in routers.parameters())
+    with pytest.raises(vtprune.PruneError):
+        load_routers(out, d // 2, L)
+    first = {k: v.clone() for k, v in routers.state_dict().items()}
+
+    # the routers run on this model
+    sample = next(training_samples(seed=1))
+    inputs = processor(images=[sample.image], text=[build_prompt(sample.question, benchmark=sample.style,
+                                                                 processor=processor)], return_tensors="pt")
+    with vtprune.pruned(model, "dyvte", routers=str(out)), torch.no_grad():
+        logits = model(**inputs).logits
+        stats = model.vtprune.stats
+    assert torch.isfinite(logits).all() and len(stats.images) == 1
+    assert all(st.method == "dyvte" and st.tokens_out == 0 for st in stats.images[0].stages)
+
+    # resume: 2 more steps (not 5 from scratch), the card says 5, only the routers changed
+    calls, handle = _forwards(model)
+    meta = train(TrainSettings(steps=5, batch_size=2, out=str(out), progress=False, save_every=1),
+                 model=model, processor=processor)
+    handle.remove()
+    assert len(calls) == 2
+    assert json.loads((out / "dyvte_routers.json").read_text())["steps"] == meta["steps"] == 5
+    state = torch.load(out / "state.pt", weights_only=False)
+    assert state["step"] == 5 and sum(state["counts"]["labels"]) == 5 * 2
+    resumed, _ = load_routers(out, d, L)
+    assert any(not torch.equal(first[k], v) for k, v in resumed.state_dict().items())
+    after = model.state_dict()
+    assert after.keys() == frozen.keys()
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_a_run_extended_on_resume_continues_the_longer_schedule(tmp_path):
+    """3 steps, then resumed with --steps 5: steps 4 and 5 use the learning rates of a 5-step cosine schedule
+    (a resumed scheduler of the 3-step run would give 0 at step 4)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    model, processor = build_untrained_tiny_llava(seed=0)
+    common = dict(batch_size=2, progress=False, save_every=1, lr=1e-3)
+    lrs: list[float] = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        train(TrainSettings(steps=3, out=str(tmp_path / "a"), **common), model=model, processor=processor)
+        resumed = len(lrs)
+        train(TrainSettings(steps=5, out=str(tmp_path / "a"), **common), model=model, processor=processor)
+        extended = lrs[resumed:]
+        del lrs[:]
+        train(TrainSettings(steps=5, out=str(tmp_path / "b"), **common), model=model, processor=processor)
+    finally:
+        handle.remove()
+    assert len(extended) == 2 and extended == pytest.approx(lrs[3:], rel=1e-9) and min(extended) > 0

@@ -1,4 +1,4 @@
-"""``vtprune.training.dyvte.train`` (spec §2.6) on a tiny untrained LLaVA: what it writes, that the routers load
+"""``vtprune.training.dyvte.train`` (spec §2.6) on the embedded tiny LLaVA (and an untrained copy): what it writes, that the routers load
 and run, and that a resume continues from the saved step and trains the routers only (the model stays frozen)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import vtprune
 from vtprune.benchmarks.prompts import build_prompt
 from vtprune.benchmarks.synthetic import training_samples
-from vtprune.benchmarks.tiny_llava import build_untrained_tiny_llava
+from vtprune.benchmarks.tiny_llava import build_untrained_tiny_llava, load_tiny_llava
 from vtprune.methods.dyvte import load_routers
 from vtprune.training.dyvte import TrainSettings, train
 
@@ -35,7 +35,7 @@ def _forwards(model):
 
 
 def test_train_writes_routers_that_load_and_resume_continues(tmp_path):
-    model, processor = build_untrained_tiny_llava(seed=0)
+    model, processor = load_tiny_llava()  # the embedded model itself
     d, L = model.config.text_config.hidden_size, model.config.text_config.num_hidden_layers
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
     out = tmp_path / "dyvte"

@@ -107,8 +107,8 @@ class Session:
         for probe in plan.probes:  # after the cut hooks: a probe sees what its layer really gets
             probe.attach(self)
         for layer, modulators in sorted(plan.modulators.items()):
-            for _, method in modulators:
-                fn = functools.partial(self._modulate, layer, method)
+            for slot, method in modulators:
+                fn = functools.partial(self._modulate, layer, slot, method)
                 hooks.attention(a.decoder_layers[layer].self_attn, fn, "modulate")
 
     def _wrap_image_features(self, original):
@@ -252,7 +252,8 @@ class Session:
         if cache is None and isinstance(output, dict):
             cache = output.get("past_key_values")
         if cache is not None:
-            self._gen = Generation(cache=cache, segments=dict(fwd.segments), prompt_length=fwd.length, spans=fwd.spans)
+            self._gen = Generation(cache=cache, segments=dict(fwd.segments), prompt_length=fwd.length, spans=fwd.spans,
+                                   shared=fwd.shared)
         return None
 
     @_guard
@@ -270,12 +271,31 @@ class Session:
         return args, kwargs
 
     @_guard
-    def _modulate(self, layer, method, next, module, query, key, value, attention_mask, **kwargs):
+    def _modulate(self, layer, slot, method, next, module, query, key, value, attention_mask, **kwargs):
         context = self.prefill() or (self._gen if self._fwd is None else None)
         if context is None:  # text-only forward: untouched
             return next(module, query, key, value, attention_mask, **kwargs)
-        visual = visual_key_mask(context.layout_at(layer), context.spans, key.shape[2])
-        records = context.records if isinstance(context, Forward) else {}
-        call = AttentionCall(module, query, key, value, attention_mask, kwargs, layer, visual, next, records)
+        layout = context.layout_at(layer)
+        visual = visual_key_mask(layout, context.spans, key.shape[2])
+        prefill = isinstance(context, Forward)
+        call = AttentionCall(module, query, key, value, attention_mask, kwargs, layer, visual, next,
+                             records=context.records if prefill else {}, layout=layout, spans=context.spans,
+                             shared=context.shared.setdefault(slot, {}),
+                             view=functools.partial(self._probe_view, slot, layout) if prefill else None)
         out = method.modulate(call)
         return call.run() if out is None else out
+
+    def _probe_view(self, slot, layout, probe, span):
+        """A modulator's view of a declared probe for one image (its tokens in ``layout``), at prefill."""
+        from .core.probes import ImageSlice
+
+        fwd = self._fwd
+        where = ImageSlice(span, fwd, self.adapter, layout.image_index[span.image])
+        if probe is None:
+            return where
+        if probe not in self.plan.declared.get(slot, ()):
+            raise PruneError(f"vtprune: a modulator reads {probe} but does not declare it; return it from probes()")
+        store = fwd.vision.records if probe.scope == "vision" and fwd.vision is not None else fwd.records
+        if store.get(probe) is None:
+            raise PruneError(f"vtprune: {probe} recorded nothing before LLM attention (was pixel_values given?)")
+        return probe.for_image(store[probe], where)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -25,6 +25,26 @@ class AttentionCall:
     visual: torch.Tensor | None
     next: Callable = field(repr=False)
     records: dict = field(default_factory=dict, repr=False)
+    layout: Any = field(default=None, repr=False)  # the core Layout of this layer's segment
+    spans: list = field(default_factory=list, repr=False)  # the images (VisualSpan), batch order
+    shared: dict = field(default_factory=dict, repr=False)  # the method's scratch for this prefill and its decode
+    view: Callable | None = field(default=None, repr=False)  # (probe, span) -> per-image view (prefill only)
+
+    def image_slots(self, span) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots [n] of the image's tokens in this layer's layout, their original indices [n])."""
+        return self.layout.images[span.image], self.layout.image_index[span.image]
+
+    def geometry(self, span):
+        """The image's token geometry at prefill (``from_patches``, ``token_grid``): a core ImageSlice."""
+        if self.view is None:
+            raise RuntimeError("vtprune: token geometry is available in the prefill only")
+        return self.view(None, span)
+
+    def image(self, probe, span):
+        """A declared probe's view of one image at prefill (as ``image[probe]`` at a cut)."""
+        if self.view is None:
+            raise RuntimeError("vtprune: probe views are available in the prefill only; keep what decode needs in call.shared")
+        return self.view(probe, span)
 
     @property
     def scaling(self) -> float:

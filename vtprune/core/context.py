@@ -80,6 +80,7 @@ class Generation:
     segments: dict[int, Layout]
     prompt_length: int  # original prompt length (padding included)
     spans: list
+    shared: dict = field(default_factory=dict)  # the prefill's per-method scratch, for modulators in decode
     step_mask: torch.Tensor | None = None  # this decode step's 2-D mask in the compacted layout
 
     @property

@@ -50,7 +50,13 @@ def model_info(adapter) -> ModelInfo:
                      feature_layer=adapter.vision_feature_layer, llm_layers=len(adapter.decoder_layers),
                      nominal_tokens=adapter.nominal_tokens,
                      hidden_size=int(adapter.language_model.config.hidden_size),
-                     name_or_path=str(getattr(adapter.config, "_name_or_path", "") or ""))
+                     name_or_path=str(getattr(adapter.config, "_name_or_path", "") or ""),
+                     backbone=_backbone(adapter.language_model.config))
+
+
+def _backbone(config) -> str:
+    return (f"{config.model_type}:{config.hidden_size}x{config.num_hidden_layers}x"
+            f"{getattr(config, 'intermediate_size', 0)}")
 
 
 def build_plan(methods: tuple[Method, ...], info: ModelInfo) -> Plan:
@@ -120,7 +126,9 @@ def _check_cut(method: Method, cut: Cut, info: ModelInfo) -> None:
 def _check_full_grid(plan: Plan, method: Method, probes) -> None:
     """Feature-layer views map the full patch grid onto tokens: they cannot follow a cut inside the vision tower."""
     reads_grid = [p for p in probes if isinstance(p, (FeatureLayer, VisionCLS, VisionAttentionMap))]
-    if reads_grid and plan.vision and any(c.where != "vision" for c in method.cuts(plan.info)):
+    cuts = method.cuts(plan.info)
+    in_tower_only = bool(cuts) and all(c.where == "vision" for c in cuts)
+    if reads_grid and plan.vision and not in_tower_only:
         cutter = plan.vision_step.method.name
         raise PruneError(
             f"vtprune: {method.name} reads the vision tower's full patch grid ({reads_grid[0]}), but {cutter} "

@@ -4,10 +4,12 @@ from .base import ImageView, Method, Selection, VisionView, top_k_sorted
 from .dyvte import DyVTE
 from .fastv import FastV
 from .flowcut import FlowCut
+from .paint import PAINT
 from .random import RandomPrune
 from .transprune import TransPrune
+from .var import VAR
 from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 from .vtc_cls import VTCCLS
 
-__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "DyVTE", "FastV", "FlowCut", "RandomPrune", "TransPrune", "VFlowOpt", "VisionZip", "VTCCLS"]
+__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "DyVTE", "FastV", "FlowCut", "PAINT", "RandomPrune", "TransPrune", "VAR", "VFlowOpt", "VisionZip", "VTCCLS"]

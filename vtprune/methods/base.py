@@ -72,6 +72,7 @@ class ModelInfo:
     nominal_tokens: int
     hidden_size: int = 0
     name_or_path: str = ""  # the model's config._name_or_path (a hub id or a local folder)
+    backbone: str = ""  # the LLM as "type:hidden x layers x ffn", e.g. "llama:4096x32x11008" (Vicuna-7B)
 
 
 @dataclass

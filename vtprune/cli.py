@@ -4,6 +4,7 @@
     vtprune methods         list the registered methods
     vtprune viz [...]       draw which visual tokens a method keeps (see ``vtprune viz -h``)
     vtprune train-dyvte     train DyVTE's exit routers for a model (see ``vtprune train-dyvte -h``)
+    vtprune calibrate-sinks find VAR's sink dimensions of a model (see ``vtprune calibrate-sinks -h``)
 
 Adding a sub-command (e.g. ``viz``): write ``_add_<name>(subparsers)`` that creates the sub-parser, adds its
 flags and sets ``handler=<function(args) -> exit status>``, then list it in ``COMMANDS``. Heavy imports
@@ -268,11 +269,63 @@ def _add_train_dyvte(subparsers) -> None:
     p.set_defaults(handler=_run_train_dyvte)
 
 
+def _run_calibrate_sinks(args) -> int:
+    try:
+        check_model_spec_arg(args.model)
+        if args.data is not None and not Path(args.data).is_dir():
+            raise UsageError(f"--data {args.data}: not a folder (a GQA- or MME-format folder)")
+        if args.prompts < 1 or not args.tau > 0:
+            raise UsageError("--prompts must be >= 1 and --tau > 0")
+        if args.out is not None and Path(args.out).suffix not in (".yaml", ".yml"):
+            raise UsageError(f"--out {args.out}: write the sink dims to a .yaml config")
+    except UsageError as err:
+        return report("vtprune calibrate-sinks", err)
+    import yaml
+
+    from .benchmarks.runner import load_model
+    from .methods.var import find_sink_dims
+    from .training.dyvte import TrainSettings, encode, samples
+
+    model, processor, _ = load_model(args.model, "float32", "cpu")
+    settings = TrainSettings(model=args.model, data=args.data, seed=args.seed)
+    stream = samples(settings)
+    batches = []
+    for _ in range(args.prompts):
+        batch = encode(processor, [next(stream)], settings.prompt_style)
+        batches.append({k: v for k, v in batch.items() if k != "labels"})
+    dims = find_sink_dims(model, batches, tau=args.tau)
+    print(f"sink dims (|x_d| / RMS(x) > {args.tau:g} at the inputs of LLM layers 2..L-1, in at least half of "
+          f"{args.prompts} prompts): {dims if dims else 'none'}")
+    if args.out is not None:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        config = {"method": "var", "model": str(getattr(model.config, "_name_or_path", "")), "sink_dims": dims,
+                  "tau": args.tau}
+        Path(args.out).write_text(yaml.safe_dump(config, sort_keys=False))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _add_calibrate_sinks(subparsers) -> None:
+    p = subparsers.add_parser(
+        "calibrate-sinks", help="find the hidden dimensions with massive activations (VAR's sink dims)",
+        description="Run a few prompts and report the hidden dimensions where |x_d| / RMS(x) exceeds --tau at "
+                    "the residual stream of LLM layers 2..L-1 in at least half of them.",
+    )
+    p.add_argument("--model", default=None, help="model folder (default: the shipped tiny LLaVA)")
+    p.add_argument("--data", default=None, help="GQA- or MME-format folder (default: the synthetic generator)")
+    p.add_argument("--prompts", type=int, default=16, help="prompts to run (default 16)")
+    p.add_argument("--tau", type=float, default=20.0, help="threshold on |x_d| / RMS(x) (VAR's tau, default 20)")
+    p.add_argument("--out", default=None, help="write a VAR config (.yaml) with the dims found")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_run_calibrate_sinks)
+
+
 COMMANDS = {
     "bench": _add_bench,
     "methods": _add_methods,
     "viz": _add_viz,
     "train-dyvte": _add_train_dyvte,
+    "calibrate-sinks": _add_calibrate_sinks,
 }
 
 

@@ -6,7 +6,7 @@ local = the top floor(N ``local_ratio``) tokens by layer ``local_layer``'s (0); 
 feature layer's, f = the share of tokens above Q3 + 1.5 IQR there; optional spatial = the top
 floor(N ``spatial_ratio``) by the attention layer 0's patch queries pay each patch (column sum of the head-mean
 map: the faithful intent; the released function sums rows and is never called); local <- (local | spatial) \\
-summary. In LLM layers ``start``..``end``-1 (default 2..L-1), every head, on the **last query row only** (the last
+summary. In LLM layers ``start``..L-1 (default 2..L-1), every head, on the **last query row only** (the last
 prompt token at the prefill, the new token at each decode step): z[local] += alpha |z[local]|, z[summary] +=
 beta |z[summary]| before the softmax, through the model's own attention (the other rows are the plain call's).
 The sets follow the kept tokens after any pruning cut (columns = the kept tokens of each set in that layer).
@@ -35,7 +35,6 @@ class PAINT(Method):
     spatial_ratio: float = 0.0
     local_layer: int = 0
     start: int = 2
-    end: int | None = None
 
     name: ClassVar[str] = "paint"
     description: ClassVar[str] = "Boosts the last query row's logits of locally informative and summary visual tokens."
@@ -46,14 +45,14 @@ class PAINT(Method):
         for name in ("local_ratio", "spatial_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise self.field_error(name, "a fraction in [0, 1] of the image's tokens")
-        if self.start < 0 or (self.end is not None and self.end <= self.start):
-            raise self.field_error("start", "an LLM layer >= 0 before end")
+        if self.start < 0:
+            raise self.field_error("start", "an LLM layer >= 0 (the first one modulated)")
 
     def cuts(self, model):
         return ()
 
     def modulated_layers(self, model):
-        return tuple(range(self.start, model.llm_layers if self.end is None else self.end))
+        return tuple(range(self.start, model.llm_layers))
 
     def probes(self, model):
         cls = (VisionCLS(tuple(sorted({self.local_layer, model.feature_layer}))),)

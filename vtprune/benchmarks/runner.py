@@ -207,7 +207,8 @@ def build_configs(methods: Sequence[str], keeps: Sequence[int] = (), ratios: Seq
         fixed = {k: v for k, v in fields.items() if k not in ("keep", "ratio")}
         items = _with_seed(name, dict((hyper or {}).get(name, {})), seed, fixed)
         own = dict(fixed=tuple(sorted(fixed.items())), source=source, hyper=items)
-        if "keep" in fields or "ratio" in fields or method_class(name).budget_optional:  # one point, as the file says
+        cls = method_class(name)
+        if "keep" in fields or "ratio" in fields or cls.budget_optional or not cls.has_budget:  # one point, as the file says
             configs.append(BenchConfig(name, keep=fields.get("keep"), ratio=fields.get("ratio"), **own))
         else:  # no budget in the file: swept like a method
             configs += [BenchConfig(name, keep=int(k), **own) for k in keeps]

@@ -4,6 +4,7 @@ With no arguments: the embedded tiny LLaVA on the embedded synthetic MME and GQA
 token-removing method at LLaVA's 192/128/64-of-576 budgets scaled to the model, into ./out/bench. ::
 
     vtprune bench --task gqa --methods fastv,visionzip --keep 48,16 --limit 100
+    vtprune bench --task pope --methods fastv --keep 32               # the embedded synthetic POPE set
     vtprune bench --model ./llava-1.5-7b-hf --data /data/MME_Benchmark_release_version --dtype float16
     torchrun --nproc_per_node 2 -m vtprune.benchmarks --limit 40      # data-parallel, same scores
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 __all__ = ["add_arguments", "build_parser", "settings_from_args", "parse_data", "run_from_args", "main"]
 
 DESCRIPTION = """\
-Accuracy and speed of visual-token pruning methods on MME / GQA: vanilla and every pruned configuration in
+Accuracy and speed of visual-token pruning methods on MME / GQA / POPE: vanilla and every pruned configuration in
 one process, greedy decoding, official scoring, a separate timing pass for prefill / decode / KV / FLOPs.
 With no arguments: the embedded tiny LLaVA on the embedded synthetic MME and GQA sets, every token-removing
 method at LLaVA's 192/128/64-of-576 budgets scaled to the model, into ./out/bench."""
@@ -28,6 +29,7 @@ method at LLaVA's 192/128/64-of-576 budgets scaled to the model, into ./out/benc
 EPILOG = """\
 examples:
   vtprune bench --task gqa --methods fastv,visionzip --keep 48,16 --limit 100
+  vtprune bench --task mme,gqa,pope --methods fastv --keep 32
   vtprune bench --model ./llava-1.5-7b-hf --data /data/MME_Benchmark_release_version --dtype float16
   torchrun --nproc_per_node 2 -m vtprune.benchmarks --limit 40
   vtprune bench --config flowcut/llava-1.5-7b --config ./my_fastv.yaml --set positions=renumber
@@ -45,12 +47,20 @@ here) every generated step is a full prefill and FastV re-chooses its kept set a
 
 Bad flags, files and folders are reported as one line and exit status 2 before the model is loaded.
 
+--task takes mme, gqa, pope, a comma-separated list of them, or all (the default: MME and GQA, or every task
+given a --data folder). POPE is scored two ways side by side: LLaVA's eval_pope.py (first sentence; a No/no/not
+word = no, anything else = yes) and lmms-eval's (the answer must be exactly yes or no); the table shows F1 and
+accuracy under both (means over the random / popular / adversarial categories) and the predicted yes %.
+
 --data takes a folder and works out its format (a GQA folder has testdev_balanced_questions.json and images/;
-an MME folder has one folder per subtask, as MME_Benchmark_release_version); prefix it with mme= or gqa= to say
-which, and repeat the flag to give both. Without --data the embedded synthetic sets are used.
+an MME folder has one folder per subtask, as MME_Benchmark_release_version; a POPE folder has the official
+coco_pope_{random,popular,adversarial}.json files or one *pope*.jsonl of question/answer/image/category records,
+and images/ or val2014/); prefix it with mme=, gqa= or pope= to say which, and repeat the flag to give several.
+Without --data the embedded synthetic sets are used.
 
 Outputs in --out: results.json (scores, per-question predictions, timings), results.csv, results.png (score vs
-kept tokens per image) and predictions/<config>/ in the official MME eval_tool / GQA eval.py formats.
+kept tokens per image) and predictions/<config>/ in the official MME eval_tool / GQA eval.py formats (POPE: a
+LLaVA-style answers JSONL).
 Under torchrun (WORLD_SIZE > 1) questions are sharded over ranks and rank 0 scores and writes.
 """
 
@@ -69,6 +79,23 @@ def _csv_list(kind):
     return parse
 
 
+def _task_list(text: str) -> str:
+    """``--task``: ``all`` or a comma-separated list of known tasks (returned normalised, e.g. ``mme,pope``)."""
+    from .runner import TASKS
+
+    items = list(dict.fromkeys(x.strip().lower() for x in text.split(",") if x.strip()))
+    if items == ["all"]:
+        return "all"
+    bad = [x for x in items if x not in TASKS]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"unknown task {','.join(bad) or repr(text)}; choose from "
+                                         f"{', '.join(TASKS)}, a comma-separated list of them, or all")
+    return ",".join(items)
+
+
+_task_list.__name__ = "task list"
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -83,9 +110,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("what to run")
     g.add_argument("--model", default=None,
                    help="local model folder (or a hub id where the hub is reachable); default: the embedded tiny LLaVA")
-    g.add_argument("--task", choices=("mme", "gqa", "all"), default="all", help="benchmark(s) to run (default: all)")
+    g.add_argument("--task", type=_task_list, default="all", metavar="{mme,gqa,pope,all}",
+                   help="benchmark(s) to run, e.g. pope or mme,gqa,pope (default: all = MME and GQA, or the "
+                        "tasks given --data)")
     g.add_argument("--data", action="append", default=[], metavar="[TASK=]DIR",
-                   help="benchmark folder (MME release folder or GQA folder); repeatable")
+                   help="benchmark folder (MME release folder, GQA folder or POPE folder); repeatable")
     g.add_argument("--methods", type=_csv_list(str), default=None, metavar="M1,M2",
                    help="methods to compare with vanilla (default: every token-removing method)")
     g.add_argument("--keep", type=_csv_list(int), default=None, metavar="K1,K2",
@@ -97,7 +126,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="method field for every pruned configuration, e.g. --set layer=3; repeatable")
     g.add_argument("--limit", type=_positive_int, default=None, metavar="N",
-                   help="first N questions per task (MME: N/2 images, round-robin over subtasks)")
+                   help="first N questions per task (MME: N/2 images, round-robin over subtasks; POPE: "
+                        "round-robin over categories)")
     g = p.add_argument_group("how to run")
     g.add_argument("--batch-size", type=_positive_int, default=16)
     g.add_argument("--max-new-tokens", type=_positive_int, default=8, help="greedy decoding length cap (default 8)")
@@ -129,8 +159,9 @@ def build_parser(prog: str = "vtprune-bench") -> argparse.ArgumentParser:
 
 
 def parse_data(task: str, entries: list[str]) -> tuple[list[str], dict]:
-    """(tasks to run, task -> folder) from ``--task`` and the ``--data`` entries."""
-    from .runner import TASKS, detect_task
+    """(tasks to run, task -> folder) from ``--task`` (``all``, a task or a comma-separated list) and the
+    ``--data`` entries. ``all`` is every task given a folder, or without --data the default MME and GQA."""
+    from .runner import DEFAULT_TASKS, TASKS, detect_task
 
     data: dict[str, Path] = {}
     for entry in entries:
@@ -146,13 +177,17 @@ def parse_data(task: str, entries: list[str]) -> tuple[list[str], dict]:
             raise ValueError(f"--data given twice for {name}: {data[name]} and {folder}")
         data[name] = folder
     if task == "all":
-        tasks = [t for t in TASKS if t in data] if data else list(TASKS)
+        tasks = [t for t in TASKS if t in data] if data else list(DEFAULT_TASKS)
     else:
-        other = sorted(set(data) - {task})
+        tasks = list(dict.fromkeys(t.strip() for t in task.split(",") if t.strip()))
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"--task {task}: unknown task {','.join(unknown) or repr(task)}; "
+                             f"choose from {', '.join(TASKS)}")
+        other = sorted(set(data) - set(tasks))
         if other:
             raise ValueError(f"--task {task} but --data points to a {', '.join(other)} folder "
                              f"({', '.join(str(data[o]) for o in other)})")
-        tasks = [task]
     return tasks, data
 
 

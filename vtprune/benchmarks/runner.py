@@ -1,10 +1,10 @@
-"""The benchmark runner behind ``vtprune bench``: vanilla + pruning methods x budgets on MME / GQA.
+"""The benchmark runner behind ``vtprune bench``: vanilla + pruning methods x budgets on MME / GQA / POPE.
 
 One process (or one ``torchrun`` job) loads the model once and, for every configuration (vanilla, then each
 method at each budget), prunes the model, answers every question with greedy decoding (left-padded batches),
-unprunes it, and scores the answers with :mod:`.mme` / :mod:`.gqa`. A separate timing pass (:mod:`.perf`)
-measures prefill latency, decode ms/token, KV bytes and analytic FLOPs on a few single-sample inputs, so the
-speed-ups are ratios measured in the same process. Rank 0 writes ``results.json``, ``results.csv`` and
+unprunes it, and scores the answers with :mod:`.mme` / :mod:`.gqa` / :mod:`.pope`. A separate timing pass
+(:mod:`.perf`) measures prefill latency, decode ms/token, KV bytes and analytic FLOPs on a few single-sample
+inputs, so the speed-ups are ratios measured in the same process. Rank 0 writes ``results.json``, ``results.csv`` and
 ``results.png`` (plus eval-tool style prediction files) into the output folder. ::
 
     from vtprune.benchmarks.runner import BenchSettings, run_bench
@@ -44,10 +44,12 @@ from ..registry import list_methods, make_method, method_class
 from . import gqa as gqa_mod
 from . import mme as mme_mod
 from . import perf, synthetic
+from . import pope as pope_mod
 from .prompts import PROMPT_STYLES, build_prompt
 
 __all__ = [
     "TASKS",
+    "DEFAULT_TASKS",
     "REFERENCE_KEEPS",
     "BenchConfig",
     "BenchSettings",
@@ -69,16 +71,19 @@ __all__ = [
     "generate_answers",
     "score_task",
     "task_score",
+    "prompt_benchmark",
     "run_bench",
     "format_table",
     "write_outputs",
 ]
 
-TASKS = ("mme", "gqa")
+TASKS = ("mme", "gqa", "pope")
+DEFAULT_TASKS = ("mme", "gqa")  # no --task / --task all without --data (the demo); POPE runs when asked for
 REFERENCE_KEEPS = (192, 128, 64)  # LLaVA-1.5's standard budgets ...
 REFERENCE_TOKENS = 576  # ... out of its 576 visual tokens
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-ASSET_DATA = {"mme": ASSETS_DIR / "synthetic_mme", "gqa": ASSETS_DIR / "synthetic_gqa"}
+ASSET_DATA = {"mme": ASSETS_DIR / "synthetic_mme", "gqa": ASSETS_DIR / "synthetic_gqa",
+              "pope": ASSETS_DIR / "synthetic_pope"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -120,7 +125,7 @@ class BenchSettings:
     """Everything ``vtprune bench`` takes (CLI flags map 1:1 onto these fields)."""
 
     model: str | None = None  # local path or hub id; None = the embedded tiny LLaVA
-    tasks: Sequence[str] = TASKS
+    tasks: Sequence[str] = DEFAULT_TASKS
     data: dict = field(default_factory=dict)  # task -> folder; missing = embedded synthetic set
     methods: Sequence[str] | None = None  # None = default_methods() (none if ``configs`` are given)
     configs: Sequence[str] = ()  # method config files (or shipped names) run alongside ``methods``
@@ -401,7 +406,7 @@ def visual_tokens_of(model) -> int:
 # data
 @dataclass
 class TaskData:
-    name: str  # "mme" or "gqa"
+    name: str  # "mme", "gqa" or "pope"
     root: Path
     questions: list
 
@@ -409,6 +414,8 @@ class TaskData:
     def metric(self) -> str:
         if self.name == "gqa":
             return "GQA accuracy (%)"
+        if self.name == "pope":
+            return "POPE F1 (%, LLaVA eval_pope, mean of categories)"
         return "MME Perception+Cognition" if _has_cognition(self.questions) else "MME Perception"
 
 
@@ -440,6 +447,8 @@ def default_data_dir(task: str) -> Path:
     try:
         if task == "mme":
             synthetic.write_mme(tmp, seed=synthetic.MME_SEED, per_subtask=30)
+        elif task == "pope":
+            synthetic.write_pope(tmp, seed=synthetic.POPE_SEED, n_images=20)
         else:
             synthetic.write_gqa(tmp, seed=synthetic.GQA_SEED, n_questions=200)
         try:
@@ -454,16 +463,22 @@ def default_data_dir(task: str) -> Path:
 
 
 def detect_task(root: str | os.PathLike) -> str:
-    """``gqa`` for a folder with a ``*questions*.json`` file, ``mme`` for one with subtask folders."""
+    """``gqa`` for a folder with a ``*questions*.json`` file, ``pope`` for one with a ``*pope*.json[l]`` (or a
+    ``.jsonl``) question file, ``mme`` for one with subtask folders."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"vtprune bench: data folder {root} does not exist")
-    if (root / gqa_mod.QUESTIONS_FILE).is_file() or any(root.glob("*questions*.json")):
+    if (root / gqa_mod.QUESTIONS_FILE).is_file():
+        return "gqa"
+    if pope_mod.is_pope_folder(root):
+        return "pope"
+    if any(root.glob("*questions*.json")):
         return "gqa"
     if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
         return "mme"
-    raise ValueError(f"vtprune bench: {root} is neither an MME release folder (one folder per subtask) nor a "
-                     f"GQA folder ({gqa_mod.QUESTIONS_FILE} + images/)")
+    raise ValueError(f"vtprune bench: {root} is neither an MME release folder (one folder per subtask), a "
+                     f"GQA folder ({gqa_mod.QUESTIONS_FILE} + images/) nor a POPE folder "
+                     "(coco_pope_{random,popular,adversarial}.json or a *pope*.jsonl, + images/)")
 
 
 def limit_mme(questions: Sequence, limit: int | None) -> list:
@@ -494,6 +509,8 @@ def load_task(task: str, root: str | os.PathLike | None = None, limit: int | Non
         questions = limit_mme(mme_mod.load_mme(root), limit)
     elif task == "gqa":
         questions = gqa_mod.load_gqa(root, limit=limit)
+    elif task == "pope":
+        questions = pope_mod.limit_pope(pope_mod.load_pope(root), limit)
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     return TaskData(task, root, questions)
@@ -502,6 +519,8 @@ def load_task(task: str, root: str | os.PathLike | None = None, limit: int | Non
 def prediction_ids(task: str, questions: Sequence) -> list[str]:
     if task == "mme":
         return [f"{q.question_id}#{q.index}" for q in questions]
+    if task == "pope":
+        return [q.key for q in questions]
     return [str(q.question_id) for q in questions]
 
 
@@ -665,17 +684,31 @@ def answer_task(model, processor, task: TaskData, prompts: Sequence[str], settin
 # ------------------------------------------------------------------------------------------------------------
 # scoring
 def score_task(task: str, questions: Sequence, predictions: Sequence[str]):
-    """The task's report object (:class:`MMEReport` / :class:`GQAReport`)."""
+    """The task's report object (:class:`MMEReport` / :class:`GQAReport` / :class:`POPEReport`)."""
     if task == "mme":
         return mme_mod.score_mme(questions, predictions)
     if task == "gqa":
         return gqa_mod.score_gqa(questions, predictions)
+    if task == "pope":
+        return pope_mod.score_pope(questions, predictions)
     raise ValueError(f"unknown task {task!r}")
 
 
 def task_score(task: str, report) -> float:
-    """The headline number: MME Perception + Cognition (the subtasks present), GQA accuracy in %."""
-    return float(report.total if task == "mme" else report.accuracy)
+    """The headline number: MME Perception + Cognition (the subtasks present), GQA accuracy in %, POPE F1 in %
+    (LLaVA's eval_pope convention, mean over the categories)."""
+    if task == "mme":
+        return float(report.total)
+    if task == "pope":
+        return float(report.f1)
+    return float(report.accuracy)
+
+
+def prompt_benchmark(task: str) -> str:
+    """The :func:`~.prompts.build_prompt` style of a task: POPE's yes/no questions are put as MME's are (a
+    trailing " Please answer yes or no." removed, then the short-answer instruction: LLaVA-1.5's and lmms-eval's
+    POPE prompt)."""
+    return "mme" if task == "pope" else task
 
 
 def _score_entry(task: str, report) -> dict:
@@ -829,8 +862,9 @@ def _run(settings, info, model, processor, predictor, write) -> dict | None:
         model_desc = {"name": type(model).__name__, "class": type(model).__name__, "path": None}
     n_visual, configs = _sweep(settings, model, files)
 
-    prompts = {t.name: [build_prompt(q.question, benchmark=t.name, style=settings.prompt_style,
-                                     processor=processor) for q in t.questions] for t in tasks}
+    prompts = {t.name: [build_prompt(q.question, benchmark=prompt_benchmark(t.name),
+                                     style=settings.prompt_style, processor=processor) for q in t.questions]
+               for t in tasks}
     shard_size = sum(len(b) for t in tasks for b in shard_batches(len(t.questions), settings.batch_size,
                                                                   info.rank, info.world))
     bar = _progress(shard_size * len(configs), settings.progress and info.main)
@@ -965,6 +999,12 @@ def _run_name(run: dict) -> str:
     return run["method"] + (f" [{run['config']}]" if run.get("config") else "")
 
 
+# POPE columns of the table: category means under LLaVA's eval_pope and lmms-eval's conventions
+POPE_COLUMNS = ["POPE F1", "POPE acc", "F1 lmms", "acc lmms", "yes %"]
+POPE_CELLS = [("llava", "f1"), ("llava", "accuracy"), ("lmms_eval", "f1"), ("lmms_eval", "accuracy"),
+              ("llava", "yes_ratio")]
+
+
 def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     has_p, has_c = _mme_columns(results)
     runs = results["runs"]
@@ -975,6 +1015,8 @@ def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
         header.append(f"MME-C/{runs[0]['scores']['mme']['cognition_max']:.0f}")
     if "gqa" in results["tasks"]:
         header.append("GQA %")
+    if "pope" in results["tasks"]:
+        header += POPE_COLUMNS
     header += ["prefill ms", "speed-up", "decode ms/tok", "KV KiB", "GFLOPs"]
     rows = []
 
@@ -994,6 +1036,9 @@ def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             row.append(num(r["scores"]["mme"]["cognition"], ".1f"))
         if "gqa" in results["tasks"]:
             row.append(num(r["scores"]["gqa"]["accuracy"], ".1f"))
+        if "pope" in results["tasks"]:
+            pope = r["scores"]["pope"]
+            row += [num(pope[conv]["mean"][metric], ".1f") for conv, metric in POPE_CELLS]
         p = r["perf"]
         row += [num(p["prefill_ms"], ".2f"), "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
                 num(p["decode_ms_per_token"], ".2f"),
@@ -1003,8 +1048,26 @@ def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _pope_category_lines(results: dict) -> list[str]:
+    runs = [r for r in results["runs"] if not r.get("error")]
+    if not runs:
+        return []
+    categories = runs[0]["scores"]["pope"]["categories"]
+    header = ["config"] + categories
+    rows = []
+    for r in runs:
+        pope = r["scores"]["pope"]
+        rows.append([r["label"]] + [
+            f"{pope['llava']['categories'][c]['f1']:.1f} / {pope['lmms_eval']['categories'][c]['f1']:.1f} / "
+            f"{pope['llava']['categories'][c]['yes_ratio']:.0f}" for c in categories])
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            for row in [header] + rows]
+
+
 def format_table(results: dict) -> str:
-    """The summary table ``vtprune bench`` prints (plus the MME per-subtask scores and a legend)."""
+    """The summary table ``vtprune bench`` prints (plus the MME per-subtask and POPE per-category scores and a
+    legend)."""
     header, rows = _table_rows(results)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
@@ -1019,6 +1082,9 @@ def format_table(results: dict) -> str:
                                for i, (c, w) in enumerate(zip(["config"] + subtasks, sw))))
         lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, sw)))
                   for row in sub_rows]
+    if "pope" in results["tasks"]:
+        lines += ["", "POPE per category, F1 % as LLaVA eval_pope / lmms-eval (exact yes|no) / predicted yes %:"]
+        lines += _pope_category_lines(results)
     failed = [r for r in results["runs"] if r.get("error")]
     if failed:
         lines += ["", "failed configurations:"] + [f"  {r['label']}: {r['error']}" for r in failed]
@@ -1026,6 +1092,10 @@ def format_table(results: dict) -> str:
     lines += ["", f"model: {meta['model']['name']} ({meta['visual_tokens']} visual tokens/image); "
                   f"kept/equiv = visual tokens per image (equiv = layer-averaged); prefill ms = median per sample "
                   f"over {meta['settings']['timing_samples']} samples; speed-up = vanilla prefill / prefill"]
+    if "pope" in results["tasks"]:
+        lines.append("POPE F1/acc: LLaVA eval_pope (first sentence, a no/not word = no, else yes); F1/acc lmms: "
+                     "lmms-eval (the answer must be exactly yes or no); yes % = predicted yes (LLaVA); "
+                     "means over the categories")
     return "\n".join(lines)
 
 
@@ -1044,6 +1114,15 @@ def _csv_rows(results: dict) -> list[dict]:
                             f"mme_{name}_score": s["score"]})
         if "gqa" in r["scores"]:
             row["gqa_accuracy"] = r["scores"]["gqa"]["accuracy"]
+        if "pope" in r["scores"]:
+            pope = r["scores"]["pope"]
+            for conv in pope_mod.CONVENTIONS:
+                for metric in pope_mod.METRICS:
+                    row[f"pope_{metric}_{conv}"] = pope[conv]["mean"][metric]
+                row[f"pope_other_{conv}"] = pope[conv]["all"]["other"]
+                for cat, m in pope[conv]["categories"].items():
+                    for metric in pope_mod.METRICS:
+                        row[f"pope_{cat}_{metric}_{conv}"] = m[metric]
         row.update(r["perf"])
         row["speedup"] = r["speedup"]
         rows.append(row)
@@ -1105,7 +1184,8 @@ def _safe(label: str) -> str:
 
 def write_outputs(results: dict, out: str | os.PathLike, tasks: Sequence[TaskData] = ()) -> dict:
     """``results.json``, ``results.csv``, ``results.png`` and, per configuration, the official result formats
-    (MME ``eval_tool`` folder, GQA predictions file) under ``predictions/<label>/``."""
+    (MME ``eval_tool`` folder, GQA predictions file, POPE LLaVA-style answers JSONL) under
+    ``predictions/<label>/``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "csv": out / "results.csv", "png": out / "results.png"}
@@ -1121,6 +1201,8 @@ def write_outputs(results: dict, out: str | os.PathLike, tasks: Sequence[TaskDat
             preds = [e["prediction"] for e in entries]
             if name == "mme":
                 mme_mod.write_results_dir(target / "mme", by_name[name].questions, preds)
+            elif name == "pope":
+                pope_mod.write_answers(target / "pope_answers.jsonl", by_name[name].questions, preds)
             else:
                 target.mkdir(parents=True, exist_ok=True)
                 gqa_mod.write_predictions(target / "gqa_predictions.json", by_name[name].questions, preds)

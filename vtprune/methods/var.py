@@ -143,11 +143,12 @@ def find_sink_dims(model, batches, tau: float = 20.0, top: int = 4, min_share: f
     with torch.no_grad():
         for batch in batches:
             hidden = model(**batch, output_hidden_states=True).hidden_states[2:len(layers)]
+            valid = batch.get("attention_mask")
             for b in range(batch["input_ids"].shape[0]):
                 prompts += 1
                 dims = set()
                 for h in hidden:
-                    x = h[b].float()
+                    x = h[b].float() if valid is None else h[b][valid[b].bool()].float()  # padding is no token
                     ratio = x.abs() / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()  # [T, D]
                     dims |= set(torch.nonzero(ratio > tau)[:, 1].tolist())
                 for d in dims:

@@ -116,7 +116,7 @@ BENCH_ERRORS = {
     "set budget": (["--set", "keep=4"], "--keep"),
     "set unknown field": (["--methods", "random", "--set", "layer=3"], "layer"),
     "methods twice": (["--methods", "fastv,fastv"], "given twice"),
-    "unknown task": (["--task", "vqa"], "invalid choice"),
+    "unknown task": (["--task", "vqa"], "unknown task vqa; choose from mme, gqa, pope"),
     "unknown method": (["--methods", "fastvv"], "Did you mean 'fastv'"),
 }
 

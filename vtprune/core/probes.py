@@ -159,15 +159,30 @@ def _vision_attention(host, layers, record):
 
 # --- vision probes -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class VisionCLS(Probe):
-    """At a vision cut: {layer: [H, n+1]} CLS row (CLS column first) for layers in [previous cut, this cut). At an
-    LLM-side cut: {layer: [N]} head-mean CLS attention summed over each token's patches (full-grid layers only)."""
+class _VisionLayers(Probe):
+    """Base of the probes recording something per vision layer: ``record`` is {layer: [crops, ...]}."""
 
     layers: tuple[int, ...]
     scope: ClassVar[str] = "vision"
 
     def check(self, info):
         _check_vision(self, self.layers, info)
+
+    @staticmethod
+    def since_last_cut(record, where: CropSlice):
+        """(layer, [crops, ...]) recorded in [the previous vision cut, this one): their rows have this crop's n."""
+        return [(l, r) for l, r in sorted(record.items()) if where.since <= l < where.until]
+
+    @staticmethod
+    def full_grid(record, where: ImageSlice):
+        """(layer, [crops, ...]) recorded before any vision cut (the full S-position grid)."""
+        return [(l, r) for l, r in sorted(record.items()) if r.shape[-1] == where.adapter.vision_seq_len]
+
+
+@dataclass(frozen=True)
+class VisionCLS(_VisionLayers):
+    """At a vision cut: {layer: [H, n+1]} CLS row (CLS column first) for layers in [previous cut, this cut). At an
+    LLM-side cut: {layer: [N]} head-mean CLS attention summed over each token's patches (full-grid layers only)."""
 
     def attach(self, host):
         def record(records, j, query, key, value, mask, kwargs):
@@ -178,23 +193,15 @@ class VisionCLS(Probe):
         _vision_attention(host, self.layers, record)
 
     def for_crop(self, record, where):
-        return {l: r[where.crop][:, : where.n + 1] for l, r in sorted(record.items()) if where.since <= l < where.until}
+        return {l: r[where.crop][:, : where.n + 1] for l, r in self.since_last_cut(record, where)}
 
     def for_image(self, record, where):
-        seq = where.adapter.vision_seq_len
-        return {l: where.to_tokens(r[where.crops()].mean(1).reshape(-1))
-                for l, r in sorted(record.items()) if r.shape[-1] == seq}
+        return {l: where.to_tokens(r[where.crops()].mean(1).reshape(-1)) for l, r in self.full_grid(record, where)}
 
 
 @dataclass(frozen=True)
-class VisionValues(Probe):
+class VisionValues(_VisionLayers):
     """At a vision cut: {layer: [H, n+1, d]} value vectors (CLS first) for layers in [previous cut, this cut)."""
-
-    layers: tuple[int, ...]
-    scope: ClassVar[str] = "vision"
-
-    def check(self, info):
-        _check_vision(self, self.layers, info)
 
     def attach(self, host):
         def record(records, j, query, key, value, mask, kwargs):
@@ -203,20 +210,15 @@ class VisionValues(Probe):
         _vision_attention(host, self.layers, record)
 
     def for_crop(self, record, where):
-        return {l: r[where.crop][:, : where.n + 1] for l, r in sorted(record.items()) if where.since <= l < where.until}
+        return {l: r[where.crop][:, : where.n + 1] for l, r in self.since_last_cut(record, where)}
 
 
 @dataclass(frozen=True)
-class VisionAttentionMap(Probe):
+class VisionAttentionMap(_VisionLayers):
     """Head-mean attention map (``per_head=True``: every head). At a vision cut: {layer: [(H,) n+1, n+1]} (CLS
     first); at an LLM-side cut: {layer: [crops, (H,) S, S]} over the image's crops (full-grid layers only)."""
 
-    layers: tuple[int, ...]
     per_head: bool = False
-    scope: ClassVar[str] = "vision"
-
-    def check(self, info):
-        _check_vision(self, self.layers, info)
 
     def attach(self, host):
         def record(records, j, query, key, value, mask, kwargs):
@@ -230,11 +232,10 @@ class VisionAttentionMap(Probe):
 
     def for_crop(self, record, where):
         k = where.n + 1
-        return {l: r[where.crop][..., :k, :k] for l, r in sorted(record.items()) if where.since <= l < where.until}
+        return {l: r[where.crop][..., :k, :k] for l, r in self.since_last_cut(record, where)}
 
     def for_image(self, record, where):
-        seq = where.adapter.vision_seq_len
-        return {l: r[where.crops()] for l, r in sorted(record.items()) if r.shape[-1] == seq}
+        return {l: r[where.crops()] for l, r in self.full_grid(record, where)}
 
 
 @dataclass(frozen=True)

@@ -169,3 +169,28 @@ def dyvte_routers(models, tmp_path_factory):
         return cache[family, seed]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def eager_copy(models):
+    """``get(family)``: an eager-attention copy of ``models(family)`` (same weights), for references."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            eager = build_model(family, attn="eager")
+            eager.load_state_dict(models(family).state_dict())
+            cache[family] = eager
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: the tiny models gain nothing from a second, and lose a lot when another job
+    holds a core. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")`` (or autouse in a conftest)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import torch
 
 
@@ -92,3 +95,30 @@ def slow_multi_cut_generate(model, embeds, kept_positions: dict, steps: int, ren
             tokens.append(int(tok))
             seq = torch.cat([seq, model.get_input_embeddings()(tok)], 1)
     return tokens, first_logits
+
+
+def batch_of(model, family, seeds):
+    """A left-padded batch of prompts with text lengths 3, 7, ... (one per seed)."""
+    from .conftest import collate, make_prompt
+
+    return collate([make_prompt(model, family, 3 + 4 * s, s) for s in seeds])
+
+
+@contextlib.contextmanager
+def own_attention(eager, fn):
+    """Route the LLM attention of ``eager`` (only that model) through ``fn(module, q, k, v, mask, scaling)``."""
+    lm = eager.model.language_model
+    modeling = sys.modules[type(lm.layers[0].self_attn).__module__]
+    original = modeling.eager_attention_forward
+    mine = {id(layer.self_attn) for layer in lm.layers}
+
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        if id(module) not in mine:
+            return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return fn(module, query, key, value, attention_mask, scaling)
+
+    modeling.eager_attention_forward = attention
+    try:
+        yield
+    finally:
+        modeling.eager_attention_forward = original

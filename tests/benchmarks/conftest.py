@@ -1,18 +1,14 @@
 """Fixtures shared by the bench tests: one torch thread, and a random-init tiny LLaVA saved as a checkpoint."""
 
 import pytest
-import torch
 
 from vtprune.benchmarks import tiny_llava as TL
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model gains nothing from intra-op threads, and on a shared 2-core box they cost a lot."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_for_every_bench_test(one_thread):
+    """tests/conftest.py's ``one_thread`` for every bench test."""
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

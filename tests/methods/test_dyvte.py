@@ -21,19 +21,12 @@ from vtprune.methods.dyvte import Routers, save_routers
 from ..conftest import FAMILIES, IMAGE_TOKEN, Prompt, build_model, collate, make_prompt
 from ..helpers import kept_sequence_positions, merged_embeds, slow_multi_cut_generate
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 L, D = 4, 64
 STEPS = 6
 MARGIN = 5.0  # |router pre-activation| for the sample-dependent routers; exits need > THRESHOLD
 THRESHOLD = 1.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from a second thread, and lose a lot when another job holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- routers built by hand -----------------------------------------------------------------------------------

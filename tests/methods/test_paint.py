@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,21 +34,15 @@ from vtprune.methods.flowcut import FlowCut
 from vtprune.registry import register
 
 from ..conftest import FAMILIES, IMAGE_TOKEN, build_model, collate, make_prompt
-from ..helpers import kept_sequence_positions
+from ..helpers import batch_of, kept_sequence_positions, own_attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALPHA, BETA = 0.7, 0.4
 FEATURE = {"llava": 1, "internvl": 2}  # vision_feature_layer -2 / -1 of the 3-layer tiny towers
 SHARPEN = {"llava": 20.0, "llava_next": 20.0, "internvl": 150.0}
 GAP = 1e-5
 STEPS = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sharpen(model, family):
@@ -85,31 +78,7 @@ def sharp():
     return get
 
 
-def batch_of(model, family, seeds):
-    return collate([make_prompt(model, family, 3 + 4 * s, s) for s in seeds])
-
-
 # --- the independent reference -------------------------------------------------------------------------------
-@contextlib.contextmanager
-def own_attention(eager, fn):
-    """Route the LLM attention of ``eager`` (only that model) through ``fn(module, q, k, v, mask, scaling)``."""
-    lm = eager.model.language_model
-    modeling = sys.modules[type(lm.layers[0].self_attn).__module__]
-    original = modeling.eager_attention_forward
-    mine = {id(layer.self_attn) for layer in lm.layers}
-
-    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        if id(module) not in mine:
-            return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        return fn(module, query, key, value, attention_mask, scaling)
-
-    modeling.eager_attention_forward = attention
-    try:
-        yield
-    finally:
-        modeling.eager_attention_forward = original
-
-
 def cls_per_token(eager, family, attentions, layer) -> torch.Tensor:
     """[crops, tokens per crop] head-mean CLS attention of vision layer ``layer``, summed over each token's patches."""
     c = attentions[layer][:, :, 0, 1:].float().mean(1)  # [crops, P]

@@ -11,7 +11,7 @@ import torch
 
 import vtprune
 
-from ..conftest import build_model, collate, make_prompt
+from ..conftest import collate, make_prompt
 from ..helpers import kept_sequence_positions, merged_embeds, slow_multi_cut_generate
 
 CUTS = (1, 2, 3)  # the 32-layer (7, 9, 12) mapped onto the 4-layer test LLMs
@@ -19,20 +19,6 @@ RATIOS = (0.875, 0.625, 0.125)
 ACCUMULATION = (0, 1, 2)  # layers[0] - 1 .. layers[-1] - 1
 NOMINAL = {"llava": 64, "llava_next": 64, "internvl": 16}
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def eager_copy(models):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            eager = build_model(family, attn="eager")
-            eager.load_state_dict(models(family).state_dict())
-            cache[family] = eager
-        return cache[family]
-
-    return get
 
 
 def expected_counts(n: int, family: str, keep=None, ratio=None, ratios=RATIOS) -> list[int]:

@@ -28,6 +28,9 @@ from vtprune.methods.flowcut import FlowCut
 from vtprune.methods.var import find_sink_dims
 
 from ..conftest import FAMILIES, IMAGE_TOKEN, build_model, collate, make_prompt
+from ..helpers import batch_of, own_attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # per family: dims / tau giving a few sinks per sample (visual and text), rho / mass selecting some rows
 CFG = {
@@ -39,58 +42,11 @@ SELECT = dict(rho=0.95, min_image_mass=0.8, p=0.4, layers=(1, 2))  # p != 1 - p,
 MARGIN = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def eager_models(models):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            eager = build_model(family, attn="eager")
-            eager.load_state_dict(models(family).state_dict())
-            cache[family] = eager
-        return cache[family]
-
-    return get
-
-
 def var(family, **overrides):
     return VAR(**{**CFG[family], **SELECT, **overrides})
 
 
-def batch_of(model, family, seeds):
-    """A left-padded batch of prompts with text lengths 3, 7, ... (seed i)."""
-    return collate([make_prompt(model, family, 3 + 4 * s, s) for s in seeds])
-
-
 # --- the independent reference -------------------------------------------------------------------------------
-@contextlib.contextmanager
-def own_attention(eager, fn):
-    """Route the LLM attention of ``eager`` (only that model) through ``fn(module, q, k, v, mask, scaling)``."""
-    lm = eager.model.language_model
-    modeling = sys.modules[type(lm.layers[0].self_attn).__module__]
-    original = modeling.eager_attention_forward
-    mine = {id(layer.self_attn) for layer in lm.layers}
-
-    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        if id(module) not in mine:
-            return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        return fn(module, query, key, value, attention_mask, scaling)
-
-    modeling.eager_attention_forward = attention
-    try:
-        yield
-    finally:
-        modeling.eager_attention_forward = original
-
-
 def phi(hidden, dims):
     x = hidden.float()
     rms = (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
@@ -189,8 +145,8 @@ def vtprune_logits(model, batch, method):
 # --- 1. logits against the reference ---------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llava", "internvl"])
 @pytest.mark.parametrize("seeds", [(1,), (0, 1)], ids=["batch1", "padded-batch2"])
-def test_var_logits_equal_the_eager_reference(models, eager_models, family, seeds):
-    model, eager = models(family), eager_models(family)
+def test_var_logits_equal_the_eager_reference(models, eager_copy, family, seeds):
+    model, eager = models(family), eager_copy(family)
     batch = batch_of(model, family, seeds)
     method = var(family)
     ref, info, decode, ref_tokens, ref_scores = var_reference(eager, batch, **CFG[family], **SELECT, steps=4)
@@ -214,11 +170,11 @@ def test_var_logits_equal_the_eager_reference(models, eager_models, family, seed
     torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=1e-4)  # decode steps: the new token's rows
 
 
-def test_a_layer_without_visual_sink_selects_nothing(models, eager_models):
+def test_a_layer_without_visual_sink_selects_nothing(models, eager_copy):
     """InternVL sample 0 has a text sink but no visual sink entering layer 1: that sample's layer 1 is untouched
     although it has image-centric rows, while sample 1 (same batch) is modulated there (this is the padded
     InternVL batch whose logits match the reference above)."""
-    model, eager = models("internvl"), eager_models("internvl")
+    model, eager = models("internvl"), eager_copy("internvl")
     batch = batch_of(model, "internvl", (0, 1))
     _, info, _, _, _ = var_reference(eager, batch, **CFG["internvl"], **SELECT)
     d = info[1]
@@ -228,8 +184,8 @@ def test_a_layer_without_visual_sink_selects_nothing(models, eager_models):
             & (d["ratio"][0][d["after"][0]] >= SELECT["rho"])).any()  # rows that would be image-centric
 
 
-def test_redistributed_rows_sum_to_one_and_move_the_sink_mass(models, eager_models):
-    model, eager = models("llava"), eager_models("llava")
+def test_redistributed_rows_sum_to_one_and_move_the_sink_mass(models, eager_copy):
+    model, eager = models("llava"), eager_copy("llava")
     batch = batch_of(model, "llava", (0, 1))
     _, info, _, _, _ = var_reference(eager, batch, **CFG["llava"], **SELECT)
     p = SELECT["p"]
@@ -272,8 +228,8 @@ def attention_outputs(model, batch, method=None):
 
 @pytest.mark.parametrize("family", ["llava", "internvl"])
 @pytest.mark.parametrize("seeds", [(1,), (0, 1)], ids=["batch1", "padded-batch2"])
-def test_unselected_rows_and_layers_before_are_bit_identical(models, eager_models, family, seeds):
-    model, eager = models(family), eager_models(family)
+def test_unselected_rows_and_layers_before_are_bit_identical(models, eager_copy, family, seeds):
+    model, eager = models(family), eager_copy(family)
     batch = batch_of(model, family, seeds)
     _, info, _, _, _ = var_reference(eager, batch, **CFG[family], **SELECT)
     plain = attention_outputs(model, batch)

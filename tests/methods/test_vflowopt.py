@@ -17,7 +17,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 import vtprune
 from vtprune.adapters import VisualSpan, get_adapter
 
-from ..conftest import build_model, collate, make_prompt
+from ..conftest import collate, make_prompt
 from ..helpers import kept_sequence_positions, merged_embeds, slow_multi_cut_generate
 
 L, K1, K2 = 4, 1, 3
@@ -26,20 +26,6 @@ NOMINAL = {"llava": 64, "llava_next": 64, "internvl": 16}
 FEATURE_LAYER = {"llava": 1, "llava_next": 1, "internvl": 2}  # -2 of 3 CLIP layers; -1 of 3 InternVL layers
 STEPS = 6
 BASE = {"threshold": 2.0, "cell": 3.0, "llm_layers": LAYERS}
-
-
-@pytest.fixture(scope="module")
-def eager_copy(models):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            eager = build_model(family, attn="eager")
-            eager.load_state_dict(models(family).state_dict())
-            cache[family] = eager
-        return cache[family]
-
-    return get
 
 
 # --- references --------------------------------------------------------------------------------------------

@@ -16,15 +16,9 @@ from vtprune.benchmarks.tiny_llava import build_untrained_tiny_llava, load_tiny_
 from vtprune.methods.dyvte import load_routers
 from vtprune.training.dyvte import TrainSettings, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 OUTPUTS = ("dyvte_routers.safetensors", "dyvte_routers.json", "exit_curve.csv", "exit_curve.png", "state.pt")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _forwards(model):

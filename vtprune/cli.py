@@ -222,14 +222,17 @@ def _add_viz(subparsers) -> None:
     p.set_defaults(handler=_run_viz)
 
 
-# name -> function that registers the sub-command
+def _check_data(data) -> None:
+    if data is not None and not Path(data).is_dir():
+        raise UsageError(f"--data {data}: not a folder (a GQA- or MME-format folder)")
+
+
 def _run_train_dyvte(args) -> int:
     from .training.dyvte import TrainSettings, train
 
     try:
         check_model_spec_arg(args.model)
-        if args.data is not None and not Path(args.data).is_dir():
-            raise UsageError(f"--data {args.data}: not a folder (a GQA- or MME-format folder)")
+        _check_data(args.data)
         if args.steps < 1 or args.batch_size < 1 or not args.lr > 0:
             raise UsageError("--steps and --batch-size must be >= 1 and --lr > 0")
         check_out_dir(args.out)
@@ -272,8 +275,7 @@ def _add_train_dyvte(subparsers) -> None:
 def _run_calibrate_sinks(args) -> int:
     try:
         check_model_spec_arg(args.model)
-        if args.data is not None and not Path(args.data).is_dir():
-            raise UsageError(f"--data {args.data}: not a folder (a GQA- or MME-format folder)")
+        _check_data(args.data)
         if args.prompts < 1 or not args.tau > 0:
             raise UsageError("--prompts must be >= 1 and --tau > 0")
         if args.out is not None and Path(args.out).suffix not in (".yaml", ".yml"):
@@ -320,6 +322,7 @@ def _add_calibrate_sinks(subparsers) -> None:
     p.set_defaults(handler=_run_calibrate_sinks)
 
 
+# name -> function that registers the sub-command
 COMMANDS = {
     "bench": _add_bench,
     "methods": _add_methods,

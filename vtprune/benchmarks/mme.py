@@ -242,19 +242,20 @@ class MMEReport:
         return "\n".join(lines)
 
 
-def _field(q, *names):
+def record_field(q, *names, benchmark: str = "MME"):
+    """The first of ``names`` that a question record (a dict or an object) has; KeyError naming them otherwise."""
     for name in names:
         if isinstance(q, dict):
             if name in q:
                 return q[name]
         elif hasattr(q, name):
             return getattr(q, name)
-    raise KeyError(f"MME record {q!r} has none of the fields {names}")
+    raise KeyError(f"{benchmark} record {q!r} has none of the fields {names}")
 
 
 def _key(q) -> tuple[str, str, str]:
     """(subtask, image key, ground truth) of an MMEQuestion or a dict (lmms-eval names accepted)."""
-    return _field(q, "subtask", "category"), _field(q, "image_name", "question_id"), _field(q, "answer")
+    return record_field(q, "subtask", "category"), record_field(q, "image_name", "question_id"), record_field(q, "answer")
 
 
 def score_mme(questions: Sequence, predictions: Sequence[str]) -> MMEReport:

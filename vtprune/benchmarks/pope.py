@@ -53,6 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .mme import record_field
+
 __all__ = [
     "CATEGORIES",
     "CONVENTIONS",
@@ -435,16 +437,6 @@ class POPEReport:
         return "\n".join(lines)
 
 
-def _get(q, *names):
-    for name in names:
-        if isinstance(q, dict):
-            if name in q:
-                return q[name]
-        elif hasattr(q, name):
-            return getattr(q, name)
-    raise KeyError(f"POPE record {q!r} has none of the fields {names}")
-
-
 def _count(gt: str, pred: str) -> POPEMetrics:
     yes_gt = int(gt == "yes")
     if pred == "other":
@@ -465,10 +457,10 @@ def score_pope(questions: Sequence, predictions: Sequence[str]) -> POPEReport:
         raise ValueError("no questions to score")
     per: dict[str, dict[str, POPEMetrics]] = {conv: {} for conv in CONVENTIONS}
     for q, pred in zip(questions, predictions):
-        gt = str(_get(q, "answer", "label")).lower().strip()
+        gt = str(record_field(q, "answer", "label", benchmark="POPE")).lower().strip()
         if gt not in ("yes", "no"):
             raise ValueError(f"POPE ground truth must be yes or no, got {gt!r}")
-        category = str(_get(q, "category"))
+        category = str(record_field(q, "category", benchmark="POPE"))
         for conv, parse in _PARSERS.items():
             d = per[conv]
             d[category] = d.get(category, POPEMetrics()).add(_count(gt, parse(pred)))

@@ -15,6 +15,7 @@ from .session import Session
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+PIPELINE_OPTIONS = ("evict_early_kv",)  # config keys beside ``method:`` / ``pipeline:`` that apply to the pipeline
 SHIPPED_MODELS = {"llava": "llava-1.5-7b", "llava_next": "llava-next-7b", "internvl": "internvl"}  # family -> stem
 # model-name fragments (lower case, "_" read as "-") -> adapter family; NeXT before the generic LLaVA names
 _FAMILY_PATTERNS = (("llava_next", ("llava-next", "llava-v1.6", "llava-1.6")), ("llava", ("llava-1.5", "llava-v1.5")),
@@ -63,17 +64,19 @@ def _load(spec) -> tuple[Path, dict]:
         data = {"pipeline": data}
     if isinstance(data, dict) and "pipeline" in data:
         entries = data["pipeline"]
-        if not isinstance(entries, list) or not entries or set(data) - {"pipeline", "model"}:
+        if not isinstance(entries, list) or not entries or set(data) - {"pipeline", "model", *PIPELINE_OPTIONS}:
             raise ConfigError(
                 f"vtprune: config {os.fspath(path)}: 'pipeline' must be a non-empty list of '{{method: <name>, ...}}' "
-                "entries (and at most a 'model:' beside it)"
+                f"entries (and at most 'model:' and {', '.join(repr(o + ':') for o in PIPELINE_OPTIONS)} beside it)"
             )
         _check_model_key(path, data)
+        _check_options(path, data)
         for entry in entries:
             _check_entry(path, entry)
         return path, data
     _check_entry(path, data)
     _check_model_key(path, data)
+    _check_options(path, data)
     return path, data
 
 
@@ -99,6 +102,19 @@ def _check_model_key(path: Path, data: dict) -> None:
         raise ConfigError(f"vtprune: config {os.fspath(path)}{_key_line(path, 'model')}: 'model' must be a model name")
 
 
+def _check_options(path: Path, data: dict) -> None:
+    for key in PIPELINE_OPTIONS:
+        if key in data:
+            _check_evict_early_kv(data[key], f" (config {os.fspath(path)}{_key_line(path, key)})")
+
+
+def _check_evict_early_kv(value, source: str = "") -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"vtprune: evict_early_kv must be a bool (True or False; true / false in YAML), got {value!r}{source}"
+        )
+
+
 def _check_entry(path: Path, data) -> None:
     """One method's mapping: a known ``method:`` name and only its keywords."""
     if not isinstance(data, dict) or not isinstance(data.get("method"), str) or not all(isinstance(k, str) for k in data):
@@ -110,7 +126,7 @@ def _check_entry(path: Path, data) -> None:
         cls = method_class(data["method"])
     except ConfigError as err:
         raise ConfigError(f"{err} (config {os.fspath(path)}{_key_line(path, 'method')})") from None
-    keys = set(data) - {"method", "model"}
+    keys = set(data) - {"method", "model", *PIPELINE_OPTIONS}
     try:
         check_keywords(cls, keys)
     except UnknownFieldError as err:
@@ -122,8 +138,9 @@ def load_config(path_or_name) -> dict:
     """Read a config: a YAML path or a shipped ``"<method>/<model>"`` name (see :func:`list_configs`).
 
     Returns the mapping (``method``, optional ``model`` and keyword entries; a pipeline: ``pipeline``, a list of
-    such mappings). Checked without a model: valid YAML (the error names the file and line), known methods and
-    only their keywords; values are checked by ``prune``.
+    such mappings; either may carry the pipeline option ``evict_early_kv: true``). Checked without a model:
+    valid YAML (the error names the file and line), known methods and only their keywords, a boolean
+    ``evict_early_kv``; method values are checked by ``prune``.
     Raises ConfigError (a ValueError) naming the file.
     """
     return _load(path_or_name)[1]
@@ -163,7 +180,8 @@ def _methods_from_config(config, method, kwargs) -> tuple[list, Path, dict]:
         raise ConfigError(f"vtprune: method {method!r} conflicts with {entries[0]['method']!r} in config {os.fspath(path)}")
     methods = []
     for entry in entries:
-        fields = {**{k: v for k, v in entry.items() if k not in ("method", "model")}, **kwargs}
+        own = {k: v for k, v in entry.items() if k not in ("method", "model", *PIPELINE_OPTIONS)}
+        fields = {**own, **kwargs}
         try:
             methods.append(make_method(entry["method"], **fields))
         except ConfigError as err:
@@ -198,7 +216,7 @@ def _pipeline_entry(name) -> Method:
         ) from None
 
 
-def prune(model, method=None, *, config=None, **kwargs):
+def prune(model, method=None, *, config=None, evict_early_kv: bool | None = None, **kwargs):
     """Install a method, or a pipeline of methods, on ``model`` (in place) and return it.
 
     ``method``: a name with keywords (``prune(model, "fastv", ratio=0.5)``), a method object
@@ -210,6 +228,16 @@ def prune(model, method=None, *, config=None, **kwargs):
     such as ``"flowcut/llava-1.5-7b"`` with ``method:`` and keyword entries, or a list of those (a pipeline);
     keywords given here override a one-method config; a ``model:`` of another family warns. Each method of a
     pipeline must cut at or after the ones before it. A model holds one session: call :func:`unprune` first.
+
+    ``evict_early_kv`` (default False; None takes the config's ``evict_early_kv:``, else False) applies to the
+    whole pipeline: after each prefill, every LLM layer's KV cache keeps only the text tokens and the visual
+    tokens that survive the pipeline's last cut, so the layers before an LLM cut (FastV's 0..K-1, the layers
+    between TransPrune's / DyVTE's / VFlowOpt's cuts) decode on the kept set too. Their memory and decode
+    attention shrink to it; the trade-off: those layers no longer see the dropped tokens in decode (the prefill
+    did), so outputs can differ from the default run. Cached keys keep their rope positions (no re-rotation); a
+    merged token's row keeps, in the early layers, the key of the token at its original position. With no LLM-side
+    cut (vision or pre-LLM methods only) it changes nothing. ``stats.evicted_early_kv`` says whether it happened.
+    Needs the default ``DynamicCache``. A non-bool value is a ConfigError.
     """
     path = data = None
     existing = getattr(model, "vtprune", None)
@@ -218,8 +246,12 @@ def prune(model, method=None, *, config=None, **kwargs):
             f"vtprune: this model is already pruned with {existing.plan_name!r}; to stack methods, pass them as one "
             "pipeline (a list). Call vtprune.unprune(model) first."
         )
+    if evict_early_kv is not None:
+        _check_evict_early_kv(evict_early_kv)
     if config is not None:
         methods, path, data = _methods_from_config(config, method, kwargs)
+        if evict_early_kv is None:
+            evict_early_kv = data.get("evict_early_kv", False)
     else:
         methods = _methods(method, kwargs)
     adapter = get_adapter(model)
@@ -232,7 +264,7 @@ def prune(model, method=None, *, config=None, **kwargs):
                 f"vtprune: keep={m.keep} is more than the {adapter.nominal_tokens} visual tokens an image has "
                 f"for this model; use keep <= {adapter.nominal_tokens}{source}"
             )
-    session = Session(model, adapter, tuple(methods))
+    session = Session(model, adapter, tuple(methods), evict_early_kv=bool(evict_early_kv))
     session.install()
     model.vtprune = session
     return model
@@ -250,7 +282,8 @@ def unprune(model):
 
 @contextlib.contextmanager
 def pruned(model, method: str | None = None, **kwargs):
-    """``with vtprune.pruned(model, "random", ratio=0.5): ...`` — pruned inside, restored on exit (also on error)."""
+    """``with vtprune.pruned(model, "random", ratio=0.5): ...`` — pruned inside, restored on exit (also on error).
+    Takes what :func:`prune` takes (``config=``, ``evict_early_kv=True``, method keywords)."""
     prune(model, method, **kwargs)
     try:
         yield model

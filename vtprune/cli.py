@@ -1,6 +1,7 @@
 """The ``vtprune`` command: one argparse sub-command per tool.
 
-    vtprune bench [...]     accuracy + speed of pruning methods on MME / GQA (see ``vtprune bench -h``)
+    vtprune bench [...]     accuracy + speed of pruning methods on MME / GQA / POPE (see ``vtprune bench -h``)
+    vtprune perf [...]      speed, memory and FLOPs against the oracle and the FLOPs ideal (see ``vtprune perf -h``)
     vtprune methods         list the registered methods
     vtprune viz [...]       draw which visual tokens a method keeps (see ``vtprune viz -h``)
     vtprune train-dyvte     train DyVTE's exit routers for a model (see ``vtprune train-dyvte -h``)
@@ -29,7 +30,7 @@ def _add_bench(subparsers) -> None:
     from .benchmarks import cli as bench_cli
 
     p = subparsers.add_parser(
-        "bench", help="benchmark pruning methods (accuracy + prefill speed) on MME / GQA",
+        "bench", help="benchmark pruning methods (accuracy + prefill speed) on MME / GQA / POPE",
         description=bench_cli.DESCRIPTION, epilog=bench_cli.EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -322,6 +323,17 @@ def _add_calibrate_sinks(subparsers) -> None:
     p.set_defaults(handler=_run_calibrate_sinks)
 
 
+def _add_perf(subparsers) -> None:
+    from .benchmarks import perf_cli
+
+    p = subparsers.add_parser(
+        "perf", help="speed, memory and FLOPs of pruning methods against the oracle and the FLOPs ideal",
+        description=perf_cli.DESCRIPTION, epilog=perf_cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    perf_cli.add_arguments(p)
+    p.set_defaults(handler=lambda args: perf_cli.run_from_args(args, prog="vtprune perf"))
+
+
 # name -> function that registers the sub-command
 COMMANDS = {
     "bench": _add_bench,
@@ -329,6 +341,7 @@ COMMANDS = {
     "viz": _add_viz,
     "train-dyvte": _add_train_dyvte,
     "calibrate-sinks": _add_calibrate_sinks,
+    "perf": _add_perf,
 }
 
 

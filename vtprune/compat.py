@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -37,6 +38,30 @@ def cache_length(cache: Any, layer_idx: int = 0) -> int:
         return int(cache.get_seq_length(layer_idx))
     except (IndexError, AttributeError):
         return 0
+
+
+def cache_layer_kv(cache: Any, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``[B, H, T, d]`` keys and values one layer of a ``DynamicCache`` holds (5.x: ``cache.layers[i]``)."""
+    layer = _dynamic_layer(cache, layer_idx)
+    return layer.keys, layer.values
+
+
+def set_cache_layer_kv(cache: Any, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Make one ``DynamicCache`` layer hold ``keys`` / ``values`` ([B, H, T', d]; later steps concatenate to them)."""
+    layer = _dynamic_layer(cache, layer_idx)
+    layer.keys, layer.values = keys, values
+
+
+def _dynamic_layer(cache: Any, layer_idx: int) -> DynamicLayer:
+    layers = getattr(cache, "layers", None)
+    layer = layers[layer_idx] if layers is not None and 0 <= layer_idx < len(layers) else None
+    # subclasses (sliding window, quantized, indexed) keep more state about their length than the tensors
+    if type(layer) is not DynamicLayer or not layer.is_initialized:
+        raise TypeError(
+            f"layer {layer_idx} of the KV cache is a {type(layer).__name__}, not a filled DynamicLayer; evicting "
+            "cached tokens needs the default DynamicCache (do not pass cache_implementation / a static cache)"
+        )
+    return layer
 
 
 def get_attn_implementation(config) -> str:

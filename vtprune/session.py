@@ -46,12 +46,15 @@ def _guard(fn):
 
 
 class Session:
-    """Per-model pruning session for a pipeline of methods. Create through :func:`vtprune.prune`."""
+    """Per-model pruning session for a pipeline of methods. Create through :func:`vtprune.prune`.
+    ``evict_early_kv``: after each prefill, cut the KV cache of the layers before the last LLM cut to the final
+    kept tokens (``stages.llm.evict_early_kv``)."""
 
-    def __init__(self, model, adapter: Adapter, methods: tuple[Method, ...]):
+    def __init__(self, model, adapter: Adapter, methods: tuple[Method, ...], evict_early_kv: bool = False):
         self.model = model
         self.adapter = adapter
         self.methods = tuple(methods)
+        self.evict_early_kv = evict_early_kv
         self.plan: Plan | None = None
         self.hooks = HookSet()
         self.stats: PruneStats | None = None
@@ -244,6 +247,7 @@ class Session:
             return None
         return args, llm_input.prepare(self, self._fwd, kwargs)
 
+    @_guard
     def _on_llm_end(self, module, args, kwargs, output):
         fwd = self._fwd
         if fwd is None or fwd.entry is None:
@@ -252,8 +256,9 @@ class Session:
         if cache is None and isinstance(output, dict):
             cache = output.get("past_key_values")
         if cache is not None:
-            self._gen = Generation(cache=cache, segments=dict(fwd.segments), prompt_length=fwd.length, spans=fwd.spans,
-                                   shared=fwd.shared)
+            evicted = llm.evict_early_kv(fwd, cache) if self.evict_early_kv else None
+            self._gen = Generation(cache=cache, segments=evicted or dict(fwd.segments), prompt_length=fwd.length,
+                                   spans=fwd.spans, shared=fwd.shared, evicted=evicted is not None)
         return None
 
     @_guard

@@ -31,6 +31,8 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
+from .. import compat
+
 __all__ = [
     "PerfReport",
     "synchronize",
@@ -157,6 +159,8 @@ def visual_tokens_per_layer(image_stats, n_layers: int) -> list[int]:
     """Visual tokens of one image (an ``ImageStats``) entering each LLM layer."""
     counts = [int(image_stats.n_tokens)] * n_layers
     for stage in image_stats.stages:
+        if stage.stage == "vision":  # inside the vision tower: its survivors reach the LLM through the pre-LLM stage
+            continue
         start = 0 if stage.layer is None else int(stage.layer)
         for layer in range(start, n_layers):
             counts[layer] = int(stage.tokens_out)
@@ -321,3 +325,109 @@ def measure(model, samples: dict | Sequence[dict], *, warmup: int = 1, repeats: 
     :func:`compare` with one setup. ``decode_tokens=0`` skips decode ms/token."""
     return compare(model, {"model": contextlib.nullcontext}, samples, warmup=warmup, repeats=repeats,
                    decode_tokens=decode_tokens)["model"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# generate-based timing, memory and the eager peer (used by ``vtprune perf``)
+class StepClock:
+    """A logits processor that timestamps every generated token (transformers calls it once per forward).
+
+    ``ttft_ms``: start -> first token (the prefill); ``step_ms``: the gaps between later tokens (decode steps)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.start = 0.0
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def reset(self) -> None:
+        synchronize(self.device)
+        self.stamps = []
+        self.start = time.perf_counter()
+
+    @property
+    def ttft_ms(self) -> float:
+        return (self.stamps[0] - self.start) * 1000.0
+
+    @property
+    def step_ms(self) -> list[float]:
+        return [(b - a) * 1000.0 for a, b in zip(self.stamps, self.stamps[1:])]
+
+
+@torch.inference_mode()
+def timed_generate(model, inputs: dict, new_tokens: int, **kwargs):
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens, timed per token: (StepClock, output with the cache)."""
+    from transformers import LogitsProcessorList
+
+    clock = StepClock(_device_of(model))
+    gen_cfg = getattr(model, "generation_config", None)
+    if getattr(gen_cfg, "pad_token_id", None) is None and getattr(gen_cfg, "eos_token_id", None) is not None:
+        eos = gen_cfg.eos_token_id
+        kwargs["pad_token_id"] = eos[0] if isinstance(eos, (list, tuple)) else eos
+    clock.reset()
+    out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                         logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True, **kwargs)
+    return clock, out
+
+
+class PeakMemory:
+    """Peak memory while the ``with`` body runs, as bytes above the level at entry: CUDA ``max_memory_allocated``;
+    on CPU the process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``; None where Linux refuses)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.peak: int | None = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.base = _reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak = int(torch.cuda.max_memory_allocated(self.device)) - self.base
+        elif self.base is not None:
+            self.peak = max(0, _status_bytes("VmHWM") - self.base)
+        return False
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> int | None:
+    """Reset the peak RSS to the current RSS; returns the current RSS (None where that is not possible)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except (OSError, KeyError):
+        return None
+
+
+@contextlib.contextmanager
+def eager_attention(model):
+    """Every attention of ``model`` (vision tower and LLM) on transformers' eager implementation inside the
+    ``with``, restored on exit: how the official code of attention-scored methods runs."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}
+    saved = {key: cfg._attn_implementation for key, cfg in configs.items()}
+    try:
+        for cfg in configs.values():
+            compat.set_attn_implementation(cfg, "eager")
+        yield model
+    finally:
+        for key, cfg in configs.items():
+            compat.set_attn_implementation(cfg, saved[key])

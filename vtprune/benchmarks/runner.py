@@ -37,7 +37,7 @@ import torch
 
 from .. import methods as _methods  # noqa: F401  (registers the built-in methods)
 from ..adapters import get_adapter
-from ..api import prune, unprune
+from ..api import PIPELINE_OPTIONS, prune, unprune
 from ..budget import validate_budget
 from ..cli import UsageError, check_method, check_out_dir
 from ..registry import list_methods, make_method, method_class
@@ -98,6 +98,7 @@ class BenchConfig:
     hyper: tuple = ()  # sorted (key, value) pairs of method hyper-parameters (--set, seed)
     source: str | None = None  # name of the --config file this point comes from
     fixed: tuple = ()  # that file's own (key, value) fields: named by ``source`` in the label, not listed
+    options: tuple = ()  # that file's pipeline options (key, value), e.g. (("evict_early_kv", True),)
     pipeline: tuple = ()  # a pipeline config: ((method, ((key, value), ...)), ...), run as the file says
 
     @property
@@ -206,12 +207,13 @@ def build_configs(methods: Sequence[str], keeps: Sequence[int] = (), ratios: Seq
         configs += [BenchConfig(name, keep=int(k), hyper=items) for k in keeps]
         configs += [BenchConfig(name, ratio=float(r), hyper=items) for r in ratios]
     for source, name, fields in files:
+        options = tuple(sorted((k, fields[k]) for k in PIPELINE_OPTIONS if k in fields))
         if "pipeline" in fields:  # budgets are the file's own: one point
-            configs.append(BenchConfig(name, source=source, pipeline=fields["pipeline"]))
+            configs.append(BenchConfig(name, source=source, pipeline=fields["pipeline"], options=options))
             continue
-        fixed = {k: v for k, v in fields.items() if k not in ("keep", "ratio")}
+        fixed = {k: v for k, v in fields.items() if k not in ("keep", "ratio", *PIPELINE_OPTIONS)}
         items = _with_seed(name, dict((hyper or {}).get(name, {})), seed, fixed)
-        own = dict(fixed=tuple(sorted(fixed.items())), source=source, hyper=items)
+        own = dict(fixed=tuple(sorted(fixed.items())), source=source, hyper=items, options=options)
         cls = method_class(name)
         if "keep" in fields or "ratio" in fields or cls.budget_optional or not cls.has_budget:  # one point, as the file says
             configs.append(BenchConfig(name, keep=fields.get("keep"), ratio=fields.get("ratio"), **own))
@@ -229,10 +231,11 @@ def load_method_config(spec) -> tuple[str, str, dict]:
     try:
         data = dict(load_config(spec))
         data.pop("model", None)
+        options = {k: data[k] for k in PIPELINE_OPTIONS if k in data}
         if "pipeline" in data:  # (label, "a+b", {"pipeline": ((method, sorted fields), ...)})
             steps = tuple((method_class(e["method"]).name, tuple(sorted((k, v) for k, v in e.items() if k != "method")))
                           for e in data["pipeline"])
-            method, data = "+".join(m for m, _ in steps), {"pipeline": steps}
+            method, data = "+".join(m for m, _ in steps), {"pipeline": steps, **options}
         else:
             method = method_class(data.pop("method")).name
     except (OSError, ValueError, TypeError) as err:  # missing, not YAML, no method, unknown field (ConfigError)
@@ -738,9 +741,9 @@ def _applied(model, config: BenchConfig):
         yield model
         return
     if config.pipeline:
-        prune(model, [make_method(m, **dict(kwargs)) for m, kwargs in config.pipeline])
+        prune(model, [make_method(m, **dict(kwargs)) for m, kwargs in config.pipeline], **dict(config.options))
     else:
-        prune(model, config.method, **config.prune_kwargs())
+        prune(model, config.method, **config.prune_kwargs(), **dict(config.options))
     try:
         yield model
     finally:

@@ -74,7 +74,9 @@ class Forward:
 
 @dataclass
 class Generation:
-    """A prefill's layouts, kept for the decode steps of ``generate()`` on its compacted cache."""
+    """A prefill's layouts, kept for the decode steps of ``generate()`` on its compacted cache. ``segments`` says
+    how each layer's cache is laid out: the prefill's segments, or (``evicted``, ``evict_early_kv=True``) only the
+    last one, at 0, once every earlier layer's cache was cut to its tokens."""
 
     cache: object
     segments: dict[int, Layout]
@@ -82,6 +84,7 @@ class Generation:
     spans: list
     shared: dict = field(default_factory=dict)  # the prefill's per-method scratch, for modulators in decode
     step_mask: torch.Tensor | None = None  # this decode step's 2-D mask in the compacted layout
+    evicted: bool = False  # every layer's cache holds the last segment's tokens: one layout for all layers
 
     @property
     def entry(self) -> Layout:

@@ -77,6 +77,26 @@ def cut_layout(prev: Layout, spans, keeps: list[torch.Tensor]) -> tuple[Layout, 
     return layout, keep_index, counts
 
 
+def evict_index(layout: Layout, final: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel inputs that lay rows in ``layout``'s slots out as ``final`` (a later layout of the same prompt):
+    keep_index [B, final.length] (slots of ``layout`` holding ``final``'s valid tokens, first counts[b] valid),
+    counts [B]. With ``pad_left=True`` the kept rows land on ``final``'s valid slots (both are right-aligned);
+    tokens are matched by original position, so several cuts in between need no chain of ``src`` maps."""
+    B, device = layout.valid.shape[0], layout.valid.device
+    present = torch.zeros(B, int(layout.orig.max()) + 1, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)[:, None].expand_as(final.orig)
+    present[rows[final.valid], final.orig[final.valid]] = True
+    keep = layout.valid & present.gather(1, layout.orig.clamp(min=0))
+    counts = keep.sum(1)
+    if not torch.equal(counts, final.valid.sum(1)):
+        raise ValueError("a later layout holds tokens the earlier one does not: it is not a cut of it")
+    keep_index = torch.full((B, final.length), -1, dtype=torch.long, device=device)
+    for b in range(B):
+        idx = torch.nonzero(keep[b]).flatten()
+        keep_index[b, :idx.numel()] = idx
+    return keep_index, counts
+
+
 def gather_rows(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """Out-of-place x[b, src[b, t]] for small per-token tensors ([B|1, T] or [B|1, T, d]); -1 reads slot 0."""
     if x.shape[0] != src.shape[0]:

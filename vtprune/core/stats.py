@@ -36,11 +36,13 @@ class ImageStats:
 @dataclass
 class PruneStats:
     """Stats of the last prefill: one :class:`ImageStats` per image (batch order). ``method``: the pipeline's
-    method names joined by ``+``."""
+    method names joined by ``+``. ``evicted_early_kv``: the layers before the last LLM cut had their KV cache
+    cut to the final kept tokens after this prefill (``evict_early_kv=True`` and an LLM cut removed tokens)."""
 
     method: str
     images: list[ImageStats] = field(default_factory=list)
     llm_layers: int = 0
+    evicted_early_kv: bool = False
 
     @property
     def visual_tokens(self) -> int:

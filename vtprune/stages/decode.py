@@ -1,6 +1,7 @@
 """Decode steps of ``generate()`` on the compacted cache: generate() keeps an original-layout 2-D mask and
 original positions; the language-model entry maps them onto the entry segment, and layers of later segments
-get a 4-D mask for their shorter cache (and, for renumbered cuts, their own positions)."""
+get a 4-D mask for their shorter cache (and, for renumbered cuts, their own positions). After ``evict_early_kv``
+the generation has one segment (the prefill's last): every layer gets the entry's mask and positions."""
 
 from __future__ import annotations
 

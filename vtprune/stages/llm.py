@@ -1,13 +1,18 @@
 """Cut points ("llm", k) before decoder layers. A cut starts a new *segment*: the kept hidden states, their
 position ids and rotary cos/sin, and a 4-D mask for the shorter sequence; every later layer of the segment gets
-the same (the language model hands each layer the full-length ones)."""
+the same (the language model hands each layer the full-length ones). With ``evict_early_kv``, the end of the
+prefill cuts the cache of every layer before the last segment to that segment's tokens."""
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
 from .. import compat
-from ..core.layout import Layout, gather_rows, mask_4d
+from ..core.layout import Layout, evict_index, gather_rows, mask_4d
+from ..errors import PruneError
+from ..kernels import compact_
 from .cut import cut_tokens
 
 
@@ -41,3 +46,31 @@ def _segment_inputs(host, positions: str, prev: Layout, new: Layout, hidden: tor
     else:
         impl = compat.get_attn_implementation(host.adapter.language_model.config)
         new.mask = mask_4d(new.valid, new.length, hidden.dtype, compat.mask_is_boolean(impl))
+
+
+def evict_early_kv(fwd, cache) -> dict[int, Layout] | None:
+    """After the prefill: cut every layer's cache before the last segment to the last segment's tokens (text and
+    the final kept visual tokens, laid out in its slots; keys keep the rope positions they were computed at).
+    Returns the segments decode steps use ({0: last}), or None when no LLM cut removed anything."""
+    starts = sorted(fwd.segments)
+    if len(starts) == 1:
+        return None
+    final = fwd.segments[starts[-1]]
+    for start, end in itertools.pairwise(starts):
+        keep_index, counts = evict_index(fwd.segments[start], final)
+        for layer in range(start, end):
+            keys, values = compat.cache_layer_kv(cache, layer)
+            if keys.shape[2] != fwd.segments[start].length:
+                raise PruneError(f"vtprune: evict_early_kv: layer {layer} caches {keys.shape[2]} tokens, its segment "
+                                 f"has {fwd.segments[start].length}; the cache was not filled by this prefill alone")
+            compat.set_cache_layer_kv(cache, layer, _evicted(keys, keep_index, counts),
+                                      _evicted(values, keep_index, counts))
+    fwd.stats.evicted_early_kv = True
+    return {0: final}
+
+
+def _evicted(x: torch.Tensor, keep_index: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, d] -> [B, H, T', d] kept rows right-aligned: in place, or on a copy when autograd tracks x."""
+    if x.requires_grad:  # the Triton kernel is invisible to autograd; the torch path's copy_ is recorded
+        return compact_(x.clone(), keep_index, dim=2, counts=counts, pad_left=True, backend="torch")
+    return compact_(x, keep_index, dim=2, counts=counts, pad_left=True)

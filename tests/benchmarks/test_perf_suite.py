@@ -1,0 +1,127 @@
+"""``vtprune perf`` on tiny models: KV bytes of the cache tensors equal the analytic count (with and without
+early-layer eviction), every record carries its fields, the derived ratios follow their definitions, and user
+errors are one line with exit status 2. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vtprune.benchmarks import perf_suite
+from vtprune.benchmarks.runner import build_configs
+from vtprune.cli import main
+
+from ..conftest import IMAGE_TOKEN, collate, make_prompt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FIELDS = ("name", "keep", "prefill_ms", "speedup", "oracle_fraction", "ideal_fraction", "overhead",
+          "decode_ms_per_token", "kv_bytes", "kv_bytes_analytic", "flops")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(models):
+    model = models("llava")
+    inputs = collate([make_prompt(model, "llava", 12, 0)])
+    inputs.pop("attention_mask")
+    configs = build_configs(["fastv", "random", "transprune"], keeps=[16])
+    setups = perf_suite.plan_setups(model, inputs, configs, [16], evict=True)
+    timings = perf_suite.run_perf(model, inputs, setups, rounds=1, warmup=0, decode_tokens=2)
+    return model, inputs, perf_suite.records(model, inputs, setups, timings)
+
+
+def _kv_bytes(tokens_per_layer, cfg) -> int:
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return sum(2 * cfg.num_key_value_heads * head_dim * n * 4 for n in tokens_per_layer)  # fp32
+
+
+def test_every_configuration_ran_and_has_its_fields(tiny_run):
+    _, _, rows = tiny_run
+    labels = [r["label"] for r in rows]
+    assert labels[:2] == ["vanilla", "oracle@16"]
+    assert {"fastv@16", "random@16", "transprune@16", "fastv@16+evict", "replay[fastv@16]",
+            "replay[transprune@16]"} <= set(labels)
+    for r in rows:
+        assert r["error"] is None, (r["label"], r["error"])
+        for key in FIELDS:
+            assert key in r
+        assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0
+        assert r["kind"] == "replay" or r["peer_ms"] > 0
+
+
+def test_kv_bytes_of_the_cache_tensors_equal_the_analytic_count(tiny_run):
+    model, inputs, rows = tiny_run
+    cfg = model.config.text_config
+    by = {r["label"]: r for r in rows}
+    T = inputs["input_ids"].shape[1]
+    n_visual = int((inputs["input_ids"] == IMAGE_TOKEN).sum())
+    text = T - n_visual
+    L = cfg.num_hidden_layers
+    expected = {
+        "vanilla": [T] * L,
+        "oracle@16": [text + 16] * L,
+        "random@16": [text + 16] * L,
+        "fastv@16": [T] * 2 + [text + 16] * (L - 2),  # FastV K=2: layers 0-1 keep every visual token
+        "fastv@16+evict": [text + 16] * L,  # evicted: every layer holds the final kept set
+    }
+    for label, tokens in expected.items():
+        assert by[label]["kv_bytes"] == _kv_bytes(tokens, cfg), label
+        assert by[label]["kv_bytes_analytic"] == _kv_bytes(tokens, cfg), label
+    for r in rows:
+        assert r["kv_bytes"] == r["kv_bytes_analytic"], r["label"]
+
+
+def test_derived_ratios_follow_their_definitions(tiny_run):
+    _, _, rows = tiny_run
+    by = {r["label"]: r for r in rows}
+    v, o, f, rep = by["vanilla"], by["oracle@16"], by["fastv@16"], by["replay[fastv@16]"]
+    assert f["speedup"] == pytest.approx(v["prefill_ms"] / f["prefill_ms"])
+    assert f["oracle_fraction"] == pytest.approx(o["prefill_ms"] / f["prefill_ms"])
+    assert f["overhead"] == pytest.approx((f["prefill_ms"] - o["prefill_ms"]) / v["prefill_ms"])
+    assert f["replay_fraction"] == pytest.approx(rep["prefill_ms"] / f["prefill_ms"])
+    assert f["scoring_overhead"] == pytest.approx((f["prefill_ms"] - rep["prefill_ms"]) / v["prefill_ms"])
+    total = lambda r: r["flops"]["vision"] + r["flops"]["projector"] + r["flops"]["llm_prefill"]  # noqa: E731
+    assert f["ideal_speedup"] == pytest.approx(total(v) / total(f))
+    assert f["ideal_fraction"] == pytest.approx(f["speedup"] / f["ideal_speedup"])
+    assert o["oracle_fraction"] == pytest.approx(1.0) and o["overhead"] == pytest.approx(0.0)
+    assert by["random@16"]["replay_fraction"] == pytest.approx(by["random@16"]["oracle_fraction"])  # LLM-input cut
+
+
+def test_the_replay_has_the_method_s_flops_and_the_oracle_the_floor(tiny_run):
+    _, _, rows = tiny_run
+    by = {r["label"]: r for r in rows}
+    assert by["replay[fastv@16]"]["flops"] == by["fastv@16"]["flops"]
+    assert by["oracle@16"]["flops"] == by["random@16"]["flops"]
+    assert by["oracle@16"]["flops"]["llm_prefill"] < by["fastv@16"]["flops"]["llm_prefill"]
+
+
+def test_perf_cli_writes_results(tmp_path, capsys):
+    out = tmp_path / "perf"
+    status = main(["perf", "--methods", "fastv,vtc_cls", "--keep", "16", "--rounds", "1", "--warmup", "0",
+                   "--decode-tokens", "2", "--threads", "1", "--out", str(out)])
+    assert status == 0
+    table = capsys.readouterr().out
+    assert "oracle@16" in table and "fastv@16" in table and "targets" in table
+    data = json.loads((out / "results.json").read_text())
+    labels = [r["label"] for r in data["results"]]
+    assert labels[:2] == ["vanilla", "oracle@16"] and "vtc_cls@16" in labels
+    assert (out / "results.csv").read_text().startswith("label,")
+    assert (out / "results.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--keep", "12a"], "--keep 12a: expected comma-separated whole numbers"),
+    (["--ratio", "1.5"], "--ratio 1.5: every ratio must be in [0, 1)"),
+    (["--arch", "llava-9b"], "--arch llava-9b: unknown architecture; use one of"),
+    (["--llm-layers", "2"], "--vision-layers / --llm-layers cut the depth of an --arch model"),
+    (["--rounds", "0"], "--rounds 0: must be >= 1"),
+    (["--methods", "fastvv"], "--methods fastvv:"),
+    (["--device", "cuda:7"], "--device cuda:7"),
+])
+def test_perf_cli_user_errors_are_one_line(tmp_path, capsys, argv, message):
+    out = tmp_path / "never"
+    assert main(["perf", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vtprune perf: error: ") and message in err[0], err
+    assert not out.exists()

@@ -1,0 +1,107 @@
+"""The body of ``vtprune perf`` once its flags are checked: model, prompt, configurations, rounds, outputs."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..cli import UsageError
+from ..registry import list_methods, method_class
+from . import perf_output, perf_suite, runner
+
+
+def load(args, device: torch.device):
+    """(model, description) for --arch / --model / the embedded tiny LLaVA."""
+    dtype = runner.resolve_dtype(args.dtype, device)
+    if args.arch:
+        from .archs import build_arch
+
+        try:
+            model = build_arch(args.arch, vision_layers=args.vision_layers, llm_layers=args.llm_layers, dtype=dtype,
+                               device=str(device), seed=args.seed)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        depth = f" ({args.vision_layers or 'all'} vision / {args.llm_layers or 'all'} LLM layers)"
+        return model, f"{args.arch}{depth}, random weights"
+    model, _, desc = runner.load_model(args.model, dtype=args.dtype, device=str(device))
+    return model, desc["name"]
+
+
+def _default_methods(model) -> tuple[list[str], list[str]]:
+    """(methods that can run on the model, names left out with why)."""
+    path = getattr(model.config, "_name_or_path", None)
+    names, skipped = [], []
+    for name in list_methods():
+        if not method_class(name).available_for(path):
+            skipped.append(f"{name} (needs weights trained for this model)")
+        elif name == "var" and not _var_dims(model):
+            skipped.append("var (no known sink dimensions for this LLM: run `vtprune calibrate-sinks`, then "
+                           "--methods var --set sink_dims=[...])")
+        else:
+            names.append(name)
+    return names, skipped
+
+
+def _var_dims(model) -> dict:
+    """VAR's sink dimensions for a depth-reduced --arch model: those of its full-depth backbone (same widths)."""
+    from ..methods.var import SINK_DIMS
+
+    cfg = model.config.get_text_config()
+    key = next((k for k in SINK_DIMS if k.split(":")[1].split("x")[0] == str(cfg.hidden_size)
+                and k.endswith(f"x{cfg.intermediate_size}")), None)
+    return {"sink_dims": SINK_DIMS[key]} if key else {}
+
+
+def run(args, checked: dict, prog: str) -> int:
+    from .archs import arch_inputs
+
+    device = checked["device"]
+    with runner._num_threads(args.threads):
+        torch.manual_seed(args.seed)
+        model, model_desc = load(args, device)
+        inputs = arch_inputs(model, text_tokens=args.text_tokens, seed=args.seed)
+        n_visual = runner.visual_tokens_of(model)
+        keeps, ratios = checked["keeps"], checked["ratios"]
+        if not keeps and not ratios:
+            keeps = runner.scaled_keeps(n_visual)
+        methods, skipped = (checked["methods"], []) if checked["methods"] is not None else _default_methods(model)
+        if checked["files"] and checked["methods"] is None:
+            methods = []
+        hyper = {m: dict(checked["hyper"]) for m in methods}
+        if "var" in methods:
+            hyper["var"] = {**_var_dims(model), **hyper["var"]}
+        configs = runner.build_configs(methods, keeps, ratios, seed=args.seed, hyper=hyper, files=checked["files"])
+        setups = perf_suite.plan_setups(model, inputs, configs, keeps, ratios, evict=args.evict_early_kv)
+        for line in skipped:
+            print(f"{prog}: left out {line}", file=sys.stderr)
+        timings = _timed(model, inputs, setups, args, prog)
+        rows = perf_suite.records(model, inputs, setups, timings)
+    meta = {"model": model_desc, "device": str(device), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "threads": args.threads or torch.get_num_threads(), "rounds": args.rounds, "warmup": args.warmup,
+            "decode_tokens": args.decode_tokens, "text_tokens": args.text_tokens, "visual_tokens": n_visual,
+            "prompt_tokens": int(inputs["input_ids"].shape[1]), "command": " ".join(sys.argv), "skipped": skipped,
+            "torch": torch.__version__}
+    print(perf_output.format_perf_table(rows, meta))
+    paths = perf_output.write_results(rows, meta, args.out)
+    print(f"{prog}: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 0
+
+
+def _timed(model, inputs, setups, args, prog):
+    from tqdm import tqdm
+
+    per_round = len(setups)
+    bar = tqdm(total=(args.warmup + args.rounds) * per_round, desc=prog, unit="cfg", file=sys.stderr,
+               disable=not sys.stderr.isatty())
+
+    def step(rnd, label):
+        bar.set_postfix_str(f"round {rnd + 1}: {label}", refresh=False)
+        bar.update(1)
+
+    try:
+        return perf_suite.run_perf(model, inputs, setups, rounds=args.rounds, warmup=args.warmup,
+                                   decode_tokens=args.decode_tokens, peer=not args.no_peer,
+                                   replays=not args.no_replay, on_step=step)
+    finally:
+        bar.close()

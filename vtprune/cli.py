@@ -334,6 +334,17 @@ def _add_perf(subparsers) -> None:
     p.set_defaults(handler=lambda args: perf_cli.run_from_args(args, prog="vtprune perf"))
 
 
+def _add_search(subparsers) -> None:
+    from .search import cli as search_cli
+
+    p = subparsers.add_parser(
+        "search", help="tune a method's hyperparameters with optuna (flow objective or dev accuracy)",
+        description=search_cli.DESCRIPTION, epilog=search_cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    search_cli.add_arguments(p)
+    p.set_defaults(handler=lambda args: search_cli.run_from_args(args, prog="vtprune search"))
+
+
 # name -> function that registers the sub-command
 COMMANDS = {
     "bench": _add_bench,
@@ -342,6 +353,7 @@ COMMANDS = {
     "train-dyvte": _add_train_dyvte,
     "calibrate-sinks": _add_calibrate_sinks,
     "perf": _add_perf,
+    "search": _add_search,
 }
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from ..core.probes import LayerOutput
 from ..errors import ConfigError, PruneError
 from ..registry import register
+from ..search.space import Float, tuned
 from .base import Cut, ImageView, Method, Selection
 
 ROUTER_FILE = "dyvte_routers.safetensors"
@@ -99,7 +100,7 @@ def load_routers(path, hidden_size: int, layers: int, model_name: str = "") -> t
 @dataclass
 class DyVTE(Method):
     routers: str | None = None
-    threshold: float = 0.0
+    threshold: float = tuned(0.0, Float(-4.0, 4.0))  # search: margin on logit[exit] - logit[keep]
     positions: str = "original"
 
     name: ClassVar[str] = "dyvte"

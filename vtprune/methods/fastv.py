@@ -15,6 +15,7 @@ import torch
 
 from ..core.probes import LLMAttention
 from ..registry import register
+from ..search.space import Int, tuned
 from .base import Cut, ImageView, Method
 
 
@@ -23,7 +24,7 @@ from .base import Cut, ImageView, Method
 class FastV(Method):
     """``layer`` = K (paper headline K=2; the official lmms-eval KV-cache variant uses K=3)."""
 
-    layer: int = 2
+    layer: int = tuned(2, Int(1, lambda _, model: min(model.llm_layers - 1, max(3, model.llm_layers // 4))))  # K <= L/4
     positions: str = "original"
 
     name: ClassVar[str] = "fastv"

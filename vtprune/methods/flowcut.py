@@ -30,6 +30,7 @@ import torch
 
 from ..budget import tokens_to_keep
 from ..registry import register
+from ..search.space import Choice, Float, Int, tuned
 from ..core.probes import LLMQKV, VisionCLS, VisionValues
 from .base import Cut, ImageView, Method, Selection, top_k_sorted
 
@@ -49,11 +50,12 @@ def flowcut_prune_count(attention: torch.Tensor, n_target: int, remaining: int) 
 @register
 @dataclass
 class FlowCut(Method):
-    cumulative_weight: float = 0.5
-    semantic_scaling: str = "none"  # "none" (official code) or "sqrt_d" (paper pseudocode)
+    cumulative_weight: float = tuned(0.5, Float(0.0, 1.0))
+    semantic_scaling: str = tuned("none", Choice(("none", "sqrt_d")))  # "none" (official code) or "sqrt_d" (paper)
     shared_prune_count: bool = True
-    vit_share: float = 0.5
-    llm_layer: int = 2
+    vit_share: float = tuned(0.5, Float(0.25, 1.0, only_for=("llava_next",)))  # anyres crops only
+    llm_layer: int = tuned(2, Int(1, lambda _, model: min(model.llm_layers - 1, max(3, model.llm_layers // 4)),
+                                  only_for=("llava_next",)))
     positions: str = "renumber"
 
     name: ClassVar[str] = "flowcut"

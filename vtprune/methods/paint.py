@@ -23,18 +23,19 @@ import torch
 
 from ..core.probes import VisionAttentionMap, VisionCLS
 from ..registry import register
+from ..search.space import Float, Int, tuned
 from .base import Method
 
 
 @register
 @dataclass
 class PAINT(Method):
-    alpha: float = 0.7
-    beta: float = 0.4
-    local_ratio: float = 0.25
+    alpha: float = tuned(0.7, Float(0.0, 2.0))
+    beta: float = tuned(0.4, Float(0.0, 2.0))
+    local_ratio: float = tuned(0.25, Float(0.0, 0.5))
     spatial_ratio: float = 0.0
     local_layer: int = 0
-    start: int = 2
+    start: int = tuned(2, Int(0, lambda _, model: min(model.llm_layers - 1, max(2, model.llm_layers // 2))))
 
     name: ClassVar[str] = "paint"
     description: ClassVar[str] = "Boosts the last query row's logits of locally informative and summary visual tokens."

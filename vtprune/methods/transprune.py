@@ -37,6 +37,7 @@ from ..budget import tokens_to_keep
 from ..core.probes import IncomingAttention, Sublayer, SublayerBatch
 from ..errors import PruneError
 from ..registry import register
+from ..search.space import Choice, Float, Int, Seq, tuned
 from .base import Cut, ImageView, Method, Selection, top_k_sorted
 
 DEFAULT_LAYERS, DEFAULT_DEPTH = (7, 9, 12), 32  # 0-based cut layers of the 32-layer Vicuna-7B
@@ -46,10 +47,12 @@ DIRECTIONS = ("code", "paper")
 @register
 @dataclass
 class TransPrune(Method):
-    layers: tuple[int, ...] | None = None
-    keep_ratios: tuple[float, ...] = (0.875, 0.625, 0.125)
-    alpha: float = 0.5
-    direction: str = "code"
+    layers: tuple[int, ...] | None = tuned(None, Seq(Int(1, lambda _, model: model.llm_layers - 1),
+                                                     n=lambda m, _: len(m.keep_ratios), order="increasing",
+                                                     derive=lambda m, model: m.cut_layers(model)))
+    keep_ratios: tuple[float, ...] = tuned((0.875, 0.625, 0.125), Seq(Float(0.05, 1.0), n=3, order="decreasing"))
+    alpha: float = tuned(0.5, Float(0.0, 1.0))
+    direction: str = tuned("code", Choice(DIRECTIONS))
     softmax_over_batch: bool = False
     positions: str = "renumber"
 

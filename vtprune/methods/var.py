@@ -30,6 +30,7 @@ import torch
 from ..core.probes import Residual
 from ..errors import ConfigError
 from ..registry import register
+from ..search.space import Float, tuned
 from .base import Method
 
 # LLM backbone "type:hidden x layers x ffn" -> sink dimensions (spec §1.5)
@@ -51,10 +52,10 @@ def sink_ratio(hidden: torch.Tensor, dims) -> torch.Tensor:
 @register
 @dataclass
 class VAR(Method):
-    tau: float = 20.0
-    rho: float = 0.5
-    p: float = 0.4
-    min_image_mass: float = 0.2
+    tau: float = tuned(20.0, Float(2.0, 40.0, log=True))
+    rho: float = tuned(0.5, Float(0.0, 1.0))
+    p: float = tuned(0.4, Float(0.0, 0.95))
+    min_image_mass: float = tuned(0.2, Float(0.0, 0.5))
     sink_dims: tuple[int, ...] | None = None
     layers: tuple[int, ...] | None = None
 

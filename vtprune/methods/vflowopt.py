@@ -43,6 +43,7 @@ from ..budget import tokens_to_keep
 from ..core.probes import PatchEntropy, VisionAttentionMap
 from ..errors import PruneError
 from ..registry import register
+from ..search.space import Choice, Float, Seq, tuned
 from .base import Cut, ImageView, Method, Selection, top_k_sorted
 
 # released LLaVA-OV-7B settings by average budget: (budget, threshold t, cell a, retention rho_v, r1)
@@ -62,17 +63,46 @@ def released_setting(budget: float) -> tuple[float, float, float, float]:
     return t, a, rho, r1
 
 
+def _released(part: str):
+    """A search's trial 0 records, for a field left None, the value a standard image gets from the released
+    setting at the budget (the cell scaled to the model's grid)."""
+
+    def value(method, model) -> float | tuple[float, ...]:
+        n, budgeted = model.nominal_tokens, (method.keep, method.ratio) != (None, None)
+        fraction = (method.keep / n if method.keep is not None else 1.0 - method.ratio) if budgeted else None
+        t, a, rho, r1 = method.setting(fraction, int(round(math.sqrt(n))))
+        return {"threshold": t, "cell": a, "retention": rho, "llm_ratios": (r1,) if budgeted else NO_BUDGET}[part]
+
+    return value
+
+
+def _max_retention(method, model) -> float:
+    """Above this stage-0 retention no schedule averages the budget (stages 1-2 keep >= 0 tokens); the search
+    box is [1/5, 1] of it."""
+    if (method.keep, method.ratio) == (None, None):
+        return 1.0
+    fraction = method.keep / model.nominal_tokens if method.keep is not None else 1.0 - method.ratio
+    return min(1.0, fraction * model.llm_layers / method.stage_layers(model)[0])
+
+
+def _grid(share: float):
+    return lambda _, model: share * math.sqrt(model.nominal_tokens)  # the code's box [3, 24] of a 27-token grid
+
+
 @register
 @dataclass
 class VFlowOpt(Method):
     vision_layer: int | None = None
-    threshold: float | None = None
-    cell: float | None = None
-    entropy_weight: float = 0.0
-    retention: float | None = None
+    threshold: float | None = tuned(None, Float(0.0, 50.0, derive=_released("threshold")))  # search: the code's box
+    cell: float | None = tuned(None, Float(_grid(3 / 27), _grid(24 / 27), when={"recycle": True},
+                                           derive=_released("cell")))
+    entropy_weight: float = tuned(0.0, Float(-1.0, 1.0))
+    retention: float | None = tuned(None, Float(lambda m, model: _max_retention(m, model) / 5, _max_retention,
+                                                derive=_released("retention")))
     llm_layers: tuple[int, int] | None = None
-    llm_ratios: tuple[float, ...] | None = None
-    recycle: bool = True
+    llm_ratios: tuple[float, ...] | None = tuned(None, Seq(Float(0.2, 1.0), derive=_released("llm_ratios"),  # (r1,)
+                                                           n=lambda m, _: 2 if (m.keep, m.ratio) == (None, None) else 1))
+    recycle: bool = tuned(True, Choice((True, False)))
     positions: str = "renumber"
 
     name: ClassVar[str] = "vflowopt"

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from ..budget import tokens_to_keep
 from ..core.probes import FeatureLayer
 from ..registry import register
+from ..search.space import Choice, Float, tuned
 from .base import ImageView, Method, Selection, VisionView, top_k_sorted
 
 ANYRES_MODES = ("per_crop", "global")
@@ -45,8 +46,8 @@ ANYRES_MODES = ("per_crop", "global")
 @register
 @dataclass
 class VisionZip(Method):
-    dominant_fraction: float = 54 / 64
-    anyres: str = "per_crop"
+    dominant_fraction: float = tuned(54 / 64, Float(0.5, 1.0))
+    anyres: str = tuned("per_crop", Choice(ANYRES_MODES, only_for=("llava_next",)))
     positions: str = "renumber"
 
     name: ClassVar[str] = "visionzip"

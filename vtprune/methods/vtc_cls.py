@@ -25,6 +25,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import register
+from ..search.space import Int, tuned
 from ..core.probes import VisionCLS
 from .base import ImageView, Method
 
@@ -34,7 +35,8 @@ OFFICIAL_START, OFFICIAL_DEPTH = 16, 24  # --layer 16 of CLIP-L's 24 layers
 @register
 @dataclass
 class VTCCLS(Method):
-    start_layer: int | None = None
+    start_layer: int | None = tuned(None, Int(0, lambda _, model: model.feature_layer,  # search: 0 .. s
+                                              derive=lambda m, info: m.layers(info.vision_layers, info.feature_layer).start))
     positions: str = "renumber"
 
     name: ClassVar[str] = "vtc_cls"

@@ -1,10 +1,17 @@
-"""Tests for vtprune.kernels.compact_: Triton (interpreted on CPU) == torch == plain-indexing reference."""
+"""Tests for vtprune.kernels.compact_: Triton == torch == plain-indexing reference.
+
+On CPU the Triton cases run under the interpreter (TRITON_INTERPRET=1, the default here). With a CUDA GPU,
+run them compiled: ``TRITON_INTERPRET=0 python -m pytest tests/kernels`` (the cuda-parametrized cases need
+real Triton; the interpreted CPU cases then skip). Every test taking ``device`` runs on cpu and, when
+``torch.cuda.is_available()``, on cuda.
+"""
 
 import os
 
 # Must precede the first import of the Triton kernel module (read at decoration time).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -13,6 +20,7 @@ import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from vtprune.kernels import compact as compact_mod  # noqa: E402
 from vtprune.kernels import compact_, triton_available  # noqa: E402
 
 HAS_TRITON = triton_available()
@@ -24,6 +32,14 @@ else:
     TRITON_RUNS_ON_CPU = False
 needs_triton = pytest.mark.skipif(not TRITON_RUNS_ON_CPU,
                                   reason="needs triton imported with TRITON_INTERPRET=1")
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+needs_cuda_triton = pytest.mark.skipif(
+    not (HAS_CUDA and HAS_TRITON and not TRITON_RUNS_ON_CPU),
+    reason="needs a CUDA GPU and compiled triton (TRITON_INTERPRET=0)")
+# Torch-path tests: cpu, and cuda when present. Triton tests: interpreted on cpu, compiled on cuda.
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+TRITON_DEVICES = [pytest.param("cpu", marks=needs_triton), pytest.param("cuda", marks=needs_cuda_triton)]
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -72,6 +88,20 @@ def make_x(layout, B, T, H, D, dtype, strides, gen):
     return x, dim
 
 
+def on_device(t, device):
+    """``t`` on ``device`` with the same sizes, strides and storage offset (a view of its moved base)."""
+    if t is None or device == "cpu":
+        return t
+    if t._base is None:
+        return t.to(device)
+    return t._base.to(device).as_strided(t.size(), t.stride(), t.storage_offset())
+
+
+def case_on(case, device):
+    x, keep, dim, counts, pad_left = case
+    return on_device(x, device), on_device(keep, device), dim, on_device(counts, device), pad_left
+
+
 @st.composite
 def cases(draw, dtypes, layouts=("bt", "btd", "bhtd")):
     layout = draw(st.sampled_from(layouts))
@@ -113,19 +143,19 @@ def run_and_check(x, keep, dim, counts, pad_left, backend):
 
 # ----------------------------------------------------------------------------- property tests
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=60, deadline=None)
-@given(cases(FLOATS + [torch.int64, torch.int32, torch.int8, torch.bool]))
-def test_torch_matches_reference(case):
-    x, keep, dim, counts, pad_left = case
-    run_and_check(x, keep, dim, counts, pad_left, "torch")
+@given(case=cases(FLOATS + [torch.int64, torch.int32, torch.int8, torch.bool]))
+def test_torch_matches_reference(device, case):
+    run_and_check(*case_on(case, device), "torch")
 
 
-@needs_triton
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @settings(max_examples=25, deadline=None)
-@given(cases(FLOATS + [torch.int64, torch.int32, torch.float64]),
-       st.sampled_from([(4096, 256), (8, 4), (4, 1)]))
-def test_triton_matches_torch_and_reference(case, tiles):
-    x, keep, dim, counts, pad_left = case
+@given(case=cases(FLOATS + [torch.int64, torch.int32, torch.float64]),
+       tiles=st.sampled_from([(4096, 256), (8, 4), (4, 1)]))
+def test_triton_matches_torch_and_reference(device, case, tiles):
+    x, keep, dim, counts, pad_left = case_on(case, device)
     x_torch = x.clone()
     # Small tiles force several row tiles and column blocks per program/grid.
     saved = triton_compact._TILE_ELEMS, triton_compact._MAX_BLOCK_C
@@ -138,15 +168,82 @@ def test_triton_matches_torch_and_reference(case, tiles):
                                      backend="torch"))
 
 
+@contextlib.contextmanager
+def min_chunk_bytes(n):
+    """Set the CPU torch path's chunk threshold (small: in-place chunks even for tiny rows)."""
+    saved = compact_mod._MIN_CHUNK_BYTES
+    compact_mod._MIN_CHUNK_BYTES = n
+    try:
+        yield
+    finally:
+        compact_mod._MIN_CHUNK_BYTES = saved
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=cases(FLOATS + [torch.int64, torch.bool], layouts=("btd", "bhtd")),
+       threshold=st.sampled_from([1, 8, 64, 10**9]))
+def test_torch_chunked_moves_match_reference(case, threshold):
+    # Tiny rows never reach the default 64 KiB threshold: lower it so the in-place chunks, the
+    # temporary prefix and their mix all run.
+    with min_chunk_bytes(threshold):
+        run_and_check(*case, "torch")
+
+
 # ----------------------------------------------------------------------------- specific cases
 
-@needs_triton
-def test_triton_permuted_5d_uses_host_loop():
+def test_plan_rows_hand_computed():
+    keep = torch.tensor([[0, 1, 4, 7, 8, 12, 13, 19]])  # gaps keep[j] - j: 0 0 2 4 4 7 7 12
+    full = torch.tensor([8])
+    with min_chunk_bytes(64):  # 32-byte rows: a chunk needs >= 2 rows
+        # rows 0, 1 in place; chunk [2, 4) reads 4, 7 >= 4; chunk [4, 8) reads 8.. >= 8
+        assert compact_mod._plan_rows(keep, full, False, 32) == [(0, 8, 2, 2, [(2, 4), (4, 8)])]
+    with min_chunk_bytes(96):  # 3 rows: row 2 (gap 2) goes through the temporary
+        assert compact_mod._plan_rows(keep, full, False, 32) == [(0, 8, 2, 3, [(3, 7), (7, 8)])]
+        # 16-byte rows, 6 needed: rows 2..4 via the temporary, one chunk from row 5 (gap 7), cut at 8
+        assert compact_mod._plan_rows(keep, full, False, 16) == [(0, 8, 2, 5, [(5, 8)])]
+        # 4-byte rows, 24 needed > K: the whole row via the temporary
+        assert compact_mod._plan_rows(keep, full, False, 4) == [(0, 8, 0, 8, [])]
+    # Left padding, K=10, 8 kept: shift 2, gaps -2 -2 0 2 2 5 5 10; the first three rows lie below
+    # their slots (or on it after them), so they use the temporary; chunk [3, 5) reads 7, 8 >= 2 + 5.
+    padded = torch.cat([keep, torch.tensor([[-3, 99]])], 1)
+    with min_chunk_bytes(64):
+        assert compact_mod._plan_rows(padded, full, True, 32) == [(2, 8, 0, 3, [(3, 5), (5, 8)])]
+
+
+@pytest.mark.parametrize("threshold", [1, 10**9])
+def test_torch_worst_cases(threshold):
+    # One dropped token (gap 1 everywhere), a single far token, and left padding whose kept rows sit
+    # below their slots: the chunks' edge cases, each against the reference.
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 40, 6, generator=gen)
+    keep = torch.stack([torch.arange(1, 40), torch.tensor([39] + [0] * 38), torch.arange(39)])
+    counts = torch.tensor([39, 1, 20])
+    with min_chunk_bytes(threshold):
+        for pad_left in (False, True):
+            run_and_check(x.clone(), keep, 1, counts, pad_left, "torch")
+            run_and_check(x[:1].clone(), keep[:1], 1, None, pad_left, "torch")
+
+
+def test_torch_path_keeps_autograd():
+    # With a grad-requiring x the torch path must stay differentiable: d(sum of kept rows)/dx is 1 on
+    # every kept source row and 0 elsewhere.
+    leaf = torch.randn(2, 7, 3, requires_grad=True)
+    keep = torch.tensor([[1, 4, 6], [0, 2, 3]])
+    out = compact_(leaf * 1, keep, 1, backend="torch")
+    out.sum().backward()
+    expected = torch.zeros(2, 7, 3)
+    for b in range(2):
+        expected[b, keep[b]] = 1.0
+    assert torch.equal(leaf.grad, expected)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_permuted_5d_uses_host_loop(device):
     # Middle dims (2, 3) do not coalesce after the permute: exercises the host loop.
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 9, 3, 2, 5, generator=gen).permute(0, 3, 2, 1, 4)  # [B, 2, 3, T=9, 5]
-    keep = torch.tensor([[1, 4, 8, -1], [0, 2, 3, 7]])
-    counts = torch.tensor([3, 4])
+    x = on_device(torch.randn(2, 9, 3, 2, 5, generator=gen).permute(0, 3, 2, 1, 4), device)  # [B, 2, 3, 9, 5]
+    keep = torch.tensor([[1, 4, 8, -1], [0, 2, 3, 7]], device=device)
+    counts = torch.tensor([3, 4], device=device)
     for pad_left in (False, True):
         y = x.clone()  # clone keeps the permuted strides
         assert y.stride() == x.stride()
@@ -170,20 +267,40 @@ def test_auto_backend_picks_triton_under_interpreter(monkeypatch):
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
-def test_edge_counts(backend):
-    x = torch.arange(2 * 6 * 2, dtype=torch.float32).view(2, 6, 2)
-    keep = torch.tensor([[1, 3, 5], [0, 0, 0]])
-    counts = torch.tensor([3, 0])  # full row and empty row
+@needs_cuda_triton
+def test_auto_backend_picks_triton_on_cuda(monkeypatch):
+    calls = []
+    real = triton_compact.compact_triton_
+    monkeypatch.setattr(triton_compact, "compact_triton_",
+                        lambda *a, **k: (calls.append(a[0].device.type), real(*a, **k)))
+    keep = torch.tensor([[0, 2]], device="cuda")
+    out = compact_(torch.arange(12.0, device="cuda").view(1, 4, 3), keep, 1)
+    assert calls == ["cuda"] and out.cpu().tolist() == [[[0.0, 1.0, 2.0], [6.0, 7.0, 8.0]]]
+    compact_(torch.randn(1, 4, 3, device="cuda"), keep, 1, backend="torch")
+    assert calls == ["cuda"]
+    # A CPU tensor cannot reach the compiled kernel.
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        compact_(torch.randn(1, 4, 3), keep.cpu(), 1, backend="triton")
+
+
+EDGE = [("torch", "cpu"), pytest.param("torch", "cuda", marks=needs_cuda),
+        pytest.param("triton", "cpu", marks=needs_triton), pytest.param("triton", "cuda", marks=needs_cuda_triton)]
+
+
+@pytest.mark.parametrize("backend,device", EDGE)
+def test_edge_counts(backend, device):
+    x = torch.arange(2 * 6 * 2, dtype=torch.float32, device=device).view(2, 6, 2)
+    keep = torch.tensor([[1, 3, 5], [0, 0, 0]], device=device)
+    counts = torch.tensor([3, 0], device=device)  # full row and empty row
     for pad_left in (False, True):
         run_and_check(x.clone(), keep, 1, counts, pad_left, backend)
     # K == 0 returns an empty view of x.
-    out = compact_(x, torch.empty(2, 0, dtype=torch.long), 1, backend=backend)
+    out = compact_(x, torch.empty(2, 0, dtype=torch.long, device=device), 1, backend=backend)
     assert out.shape == (2, 0, 2)
     assert out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
     # Identity keep leaves x unchanged.
     y = x.clone()
-    compact_(y, torch.arange(6).expand(2, 6), 1, backend=backend)
+    compact_(y, torch.arange(6, device=device).expand(2, 6), 1, backend=backend)
     assert torch.equal(y, x)
 
 
@@ -206,6 +323,10 @@ ERROR_CASES = [
     (dict(keep_index=torch.tensor([[-1, 2], [0, 1]])), "out of range"),
     (dict(keep_index=torch.tensor([[2, 1], [0, 1]])), "strictly increasing"),
     (dict(keep_index=torch.tensor([[1, 1], [0, 1]])), "strictly increasing"),
+    (dict(keep_index=torch.tensor([[5, 1], [0, 1]])), "out of range"),  # range error takes precedence
+    # With counts < K only the first counts[b] entries are checked (the rest is junk).
+    (dict(keep_index=torch.tensor([[0, 5], [0, 9]]), counts=torch.tensor([2, 1])), "out of range"),
+    (dict(keep_index=torch.tensor([[2, 1], [0, -9]]), counts=torch.tensor([2, 1])), "strictly increasing"),
     (dict(dim=0), "batch axis"),
     (dict(dim=3), "out of range"),
     (dict(dim=-4), "out of range"),
@@ -215,19 +336,23 @@ ERROR_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("kwargs,match", ERROR_CASES)
-def test_errors(kwargs, match, backend):
+def test_errors(kwargs, match, backend, device):
     args = dict(x=_x(), keep_index=torch.tensor([[0, 1], [2, 4]]), dim=1, counts=None,
                 backend=backend)
     args.update(kwargs)
+    args = {k: on_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(ValueError, match=match):
         compact_(**args)
 
 
-def test_junk_after_counts_is_ignored():
-    x = torch.arange(10.0).view(2, 5)
-    out = compact_(x, torch.tensor([[4, -7, 99], [1, 3, 1]]), 1, counts=torch.tensor([1, 2]))
+@pytest.mark.parametrize("device", DEVICES)
+def test_junk_after_counts_is_ignored(device):
+    x = torch.arange(10.0, device=device).view(2, 5)
+    out = compact_(x, torch.tensor([[4, -7, 99], [1, 3, 1]], device=device), 1,
+                   counts=torch.tensor([1, 2], device=device))
     assert out.tolist() == [[4.0, 0.0, 0.0], [6.0, 8.0, 0.0]]
 
 

@@ -239,7 +239,7 @@ def run_perf(model, inputs: dict, setups: list[Setup], *, rounds: int = 5, warmu
                     _run_peer(model, inputs, setup, timing, record)
             except Exception as err:  # noqa: BLE001 - one failing method must not stop the run
                 timing.error = f"{type(err).__name__}: {err}"
-            if rnd == 0 and replays and setup.kind == "method" and not timing.error:
+            if rnd == 0 and replays and setup.kind == "method" and not setup.evict and not timing.error:
                 replay = _replay_setup(setup, timing, model)
                 if replay is not None:
                     setups.insert(setups.index(setup) + 1, replay)
@@ -258,8 +258,7 @@ def _replay_setup(setup: Setup, timing: Timing, model) -> Setup | None:
     replay = replay_of(stats, tuple(_methods_of(setup.config)))
     if replay is None:
         return None
-    return Setup(setup.name, "replay", keep=setup.keep, ratio=setup.ratio, methods=(replay,), of=setup.label,
-                 evict=setup.evict)
+    return Setup(setup.name, "replay", keep=setup.keep, ratio=setup.ratio, methods=(replay,), of=setup.label)
 
 
 # ------------------------------------------------------------------------------------------------------------

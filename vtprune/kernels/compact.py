@@ -29,16 +29,44 @@ in-place pass in the same program that shifts the compacted rows
 sweep runs DESCENDING, by the mirror argument, and fills rows below the shift
 with zeros in the same sweep.
 
-The torch path does the same work with a temporary gather (advanced indexing
-into a [B, K, ...] copy) followed by ``copy_`` back into x's storage. The
-temporary makes ordering irrelevant; it costs one extra [B, K, ...] buffer,
-which is fine on CPU and as a fallback.
+Torch path and its temporaries
+------------------------------
+On CPU (and without autograd) the torch path works one batch row at a time,
+with the same ascending argument (``_plan_rows``). Let R = the bytes of one
+token row of one batch item (x[0].numel() / T * element size: D * esize for
+[B, T, D], H * d * esize for [B, H, T, d]) and, for row b, shift = K - c
+(left padding) or 0, g(j) = keep[b, j] - shift - j, non-decreasing in j.
+
+- Leading entries with g = 0 are already in place: nothing moves.
+- From the first j where g(j) >= need = ceil(64 KiB / R), destination chunks
+  [j, j + min(g(j), c - j)) are filled by ONE ``index_select(..., out=x's
+  rows)`` each, straight from x: their sources lie at or above the chunk's
+  end, so no source is overwritten before it is read, and no temporary is
+  needed. Chunks grow geometrically with g, so there are few.
+- The entries in between (small gaps, or g < 0: a left-padded row whose
+  kept rows sit below their slots) go through a temporary: index_select into
+  it first, then ``copy_`` back.
+- The padding slots are zeroed last, after every source has been read.
+
+Temporary: ONE buffer reused by every batch row, of P * R bytes, where P <=
+K is the largest count of such in-between entries over the rows: 0 bytes
+when no row has any (e.g. g(0) >= need without padding), at most K * R
+bytes (when K * R < 64 KiB no chunk can be big enough and every row takes
+the temporary whole). Index tensors add a few small int64 arrays per chunk.
+Bytes moved: each kept row read + written once on the chunk path, twice via
+the temporary.
+
+Elsewhere (CUDA tensors, or x requiring grad: ``index_select(out=...)`` does
+not record gradients) the torch path gathers all rows with advanced
+indexing into a temporary [B, K, ...] (B * K * R bytes, plus a few [B, K]
+index tensors) and ``copy_``s it back: ordering is irrelevant there.
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 __all__ = ["compact_", "triton_available"]
@@ -76,6 +104,28 @@ def _triton_can_run(mod, x: torch.Tensor) -> bool:
     return x.is_cuda != mod.INTERPRETED
 
 
+_RANGE_ERROR = "keep_index out of range: kept indices must lie in [0, T={T})"
+_ORDER_ERROR = ("keep_index must be strictly increasing within the first counts[b] entries of each row "
+                "(sorted, unique)")
+
+
+def _check_keep_cpu(idx: np.ndarray, cnt: np.ndarray, T: int) -> None:
+    """The keep_index range / order checks on numpy views of CPU tensors (no copies): a few numpy calls
+    instead of a dozen torch dispatches, which would cost more than a small compaction."""
+    K = idx.shape[1]
+    if cnt.min() == K:  # every entry counts (the usual case): no mask needed
+        if idx.min() < 0 or idx.max() >= T:
+            raise ValueError(_RANGE_ERROR.format(T=T))
+        if K > 1 and (idx[:, 1:] <= idx[:, :-1]).any():
+            raise ValueError(_ORDER_ERROR)
+        return
+    valid = np.arange(K) < cnt[:, None]  # only the first counts[b] entries of each row are meaningful
+    if (valid & ((idx < 0) | (idx >= T))).any():
+        raise ValueError(_RANGE_ERROR.format(T=T))
+    if K > 1 and (valid[:, 1:] & (idx[:, 1:] <= idx[:, :-1])).any():
+        raise ValueError(_ORDER_ERROR)
+
+
 def _validate(x, keep_index, dim, counts):
     """Check shapes/ranges; returns (dim >= 1, keep_index on x.device, counts [B] int64 on x.device)."""
     if not isinstance(x, torch.Tensor) or x.ndim < 2:
@@ -111,24 +161,95 @@ def _validate(x, keep_index, dim, counts):
         if tuple(counts.shape) != (B,):
             raise ValueError(f"counts must have shape [B]=({B},), got {tuple(counts.shape)}")
         counts = counts.to(device=x.device, dtype=torch.int64).contiguous()
-        if B and bool(((counts < 0) | (counts > K)).any()):
+        # CPU: check through numpy views (no copy); a dozen torch dispatches cost more than a small compaction.
+        c = counts.numpy() if counts.device.type == "cpu" else counts
+        if B and bool(((c < 0) | (c > K)).any()):
             raise ValueError(f"counts out of range: every count must be in [0, K={K}], got "
                              f"{counts.tolist() if B <= 16 else 'values outside'}")
 
     if B and K:
-        # Only the first counts[b] entries of each row are meaningful.
-        valid = torch.arange(K, device=x.device) < counts[:, None]
-        idx = keep_index.long()
-        if bool((valid & ((idx < 0) | (idx >= T))).any()):
-            raise ValueError(f"keep_index out of range: kept indices must lie in [0, T={T})")
-        if K > 1 and bool((valid[:, 1:] & (idx[:, 1:] <= idx[:, :-1])).any()):
-            raise ValueError("keep_index must be strictly increasing within the first counts[b] "
-                             "entries of each row (sorted, unique)")
+        if x.device.type == "cpu":
+            _check_keep_cpu(keep_index.numpy(), counts.numpy(), T)
+        else:
+            # Only the first counts[b] entries of each row are meaningful.
+            valid = torch.arange(K, device=x.device) < counts[:, None]
+            idx = keep_index.long()
+            if bool((valid & ((idx < 0) | (idx >= T))).any()):
+                raise ValueError(_RANGE_ERROR.format(T=T))
+            if K > 1 and bool((valid[:, 1:] & (idx[:, 1:] <= idx[:, :-1])).any()):
+                raise ValueError(_ORDER_ERROR)
     return dim, keep_index, counts
 
 
-def _compact_torch_(x, keep_index, dim, counts, pad_left):
-    """Torch path: gather into a temporary [B, K, ...], zero the padding, copy_ into x's rows [0, K)."""
+# A chunk moved in place by its own index_select must carry at least this many bytes: each call costs some
+# 25-50 us of host overhead on a CPU (narrow, index arithmetic, dispatch), about what copying this many bytes
+# back from the temporary costs; smaller chunks go through the temporary.
+_MIN_CHUNK_BYTES = 64 * 1024
+
+
+def _plan_rows(keep_index, counts, pad_left, row_bytes):
+    """Plan every batch row: kept entry j (of c = counts[b]) goes to slot shift + j from source keep[b, j].
+
+    Returns [(shift, c, p0, p1, chunks)] per row: entries [0, p0) are already in place, [p0, p1) go
+    through the temporary, and each (j0, j1) in ``chunks`` (covering [p1, c)) moves in place with one
+    index_select. The gap g(j) = keep[j] - shift - j never decreases along j (kept indices are strictly
+    increasing). A chunk [j0, j1) with j1 - j0 <= g(j0) has all its sources at or above slot shift + j1:
+    clear of its own writes and of every earlier chunk's. Chunks start where g reaches ``need`` rows
+    (>= _MIN_CHUNK_BYTES), so each moves enough bytes to pay for its call, and they grow geometrically.
+    Host-side numpy: a handful of cheap calls instead of a dozen torch dispatches.
+    """
+    K = keep_index.shape[1]
+    cnt = counts.tolist()
+    shifts = [K - c if pad_left else 0 for c in cnt]
+    need = max(1, -(-_MIN_CHUNK_BYTES // max(row_bytes, 1)))
+    if need > K:  # no chunk can be big enough: every row goes through the temporary
+        return [(sh, c, 0, c, []) for sh, c in zip(shifts, cnt)]
+    gaps = keep_index.numpy() - np.arange(K)  # per row, minus its shift below
+    plans = []
+    for b, (sh, c) in enumerate(zip(shifts, cnt)):
+        g = gaps[b, :c] - sh if sh else gaps[b, :c]
+        p0 = int(np.searchsorted(g, 0, side="right")) if c and g[0] == 0 else 0  # already in place
+        p1 = max(p0, int(np.searchsorted(g, need)))
+        chunks, i = [], p1
+        while i < c:
+            n = min(int(g[i]), c - i)
+            chunks.append((i, i + n))
+            i += n
+        plans.append((sh, c, p0, p1, chunks))
+    return plans
+
+
+def _compact_rows_(x, keep_index, dim, counts, pad_left):
+    """CPU torch path, one batch row at a time: index_select straight into x where the sources lie clear
+    of the destinations (see :func:`_plan_rows`), through one reused temporary elsewhere; zero padding
+    last, after every source has been read."""
+    K = keep_index.shape[1]
+    ax, T = dim - 1, x.shape[dim]  # token axis of x[b]
+    plans = _plan_rows(keep_index, counts, pad_left, x[0].numel() // T * x.element_size())
+    rows = max(p1 - p0 for _, _, p0, p1, _ in plans)
+    tmp = None
+    if rows:
+        # Token axis outermost in memory, then moved into place: index_select along a middle axis into a
+        # contiguous buffer takes a serial kernel, into this strided one a parallel one.
+        rest = [n for i, n in enumerate(x.shape[1:]) if i != ax]
+        tmp = torch.empty([rows] + rest, dtype=x.dtype, device=x.device).movedim(0, ax)
+    for b, (shift, c, p0, p1, chunks) in enumerate(plans):
+        xb, kb = x[b], keep_index[b]
+        if p1 > p0:  # read every source of the span before any write to it
+            t = tmp.narrow(ax, 0, p1 - p0)
+            torch.index_select(xb, ax, kb[p0:p1], out=t)
+            xb.narrow(ax, shift + p0, p1 - p0).copy_(t)
+        for j0, j1 in chunks:  # ascending: later chunks read only at or above their own end
+            lo = shift + j1
+            torch.index_select(xb.narrow(ax, lo, T - lo), ax, kb[j0:j1] - lo,
+                               out=xb.narrow(ax, shift + j0, j1 - j0))
+        if c < K:
+            xb.narrow(ax, 0 if pad_left else c, K - c).zero_()
+
+
+def _compact_gather_(x, keep_index, dim, counts, pad_left):
+    """Vectorised torch path (no host loop; autograd-friendly): gather into a temporary [B, K, ...],
+    zero the padding, copy_ into x's rows [0, K)."""
     B, K = keep_index.shape
     xv = x.movedim(dim, 1)  # view [B, T, ...rest]; writes go to x
     j = torch.arange(K, device=x.device)
@@ -140,6 +261,17 @@ def _compact_torch_(x, keep_index, dim, counts, pad_left):
     gathered = xv[torch.arange(B, device=x.device)[:, None], src]  # copy: [B, K, ...rest]
     gathered.masked_fill_(~valid.view(B, K, *([1] * (gathered.ndim - 2))), 0)
     xv.narrow(1, 0, K).copy_(gathered)
+
+
+def _compact_torch_(x, keep_index, dim, counts, pad_left):
+    """Torch path: per-row in-place moves on CPU; the vectorised gather elsewhere and under autograd
+    (index_select with ``out=`` does not record gradients)."""
+    if keep_index.shape[1] == 0 or x.numel() == 0:
+        return
+    if x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+        _compact_rows_(x, keep_index, dim, counts, pad_left)
+    else:
+        _compact_gather_(x, keep_index, dim, counts, pad_left)
 
 
 def compact_(x: torch.Tensor, keep_index: torch.Tensor, dim: int, counts: torch.Tensor | None = None,

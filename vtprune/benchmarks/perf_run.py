@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -28,12 +29,13 @@ def load(args, device: torch.device):
     return model, desc["name"]
 
 
-def _default_methods(model) -> tuple[list[str], list[str]]:
-    """(methods that can run on the model, names left out with why)."""
+def _default_methods(model, random_weights: bool) -> tuple[list[str], list[str]]:
+    """(methods that can run on the model, names left out with why). Methods with learned weights run on a
+    random-weight --arch model with seeded untrained weights (:func:`_untrained_routers`)."""
     path = getattr(model.config, "_name_or_path", None)
     names, skipped = [], []
     for name in list_methods():
-        if not method_class(name).available_for(path):
+        if not method_class(name).available_for(path) and not (random_weights and name == "dyvte"):
             skipped.append(f"{name} (needs weights trained for this model)")
         elif name == "var" and not _var_dims(model):
             skipped.append("var (no known sink dimensions for this LLM: run `vtprune calibrate-sinks`, then "
@@ -41,6 +43,19 @@ def _default_methods(model) -> tuple[list[str], list[str]]:
         else:
             names.append(name)
     return names, skipped
+
+
+def _untrained_routers(model, out_dir, seed: int) -> dict:
+    """DyVTE on a random-weight --arch model: seeded untrained routers (its weights are random anyway), so the
+    run times DyVTE's router evaluation and whatever exit they choose (the record's equivalent tokens say which)."""
+    from ..methods.dyvte import ROUTER_FILE, Routers, save_routers
+
+    cfg = model.config.get_text_config()
+    torch.manual_seed(seed)
+    path = Path(out_dir) / "untrained-routers" / ROUTER_FILE
+    save_routers(Routers(cfg.hidden_size, cfg.num_hidden_layers), path, {"model_id": model.config._name_or_path,
+                                                                            "note": "untrained (vtprune perf --arch)"})
+    return {"routers": str(path)}
 
 
 def _var_dims(model) -> dict:
@@ -65,12 +80,15 @@ def run(args, checked: dict, prog: str) -> int:
         keeps, ratios = checked["keeps"], checked["ratios"]
         if not keeps and not ratios:
             keeps = runner.scaled_keeps(n_visual)
-        methods, skipped = (checked["methods"], []) if checked["methods"] is not None else _default_methods(model)
+        methods, skipped = ((checked["methods"], []) if checked["methods"] is not None
+                            else _default_methods(model, bool(args.arch)))
         if checked["files"] and checked["methods"] is None:
             methods = []
         hyper = {m: dict(checked["hyper"]) for m in methods}
         if "var" in methods:
             hyper["var"] = {**_var_dims(model), **hyper["var"]}
+        if "dyvte" in methods and args.arch:
+            hyper["dyvte"] = {**_untrained_routers(model, args.out, args.seed), **hyper["dyvte"]}
         configs = runner.build_configs(methods, keeps, ratios, seed=args.seed, hyper=hyper, files=checked["files"])
         setups = perf_suite.plan_setups(model, inputs, configs, keeps, ratios, evict=args.evict_early_kv)
         for line in skipped:

@@ -113,9 +113,14 @@ def _timed(model, inputs, setups, args, prog):
     bar = tqdm(total=(args.warmup + args.rounds) * per_round, desc=prog, unit="cfg", file=sys.stderr,
                disable=not sys.stderr.isatty())
 
+    seen = set()
+
     def step(rnd, label):
         bar.set_postfix_str(f"round {rnd + 1}: {label}", refresh=False)
         bar.update(1)
+        if bar.disable and rnd not in seen:  # no terminal: one line per round started
+            seen.add(rnd)
+            print(f"{prog}: round {rnd + 1} of {args.warmup + args.rounds}", file=sys.stderr, flush=True)
 
     try:
         return perf_suite.run_perf(model, inputs, setups, rounds=args.rounds, warmup=args.warmup,

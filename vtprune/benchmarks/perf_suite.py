@@ -37,7 +37,7 @@ from . import flops, perf
 from .oracle import even_keep, oracle, replay_of
 from .runner import BenchConfig
 
-__all__ = ["Setup", "Timing", "plan_setups", "run_perf", "records", "format_perf_table"]
+__all__ = ["Setup", "Timing", "plan_setups", "run_perf", "records", "derive"]
 
 
 @dataclass
@@ -190,7 +190,7 @@ def _run_once(model, inputs: dict, setup: Setup, timing: Timing, decode_tokens: 
         stats = getattr(getattr(model, "vtprune", None), "stats", None)
     if timing.stats is None:
         timing.stats = stats if setup.kind != "oracle" else _oracle_stats(model, inputs, setup)
-        timing.kv_bytes = perf.kv_cache_bytes(out.past_key_values) - _decode_kv_bytes(model, decode_tokens)
+        timing.kv_bytes = perf.kv_cache_bytes(perf._output_cache(out)) - _decode_kv_bytes(model, decode_tokens)
     if record:
         timing.prefill.append(clock.ttft_ms)
         timing.vision.append(sum(vision))
@@ -267,6 +267,14 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
+def derive(rows: list[dict]) -> list[dict]:
+    """Fill the derived ratios of every record from the measured fields (also on a saved results.json)."""
+    by_label = {r["label"]: r for r in rows}
+    for r in rows:
+        _derive(r, by_label.get("vanilla"), by_label)
+    return rows
+
+
 def records(model, inputs: dict, setups: list[Setup], timings: dict[str, Timing]) -> list[dict]:
     """One record per timed configuration (results.json), with the derived ratios."""
     shape = flops.shape_of(model)
@@ -275,11 +283,7 @@ def records(model, inputs: dict, setups: list[Setup], timings: dict[str, Timing]
         setup = next((s for s in setups if s.label == label), None)
         kind = setup.kind if setup is not None else "replay"
         rows.append(_record(model, inputs, shape, label, kind, setup, timings[label]))
-    by_label = {r["label"]: r for r in rows}
-    vanilla = by_label.get("vanilla")
-    for r in rows:
-        _derive(r, vanilla, by_label)
-    return rows
+    return derive(rows)
 
 
 def _ordered(setups: list[Setup], timings: dict) -> list[str]:
@@ -325,7 +329,7 @@ def _derive(r: dict, vanilla: dict | None, by_label: dict) -> None:
     ms, base = r["prefill_ms"], vanilla and vanilla["prefill_ms"]
     budget = f"@{r['keep']}" if r["keep"] is not None else f"@r{r['ratio']:g}" if r["ratio"] is not None else None
     keep_oracle = by_label.get(f"oracle{budget}") if budget else None
-    replay = by_label.get(f"replay[{r['label']}]")
+    replay = by_label.get(f"replay[{r['label'].removesuffix('+evict')}]")  # an evicting twin: same prefill
     ok = ms is not None and base
     r["speedup"] = base / ms if ok else None
     flops_total, base_flops = _prefill_flops(r), _prefill_flops(vanilla)

@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+import vtprune
+
 
 def merged_embeds(model, batch) -> torch.Tensor:
     """[B, T, D] LLM input embeddings with image features scattered in, as the model's own forward does."""
@@ -122,3 +124,25 @@ def own_attention(eager, fn):
         yield
     finally:
         modeling.eager_attention_forward = original
+
+
+def attention_outputs(model, batch, method=None):
+    """{layer: [B, q, H, d]} what the attention function returned at the prefill (the input of o_proj)."""
+    lm = model.model.language_model
+    heads = model.config.text_config.num_attention_heads
+    seen, handles = {}, []
+    for i, layer in enumerate(lm.layers):
+        def hook(module, args, i=i):
+            x = args[0]
+            if x.shape[1] > 1:
+                seen[i] = x.reshape(*x.shape[:2], heads, -1).clone()
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook))
+    try:
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            if method is not None:
+                stack.enter_context(vtprune.pruned(model, method))
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen

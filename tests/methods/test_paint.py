@@ -18,7 +18,6 @@ tiny LLaVA (empty summary set) is tested too.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -34,7 +33,7 @@ from vtprune.methods.flowcut import FlowCut
 from vtprune.registry import register
 
 from ..conftest import FAMILIES, IMAGE_TOKEN, build_model, collate, make_prompt
-from ..helpers import batch_of, kept_sequence_positions, own_attention
+from ..helpers import attention_outputs, batch_of, kept_sequence_positions, own_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -218,28 +217,6 @@ def test_alpha_beta_zero_is_vanilla(sharp):
         with vtprune.pruned(model, PAINT(alpha=0.0, beta=0.0)):
             same = model(**batch).logits
     assert torch.equal(vanilla, same)
-
-
-def attention_outputs(model, batch, method=None):
-    """{layer: [B, q, H, d]} what the attention function returned at the prefill (the input of o_proj)."""
-    lm = model.model.language_model
-    heads = model.config.text_config.num_attention_heads
-    seen, handles = {}, []
-    for i, layer in enumerate(lm.layers):
-        def hook(module, args, i=i):
-            x = args[0]
-            if x.shape[1] > 1:
-                seen[i] = x.reshape(*x.shape[:2], heads, -1).clone()
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook))
-    try:
-        with contextlib.ExitStack() as stack, torch.no_grad():
-            if method is not None:
-                stack.enter_context(vtprune.pruned(model, method))
-            model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
 
 
 @pytest.mark.parametrize("family", ["llava", "internvl"])

@@ -16,7 +16,6 @@ threshold, so the SDPA model and its eager copy cannot decide differently.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import pytest
@@ -28,7 +27,7 @@ from vtprune.methods.flowcut import FlowCut
 from vtprune.methods.var import find_sink_dims
 
 from ..conftest import FAMILIES, IMAGE_TOKEN, build_model, collate, make_prompt
-from ..helpers import batch_of, own_attention
+from ..helpers import attention_outputs, batch_of, own_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -203,29 +202,6 @@ def test_redistributed_rows_sum_to_one_and_move_the_sink_mass(models, eager_copy
 
 
 # --- 2. the model's own rows, p = 0, batching, SDPA -------------------------------------------------------------
-def attention_outputs(model, batch, method=None):
-    """{layer: [B, q, H, d]} what the attention function returned at the prefill (the input of o_proj)."""
-    lm = model.model.language_model
-    heads = model.config.text_config.num_attention_heads
-    seen = {}
-    handles = []
-    for i, layer in enumerate(lm.layers):
-        def hook(module, args, i=i):
-            x = args[0]
-            if x.shape[1] > 1:
-                seen[i] = x.reshape(*x.shape[:2], heads, -1).clone()
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook))
-    try:
-        with contextlib.ExitStack() as stack, torch.no_grad():
-            if method is not None:
-                stack.enter_context(vtprune.pruned(model, method))
-            model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
 @pytest.mark.parametrize("family", ["llava", "internvl"])
 @pytest.mark.parametrize("seeds", [(1,), (0, 1)], ids=["batch1", "padded-batch2"])
 def test_unselected_rows_and_layers_before_are_bit_identical(models, eager_copy, family, seeds):

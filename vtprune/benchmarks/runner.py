@@ -442,20 +442,29 @@ def default_data_dir(task: str) -> Path:
     shipped = ASSET_DATA[task]
     if shipped.is_dir() and any(shipped.iterdir()):
         return shipped
-    target = _cache_dir() / f"synthetic_{task}"
+    sizes = {"mme": 30, "pope": 20, "gqa": 200}
+    seeds = {"mme": synthetic.MME_SEED, "pope": synthetic.POPE_SEED, "gqa": synthetic.GQA_SEED}
+    return cached_synthetic_set(f"synthetic_{task}", task, seeds[task], sizes[task])
+
+
+def cached_synthetic_set(name: str, task: str, seed: int, size: int) -> Path:
+    """The synthetic ``task`` set drawn with ``seed`` (``size``: MME images per subtask, POPE images, GQA
+    questions), generated once into ``<vtprune cache>/<name>``; written to a temporary folder and renamed, so
+    concurrent ranks / workers never see a half-written set."""
+    target = _cache_dir() / name
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".synthetic_{task}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         if task == "mme":
-            synthetic.write_mme(tmp, seed=synthetic.MME_SEED, per_subtask=30)
+            synthetic.write_mme(tmp, seed=seed, per_subtask=size)
         elif task == "pope":
-            synthetic.write_pope(tmp, seed=synthetic.POPE_SEED, n_images=20)
+            synthetic.write_pope(tmp, seed=seed, n_images=size)
         else:
-            synthetic.write_gqa(tmp, seed=synthetic.GQA_SEED, n_questions=200)
+            synthetic.write_gqa(tmp, seed=seed, n_questions=size)
         try:
-            tmp.rename(target)  # atomic: concurrent ranks / runs never see a half-written set
+            tmp.rename(target)  # atomic: concurrent ranks / workers never see a half-written set
         except OSError:
             if not target.is_dir():
                 raise

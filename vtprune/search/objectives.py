@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,27 +41,7 @@ TIMING_SAMPLES, TIMING_REPEATS = 3, 3  # single-sample prefills timed per trial 
 # data
 def dev_data_dir(task: str) -> Path:
     """The synthetic dev set of ``task`` (own seed), generated once into the vtprune cache folder."""
-    target = runner._cache_dir() / f"synthetic_dev_{task}"
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".synthetic_dev_{task}-", dir=target.parent))
-    try:
-        if task == "mme":
-            synthetic.write_mme(tmp, seed=DEV_SEEDS[task], per_subtask=DEV_SIZES[task])
-        elif task == "pope":
-            synthetic.write_pope(tmp, seed=DEV_SEEDS[task], n_images=DEV_SIZES[task])
-        else:
-            synthetic.write_gqa(tmp, seed=DEV_SEEDS[task], n_questions=DEV_SIZES[task])
-        try:
-            tmp.rename(target)  # atomic: concurrent workers never see a half-written set
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return runner.cached_synthetic_set(f"synthetic_dev_{task}", task, DEV_SEEDS[task], DEV_SIZES[task])
 
 
 def bench_test_dirs() -> set[Path]:

@@ -190,7 +190,7 @@ def test_shipped_checkpoint_files():
 def test_shipped_checkpoint_answers_heldout_questions():
     """Loads offline and answers held-out questions with vocabulary words, in both prompt styles.
 
-    The floor leaves a margin below the measured numbers (MODEL_CARD.md: 92.5% GQA-style / 87.8% MME-style
+    The floor leaves a margin below the measured numbers (MODEL_CARD.md: 92.0% GQA-style / 88.0% MME-style
     on the full held-out sets, 87.5% on this subset).
     """
     from vtprune.benchmarks.gqa import load_gqa

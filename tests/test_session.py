@@ -104,7 +104,7 @@ def test_generate_from_inputs_embeds_with_images_is_a_clear_error(models):
     batch = collate(_prompts(model, "llava", 1))
     embeds = model.get_input_embeddings()(batch["input_ids"])
     vtprune.prune(model, "fastv", ratio=0.5)
-    with pytest.raises(PruneError, match="pass input_ids"):
+    with pytest.raises(PruneError, match="pass input_ids.*the model is unpruned now"):
         model.generate(inputs_embeds=embeds, pixel_values=batch["pixel_values"],
                        attention_mask=batch["attention_mask"], max_new_tokens=2)
     assert not hasattr(model, "vtprune")  # restored unpruned, as after any error inside a pruned forward
@@ -134,6 +134,19 @@ def test_text_only_forward_resets_stats(models):
             assert model.vtprune.stats is not None
             model(input_ids=torch.tensor([[1, 5, 6, 7]]))
         assert model.vtprune.stats is None
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_decode_steps_keep_the_prefills_stats(models, ratio):
+    """generate()'s decode steps are not new forwards: stats still describe the image prefill (ratio 0 included,
+    where no LLM hook tells the steps apart)."""
+    model = models("llava")
+    batch = collate(_prompts(model, "llava", 1))
+    with vtprune.pruned(model, "fastv", ratio=ratio):
+        _generate(model, batch)
+        stats = model.vtprune.stats
+        assert stats is not None and stats.images[0].n_tokens == 64
+        assert stats.images[0].kept == (64 if ratio == 0 else 32)
 
 
 def test_models_sharing_one_config_prune_and_unprune_independently():

@@ -30,6 +30,15 @@ def get_cache(kwargs: dict) -> Any:
     return None
 
 
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned (a ModelOutput attribute or a dict key, by this version's name), or None."""
+    for key in CACHE_KWARGS:
+        cache = output.get(key) if isinstance(output, dict) else getattr(output, key, None)
+        if cache is not None:
+            return cache
+    return None
+
+
 def cache_length(cache: Any, layer_idx: int = 0) -> int:
     """Number of cached positions in ``layer_idx`` (0 when there is no cache or it is empty)."""
     if cache is None:

@@ -26,8 +26,12 @@ from .methods.base import Method
 from .stages import decode, llm, llm_input, vision
 
 
+UNPRUNED = "vtprune removed its hooks; the model is unpruned now (call vtprune.prune again)."
+
+
 def _guard(fn):
-    """Turn any failure inside a hook into a PruneError after restoring the model unpruned."""
+    """Turn any failure inside a hook into a PruneError after restoring the model unpruned; the message says so,
+    so that a caller who catches it and retries does not get unpruned results unknowingly."""
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
@@ -36,11 +40,11 @@ def _guard(fn):
         except Exception as err:  # noqa: BLE001 - re-raised with context
             self._abort()
             if isinstance(err, PruneError):
+                if UNPRUNED not in str(err):
+                    err.args = (f"{err} {UNPRUNED}",)
                 raise
-            raise PruneError(
-                f"vtprune: {type(err).__name__} inside the {self.plan_name!r} hooks: {err}. "
-                "vtprune removed its hooks; the model is unpruned now (call vtprune.prune again)."
-            ) from err
+            where = f"{type(err).__name__} inside the {self.plan_name!r} hooks"
+            raise PruneError(f"vtprune: {where}: {err}. {UNPRUNED}") from err
 
     return wrapper
 
@@ -219,6 +223,9 @@ class Session:
         fwd, self._fwd = self._fwd, None
         if fwd is not None and fwd.stats is not None and (fwd.entry is not None or not self.plan.active):
             self.stats = fwd.stats
+        cache = compat.output_cache(output) if fwd is not None and not self.plan.active else None
+        if cache is not None:  # ratio 0: no LLM hooks, but decode steps must still be told from new forwards
+            self._gen = Generation(cache=cache, segments={}, prompt_length=fwd.length, spans=fwd.spans)
         return None
 
     # --- vision tower ---------------------------------------------------------------------------------
@@ -252,9 +259,7 @@ class Session:
         fwd = self._fwd
         if fwd is None or fwd.entry is None:
             return None
-        cache = getattr(output, "cache", None)
-        if cache is None and isinstance(output, dict):
-            cache = output.get("past_key_values")
+        cache = compat.output_cache(output)
         if cache is not None:
             evicted = llm.evict_early_kv(fwd, cache) if self.evict_early_kv else None
             self._gen = Generation(cache=cache, segments=evicted or dict(fwd.segments), prompt_length=fwd.length,

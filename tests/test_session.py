@@ -231,10 +231,11 @@ def test_internvl_image_token_mismatch_is_a_clear_error_and_restores(models):
     assert not hasattr(model, "vtprune")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", sorted(ALL_METHODS))
-def test_right_padded_batch_is_refused(models, method):
-    model = models("llava")
-    batch = collate(_prompts(model, "llava"))
+def test_right_padded_batch_is_refused(models, family, method):
+    model = models(family)
+    batch = collate(_prompts(model, family))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     for b in range(ids.shape[0]):  # move each sample's padding to the right
         n = int(mask[b].sum())

@@ -219,6 +219,18 @@ def test_beam_search_keeps_each_prompts_own_kept_set(models, family, method):
     assert beams == [single[0], single[0], single[1], single[1]]
 
 
+def test_internvl_image_not_a_whole_number_of_tiles_is_vtprunes_own_error(models):
+    from .conftest import IMAGE_TOKEN, IMG_END, IMG_START
+
+    model = models("internvl")
+    one_tile = make_prompt(model, "internvl", 5, 0).pixel_values[:1]
+    ids = torch.tensor([[1, 5, IMG_START] + [IMAGE_TOKEN] * 15 + [IMG_END, 7]])  # 16 per tile
+    vtprune.prune(model, "fastv", ratio=0.5)
+    with pytest.raises(PruneError, match="^vtprune: an InternVL image has 15 <IMG_CONTEXT> tokens"):
+        model(input_ids=ids, pixel_values=one_tile)
+    assert not hasattr(model, "vtprune")
+
+
 def test_internvl_image_token_mismatch_is_a_clear_error_and_restores(models):
     from .conftest import IMAGE_TOKEN, IMG_END, IMG_START
 

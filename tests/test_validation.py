@@ -87,18 +87,47 @@ def test_keep_as_numpy_int_and_int_for_float_fields():
         ("flowcut", dict(vit_share=0.0), "a number in (0, 1]"),
         ("flowcut", dict(vit_share=-0.5), "a number in (0, 1]"),
         ("flowcut", dict(vit_share=1.01), "a number in (0, 1]"),
-        ("flowcut", dict(vit_share=float("nan")), "a number in (0, 1]"),
         ("flowcut", dict(cumulative_weight=-0.1), "a number in [0, 1]"),
         ("flowcut", dict(cumulative_weight=1.5), "a number in [0, 1]"),
         ("flowcut", dict(semantic_scaling="sqrt"), "'none' (official code) or 'sqrt_d'"),
         ("flowcut", dict(llm_layer=0), "an LLM layer >= 1"),
+        ("paint", dict(alpha=-0.1), "a boost factor >= 0"),
+        ("paint", dict(beta=-1.0), "a boost factor >= 0"),
     ],
 )
 def test_range_checks(method, kwargs, expected):
     (field, value), = kwargs.items()
     match = re.escape(f"vtprune: {method} {field}={value!r} is out of range; expected {expected}")
+    budget = {"ratio": 0.5} if method_class(method).has_budget else {}
     with pytest.raises(ConfigError, match=match):
-        make_method(method, ratio=0.5, **kwargs)
+        make_method(method, **budget, **kwargs)
+
+
+def _float_fields():
+    for param in FIELDS:
+        name, f, hint = param.values
+        if float in _types(hint) or any(float in typing.get_args(t) for t in _types(hint)):
+            yield param
+
+
+@pytest.mark.parametrize("method, f, hint", list(_float_fields()))
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_numbers_are_refused_in_every_float_field(method, f, hint, value):
+    """NaN passes no comparison and inf passes one-sided ones: both are refused before any range check."""
+    tuple_field = any(typing.get_origin(t) is tuple for t in _types(hint))
+    kwargs = {**_budget(method, f.name), f.name: (value,) if tuple_field else value}
+    if f.name == "ratio":
+        kwargs["keep"] = None
+    with pytest.raises(ConfigError, match=re.escape(f"vtprune: {method} {f.name}=") + ".*is not a finite number"):
+        make_method(method, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [(dict(keep=-5), "keep must be a positive integer"),
+                                              (dict(ratio=1.0), "ratio must be a number in [0, 1)"),
+                                              (dict(ratio=0.5, positions="shuffled"), "positions must be one of")])
+def test_budget_and_positions_errors_name_the_method(kwargs, fragment):
+    with pytest.raises(ConfigError, match=re.escape(f"vtprune: visionzip {fragment}")):
+        make_method("visionzip", **kwargs)
 
 
 @pytest.mark.parametrize("name", sorted(vtprune.list_methods()))
@@ -161,3 +190,21 @@ def test_check_fields_hook_runs_after_the_type_checks():
     with pytest.raises(ConfigError, match=re.escape("mode=3 has the wrong type: expected str or None")):
         _Probe(ratio=0.5, mode=3)
     assert _Probe(ratio=0.5, mode="x").mode == "x"
+
+
+@pytest.mark.parametrize("method, kwargs, setting", [
+    ("fastv", dict(ratio=0.5, layer=99), "fastv layer=99"),
+    ("flowcut", dict(ratio=0.5, llm_layer=9), "flowcut llm_layer=9"),
+    ("paint", dict(local_layer=-1), "paint local_layer=-1"),
+    ("paint", dict(start=99), "start=99"),
+    ("var", dict(layers=(99,), sink_dims=(1,)), "var layers=(99,)"),
+    ("vflowopt", dict(ratio=0.5, vision_layer=7), "vflowopt vision_layer=7"),
+    ("transprune", dict(layers=(1, 2, 9)), "transprune layers=(1, 2, 9)"),
+])
+def test_layers_beyond_the_model_name_the_method_field_and_value(models, method, kwargs, setting):
+    """Checked once the model is known (at prune()): the error says which setting to change, the model is left
+    unpruned and works."""
+    model = models("llava")  # 3 vision layers (features after layer 1), 4 LLM layers
+    with pytest.raises(ConfigError, match=re.escape(setting)):
+        vtprune.prune(model, method, **kwargs)
+    assert not hasattr(model, "vtprune")

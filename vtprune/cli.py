@@ -20,6 +20,7 @@ their traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -111,6 +112,32 @@ def check_method(name: str, **kwargs):
         raise UsageError(str(err)) from err
 
 
+def check_prune(model, method, **kwargs) -> None:
+    """Prune ``model`` as ``vtprune.prune(model, method, **kwargs)`` would and unprune it at once, with no forward
+    run: what this model refuses (a layer beyond its depth, missing routers) is a UsageError (prune's message).
+    The model is left unpruned either way."""
+    from .api import prune, unprune
+    from .errors import PruneError
+
+    try:
+        prune(model, method, **kwargs)
+    except PruneError as err:  # ConfigError included; a refused prune leaves no session on the model
+        raise UsageError(str(err)) from None
+    unprune(model)
+
+
+def check_count(value, flag: str, low: int = 1) -> None:
+    """A whole-number flag (None: not given) is at least ``low``; else a UsageError."""
+    if value is not None and value < low:
+        raise UsageError(f"{flag} {value}: must be >= {low}")
+
+
+def check_positive(value, flag: str, fix: str = "") -> None:
+    """A number flag (None: not given) is finite and > 0; else a UsageError (``fix`` is appended to it)."""
+    if value is not None and not (math.isfinite(value) and value > 0):  # nan compares false, so it fails too
+        raise UsageError(f"{flag} {value:g}: must be a finite number > 0{fix}")
+
+
 def _probe_writable(path: Path, flag: str, what: str) -> None:
     """``path`` (not yet existing parts allowed: they get created) can be written; else a UsageError."""
     import tempfile
@@ -137,17 +164,23 @@ def check_out_dir(out, flag: str = "--out") -> Path:
     return path
 
 
+def check_out_file(out, flag: str = "--out", example: str = "out.yaml") -> Path:
+    """An output file path: not a folder, in a folder that exists or can be created, and can be written."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; give a file name such as {path / example}")
+    _probe_writable(path.parent, flag, "file")
+    return path
+
+
 def check_out_image(out, flag: str = "--out") -> Path:
-    """An output image path: not a folder, a suffix PIL can save, a writable (or creatable) folder."""
+    """An output image path: :func:`check_out_file` with a suffix PIL can save."""
     from PIL import Image
 
     path = Path(out).expanduser()
-    if path.is_dir():
-        raise UsageError(f"{flag} {path}: is a folder; give an image file name such as {path / 'kept.png'}")
-    if path.suffix.lower() not in Image.registered_extensions():
+    if not path.is_dir() and path.suffix.lower() not in Image.registered_extensions():
         raise UsageError(f"{flag} {path}: unknown image type {path.suffix or '(no extension)'!r}; use .png or .jpg")
-    _probe_writable(path.parent, flag, "file")
-    return path
+    return check_out_file(path, flag, example="kept.png")
 
 
 def check_image(image, flag: str = "--image") -> Path:
@@ -157,8 +190,10 @@ def check_image(image, flag: str = "--image") -> Path:
     path = Path(image).expanduser()
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a folder; give an image file")
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"{flag} {path}: no such file")
+    if not path.is_file():  # a device or a pipe such as /dev/null: PIL would read nothing or block
+        raise UsageError(f"{flag} {path}: not a regular file; give an image file (PNG or JPEG)")
     try:
         with Image.open(path) as img:
             img.verify()
@@ -197,6 +232,7 @@ def _run_viz(args) -> int:
         if args.keep is not None and args.keep > n_visual:
             raise UsageError(f"--keep {args.keep}: more than the {n_visual} visual tokens an image has for this "
                              f"model; use --keep <= {n_visual} (or --ratio)")
+        check_prune(model, args.method, **hyper)  # e.g. --set layer=99 on a 4-layer LLM, before the forward
     except UsageError as err:
         return report(prog, err)
     kept_token_pictures(model, processor, args.image, args.question, args.method, out=args.out, **hyper)
@@ -234,8 +270,10 @@ def _run_train_dyvte(args) -> int:
     try:
         check_model_spec_arg(args.model)
         _check_data(args.data)
-        if args.steps < 1 or args.batch_size < 1 or not args.lr > 0:
-            raise UsageError("--steps and --batch-size must be >= 1 and --lr > 0")
+        for flag in ("steps", "batch_size", "width"):
+            check_count(getattr(args, flag), f"--{flag.replace('_', '-')}")
+        check_positive(args.lr, "--lr")
+        check_positive(args.minutes, "--minutes", " (or leave the flag out: no time limit)")
         check_out_dir(args.out)
     except UsageError as err:
         return report("vtprune train-dyvte", err)
@@ -277,10 +315,12 @@ def _run_calibrate_sinks(args) -> int:
     try:
         check_model_spec_arg(args.model)
         _check_data(args.data)
-        if args.prompts < 1 or not args.tau > 0:
-            raise UsageError("--prompts must be >= 1 and --tau > 0")
+        check_count(args.prompts, "--prompts")
+        check_positive(args.tau, "--tau")
         if args.out is not None and Path(args.out).suffix not in (".yaml", ".yml"):
             raise UsageError(f"--out {args.out}: write the sink dims to a .yaml config")
+        if args.out is not None:
+            check_out_file(args.out, example="var.yaml")
     except UsageError as err:
         return report("vtprune calibrate-sinks", err)
     import yaml

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import PruneError
 from .base import Adapter, VisualSpan
 
 
@@ -58,7 +59,7 @@ class InternVLAdapter(Adapter):
         out = []
         for s in spans:
             if s.length % self.tokens_per_tile:
-                raise ValueError(
+                raise PruneError(
                     f"vtprune: an InternVL image has {s.length} <IMG_CONTEXT> tokens, not a multiple of "
                     f"image_seq_length={self.tokens_per_tile}; check the processor's expansion of image tokens"
                 )

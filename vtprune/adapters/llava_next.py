@@ -15,6 +15,7 @@ from transformers.models.llava_next.modeling_llava_next import (
     image_size_to_num_patches,
 )
 
+from ..errors import PruneError
 from .base import VisualSpan
 from .llava import LlavaAdapter
 
@@ -106,7 +107,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def image_token_counts(self, n_images, image_sizes, run_lengths):
         if image_sizes is None:
-            raise ValueError("vtprune: LLaVA-NeXT needs image_sizes (the processor returns them)")
+            raise PruneError("vtprune: LLaVA-NeXT needs image_sizes (the processor returns them)")
         return [int(self._layout(s).numel()) for s in image_sizes]
 
     def crops_per_image(self, spans, image_sizes):

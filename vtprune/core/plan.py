@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import PruneError
+from ..errors import ConfigError, PruneError
 from ..methods.base import Cut, Method, ModelInfo
 from .probes import FeatureLayer, Probe, VisionAttentionMap, VisionCLS
 
@@ -64,18 +64,11 @@ def build_plan(methods: tuple[Method, ...], info: ModelInfo) -> Plan:
     plan = Plan(info=info, methods=methods)
     previous: tuple[Method, Cut] | None = None  # the latest cut of the methods so far
     for slot, method in enumerate(methods):
-        cuts = tuple(method.cuts(info))
-        probes = tuple(method.probes(info))
-        layers = tuple(method.modulated_layers(info))
-        if not (cuts or layers):
-            raise PruneError(f"vtprune: {method.name} declares no cut and no modulated layer, so it would do nothing")
-        for cut in cuts:
-            _check_cut(method, cut, info)
-        for probe in probes:
-            probe.check(info)
-        for layer in layers:
-            if not 0 <= layer < info.llm_layers:
-                raise PruneError(f"vtprune: {method.name} modulates LLM layer {layer}; the model has 0..{info.llm_layers - 1}")
+        try:
+            cuts, probes, layers = _declared(method, info)
+        except PruneError as err:  # the layers come from the method's fields: name them, they are what to change
+            settings = method.layer_settings()
+            raise ConfigError(str(err) if settings in str(err) else f"{err} (from {method.name} {settings})") from None
         if cuts and previous is not None and min(c.order for c in cuts) < previous[1].order:
             first = min(cuts, key=lambda c: c.order)
             raise PruneError(
@@ -91,6 +84,23 @@ def build_plan(methods: tuple[Method, ...], info: ModelInfo) -> Plan:
             continue  # ratio 0: validated, but nothing is cut and nothing is computed
         _add(plan, slot, method, cuts, probes, layers)
     return plan
+
+
+def _declared(method: Method, info: ModelInfo) -> tuple[tuple, tuple, tuple]:
+    """The cuts, probes and modulated layers ``method`` declares for this model, each checked against it."""
+    cuts = tuple(method.cuts(info))
+    probes = tuple(method.probes(info))
+    layers = tuple(method.modulated_layers(info))
+    if not (cuts or layers):
+        raise PruneError(f"vtprune: {method.name} declares no cut and no modulated layer, so it would do nothing")
+    for cut in cuts:
+        _check_cut(method, cut, info)
+    for probe in probes:
+        probe.check(info)
+    for layer in layers:
+        if not 0 <= layer < info.llm_layers:
+            raise PruneError(f"vtprune: {method.name} modulates LLM layer {layer}; the model has 0..{info.llm_layers - 1}")
+    return cuts, probes, layers
 
 
 def _add(plan: Plan, slot: int, method: Method, cuts, probes, layers) -> None:

@@ -19,6 +19,7 @@ at a vision cut, each crop) through an :class:`ImageView`. Per-forward scratch l
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import sys
 import types
@@ -219,11 +220,15 @@ class Method:
         numbers, lists become tuples), then the budget and ``positions``, then the method's ``check_fields``."""
         _check_field_types(self)
         if self.has_budget and not (self.budget_optional and self.ratio is None and self.keep is None):
-            validate_budget(self.ratio, self.keep)
+            try:
+                validate_budget(self.ratio, self.keep)
+            except ConfigError as err:
+                raise ConfigError(str(err).replace("vtprune: ", f"vtprune: {self.name} ", 1)) from None
         elif self.ratio is not None or self.keep is not None:
             raise ConfigError(f"vtprune: {self.name} has no ratio / keep budget (its schedule decides); drop them")
         if self.positions not in POSITION_MODES:
-            raise ConfigError(f"vtprune: positions must be one of {POSITION_MODES}, got {self.positions!r}")
+            raise ConfigError(f"vtprune: {self.name} positions must be one of {POSITION_MODES}, "
+                              f"got {self.positions!r}")
         self.check_fields()
 
     def check_fields(self) -> None:
@@ -236,6 +241,12 @@ class Method:
             f"vtprune: {self.name or type(self).__name__} {field}={getattr(self, field)!r} is out of range; "
             f"expected {expected}"
         )
+
+    def layer_settings(self) -> str:
+        """``name=value`` of the fields that pick model layers (their names hold "layer", or PAINT's ``start``),
+        for errors found once the model is known; ``its default layers`` when there are none."""
+        names = [f.name for f in dataclasses.fields(self) if f.init and ("layer" in f.name or f.name == "start")]
+        return ", ".join(f"{n}={getattr(self, n)!r}" for n in names) or "its default layers"
 
     @classmethod
     def available_for(cls, model_path: str | None) -> bool:
@@ -328,13 +339,25 @@ def _check_field_types(method: Method) -> None:
         try:
             converted = _coerce(value, hints[f.name])
         except _Mismatch:
-            example = f"; e.g. {f.name}={f.default!r}" if f.default not in (dataclasses.MISSING, None) else ""
             raise ConfigError(
                 f"vtprune: {cls.name or cls.__name__} {f.name}={value!r} has the wrong type: expected "
-                f"{_type_name(hints[f.name])}, got {type(value).__name__}{example}"
+                f"{_type_name(hints[f.name])}, got {type(value).__name__}{_example(f)}"
             ) from None
+        if not all(math.isfinite(v) for v in _numbers_in(converted)):
+            raise ConfigError(f"vtprune: {cls.name or cls.__name__} {f.name}={value!r} is not a finite number; "
+                              f"give a finite value{_example(f)}")
         if converted is not value:
             object.__setattr__(method, f.name, converted)
+
+
+def _numbers_in(value) -> list:
+    """The float values in a field value (itself or, for a tuple, its items): NaN and inf are refused for all."""
+    items = value if isinstance(value, tuple) else (value,)
+    return [v for v in items if isinstance(v, float)]
+
+
+def _example(f: dataclasses.Field) -> str:
+    return f"; e.g. {f.name}={f.default!r}" if f.default not in (dataclasses.MISSING, None) else ""
 
 
 def _coerce(value, hint):
@@ -372,7 +395,7 @@ def _coerce(value, hint):
         raise _Mismatch
     if hint is int or hint is float:
         if _is_bool(value) or not isinstance(value, numbers.Integral if hint is int else numbers.Real):
-            raise _Mismatch  # NaN passes here; range checks (all comparisons False) refuse it
+            raise _Mismatch  # NaN and inf pass here; _check_field_types refuses them
         return value if type(value) is hint else hint(value)
     if hint is str:
         if isinstance(value, str):

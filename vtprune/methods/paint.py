@@ -43,6 +43,9 @@ class PAINT(Method):
     prunes: ClassVar[bool] = False
 
     def check_fields(self) -> None:
+        for name in ("alpha", "beta"):
+            if getattr(self, name) < 0.0:
+                raise self.field_error(name, "a boost factor >= 0 (paper: alpha 0.7, beta 0.4)")
         for name in ("local_ratio", "spatial_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise self.field_error(name, "a fraction in [0, 1] of the image's tokens")

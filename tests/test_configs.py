@@ -95,6 +95,34 @@ def test_unknown_keyword_in_a_config_is_a_value_error_naming_file_line_and_field
         load_config(path)
 
 
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("method: fastv\nkeep: 8\nratio: 0.5\nkeep: 9\n")
+    with pytest.raises(ConfigError, match=re.escape(f"config {path} is not valid YAML at line 4") +
+                       r".*'keep' is given twice \(first at line 2\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text, line", [
+    ("pipeline:\n  - method: visionzip\n    keep: 16\n  - method: fastv\n    ratio: 0.5\n    layr: 2\n", 6),
+    ("- method: visionzip\n  keep: 16\n- method: fastv\n  layr: 2\n  ratio: 0.5\n", 4),
+])
+def test_unknown_keyword_in_a_pipeline_entry_names_its_line(tmp_path, text, line):
+    path = tmp_path / "pipe.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"layr.*\(config {re.escape(str(path))} line {line}\)"):
+        load_config(path)
+
+
+def test_a_layer_beyond_the_model_in_a_config_names_the_file(models, tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("method: fastv\nratio: 0.5\nlayer: 9\n")
+    model = models("llava")  # 4 LLM layers: found at prune(), once the model is known
+    with pytest.raises(ConfigError, match=rf"fastv layer=9\) \(config {re.escape(str(path))}\)"):
+        vtprune.prune(model, config=path)
+    assert not hasattr(model, "vtprune")
+
+
 def test_a_bad_value_in_a_config_names_the_file(models, tmp_path):
     path = tmp_path / "fastv.yaml"
     path.write_text("method: fastv\nratio: 0.5\nlayer: '2'\n")

@@ -45,14 +45,37 @@ def _resolve_config(spec) -> Path:
     )
 
 
-def _key_line(path: Path, key: str) -> str:
-    """' line N' where ``key`` sits in the file (for error messages), or ''."""
+def _key_line(path: Path, key: str, entry: int | None = None) -> str:
+    """' line N' where ``key`` sits in the file (in pipeline entry ``entry`` when given), for error messages, or ''."""
     import yaml
 
     node = yaml.compose(path.read_text())
+    if entry is not None:
+        if isinstance(node, yaml.MappingNode):  # 'pipeline:' beside other keys, or a top-level list
+            node = next((v for k, v in node.value if k.value == "pipeline"), None)
+        node = node.value[entry] if isinstance(node, yaml.SequenceNode) and entry < len(node.value) else None
     pairs = node.value if isinstance(node, yaml.MappingNode) else ()
     lines = {k.value: k.start_mark.line + 1 for k, _ in pairs}
     return f" line {lines[key]}" if key in lines else ""
+
+
+def _unique_key_loader():
+    """A SafeLoader that refuses a key given twice in one mapping (YAML would silently keep the last value)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "in the mapping", node.start_mark,
+                        f"key {key!r} is given twice (first at line {seen[key] + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def _load(spec) -> tuple[Path, dict]:
@@ -71,8 +94,8 @@ def _load(spec) -> tuple[Path, dict]:
             )
         _check_model_key(path, data)
         _check_options(path, data)
-        for entry in entries:
-            _check_entry(path, entry)
+        for i, entry in enumerate(entries):
+            _check_entry(path, entry, i)
         return path, data
     _check_entry(path, data)
     _check_model_key(path, data)
@@ -84,7 +107,7 @@ def _read_yaml(path: Path):
     import yaml
 
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -115,8 +138,8 @@ def _check_evict_early_kv(value, source: str = "") -> None:
         )
 
 
-def _check_entry(path: Path, data) -> None:
-    """One method's mapping: a known ``method:`` name and only its keywords."""
+def _check_entry(path: Path, data, entry: int | None = None) -> None:
+    """One method's mapping (pipeline entry ``entry``): a known ``method:`` name and only its keywords."""
     if not isinstance(data, dict) or not isinstance(data.get("method"), str) or not all(isinstance(k, str) for k in data):
         raise ConfigError(
             f"vtprune: config {os.fspath(path)} must be a mapping of names with a 'method: <name>' entry, "
@@ -125,13 +148,13 @@ def _check_entry(path: Path, data) -> None:
     try:
         cls = method_class(data["method"])
     except ConfigError as err:
-        raise ConfigError(f"{err} (config {os.fspath(path)}{_key_line(path, 'method')})") from None
+        raise ConfigError(f"{err} (config {os.fspath(path)}{_key_line(path, 'method', entry)})") from None
     keys = set(data) - {"method", "model", *PIPELINE_OPTIONS}
     try:
         check_keywords(cls, keys)
     except UnknownFieldError as err:
         first = min(keys - set(method_fields(cls)))
-        raise UnknownFieldError(f"{err} (config {os.fspath(path)}{_key_line(path, first)})") from None
+        raise UnknownFieldError(f"{err} (config {os.fspath(path)}{_key_line(path, first, entry)})") from None
 
 
 def load_config(path_or_name) -> dict:
@@ -265,7 +288,10 @@ def prune(model, method=None, *, config=None, evict_early_kv: bool | None = None
                 f"for this model; use keep <= {adapter.nominal_tokens}{source}"
             )
     session = Session(model, adapter, tuple(methods), evict_early_kv=bool(evict_early_kv))
-    session.install()
+    try:
+        session.install()  # checks every method against the model (layers, probes)
+    except ConfigError as err:
+        raise type(err)(f"{err}{source}") from None
     model.vtprune = session
     return model
 

@@ -1,4 +1,5 @@
-"""`vtprune viz` / `vtprune bench` user errors: one stderr line, exit status 2, before any model is loaded."""
+"""`vtprune viz` / `bench` / `train-dyvte` / `calibrate-sinks` user errors: one stderr line, exit status 2, before any
+model is loaded (or, for what only the model can tell, right after loading it and before any forward)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from vtprune.benchmarks import runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0  # root writes into read-only folders, not into /proc
+REAL_LOAD_MODEL, REAL_LOAD_TASK = runner.load_model, runner.load_task  # before no_model_load replaces them
 
 
 @pytest.fixture(autouse=True)
@@ -54,21 +56,23 @@ def _one_error(capsys, argv, prog):
     return lines[0]
 
 
+def _flags(args: dict) -> list:
+    """{flag: value} as argv: True = a bare flag, None = left out."""
+    return [x for key, value in args.items() if value is not None
+            for x in ([key] if value is True else [key, str(value)])]
+
+
 def _viz(f, **over):
     args = {"--image": f["image"], "--question": "q", "--method": "random", "--keep": "4",
             "--out": f["dir"] / "kept.png"}
-    args.update(over)
-    argv = ["viz"]
-    for key, value in args.items():
-        if value is not None:
-            argv += [key] if value is True else [key, str(value)]
-    return argv
+    return ["viz", *_flags({**args, **over})]
 
 
 VIZ_ERRORS = {
     "missing image": (lambda f: {"--image": f["dir"] / "nope.png"}, "no such file"),
     "not an image": (lambda f: {"--image": f["text"]}, "not an image"),
     "image is a folder": (lambda f: {"--image": f["dir"]}, "is a folder"),
+    "image not a regular file": (lambda f: {"--image": os.devnull}, "not a regular file"),
     "out is a folder": (lambda f: {"--out": f["dir"]}, "is a folder"),
     "out under a file": (lambda f: {"--out": f["text"] / "kept.png"}, "is a file"),
     "out without image type": (lambda f: {"--out": f["dir"] / "kept"}, "unknown image type"),
@@ -120,6 +124,9 @@ BENCH_ERRORS = {
     "methods twice": (["--methods", "fastv,fastv"], "given twice"),
     "unknown task": (["--task", "vqa"], "unknown task vqa; choose from mme, gqa, pope"),
     "unknown method": (["--methods", "fastvv"], "Did you mean 'fastv'"),
+    "missing data": (["--data", "{dir}/nope"], "--data {dir}/nope: folder {dir}/nope does not exist"),
+    "data is a file": (["--data", "{text}"], "--data {text}: {text} is a file; give the benchmark folder"),
+    "task data is a file": (["--data", "gqa={text}"], "--data gqa={text}: {text} is a file; give the benchmark"),
 }
 
 
@@ -127,6 +134,7 @@ BENCH_ERRORS = {
 def test_bench_user_errors(files, capsys, case):
     flags, expected = BENCH_ERRORS[case]
     flags = [x.format(**{k: str(v) for k, v in files.items()}) for x in flags]
+    expected = expected.format(**{k: str(v) for k, v in files.items()})
     out = [] if "--out" in flags else ["--out", str(files["dir"] / "bench")]
     line = _one_error(capsys, ["bench", "--no-progress", *out, *flags], "vtprune bench")
     assert expected in line
@@ -191,3 +199,93 @@ def test_entry_points_exit_2_with_one_line(tmp_path, argv, prog):
                           timeout=300)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), done.stderr
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+    """The untrained tiny LLaVA as every CLI's model, and the list its forward calls are appended to."""
+    from vtprune.benchmarks import tiny_llava
+
+    model, processor = tiny_llava.build_untrained_tiny_llava(seed=0)
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: (model, processor, {"name": "tiny"}))
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    return model, forwards
+
+
+def test_viz_config_the_model_refuses(files, capsys, tiny_model):
+    """A layer beyond the model is refused by prune(): one line once the model is loaded, before the forward."""
+    model, forwards = tiny_model
+    line = _one_error(capsys, _viz(files, **{"--method": "fastv", "--set": "layer=99"}), "vtprune viz")
+    assert "layer 99" in line and "1..3" in line
+    assert not forwards and not hasattr(model, "vtprune") and not (files["dir"] / "kept.png").exists()
+
+
+@pytest.mark.parametrize("source", ["set", "config"])
+def test_bench_config_the_model_refuses(files, capsys, tiny_model, monkeypatch, source):
+    """Every configuration is pruned and unpruned on the loaded model first: a refused one is one line naming it,
+    and not even vanilla ran."""
+    model, forwards = tiny_model
+    monkeypatch.setattr(runner, "load_task", REAL_LOAD_TASK)
+    config = files["dir"] / "deep.yaml"
+    config.write_text("method: fastv\nlayer: 9\n")
+    flags = (["--methods", "fastv", "--set", "layer=99"] if source == "set" else ["--config", str(config)])
+    line = _one_error(capsys, ["bench", "--no-progress", "--task", "gqa", "--limit", "2", "--keep", "8",
+                               "--out", str(files["dir"] / "bench"), *flags], "vtprune bench")
+    expected = "--methods fastv (fastv@keep8,layer=99)" if source == "set" else "--config deep (fastv@keep8[deep])"
+    assert expected in line and "1..3" in line
+    assert not forwards and not hasattr(model, "vtprune") and not (files["dir"] / "bench" / "results.json").exists()
+
+
+def test_model_loading_prints_no_progress_bar(capfd):
+    """transformers' "Loading weights" bar would be a second stderr line before a model-dependent error."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    REAL_LOAD_MODEL(None, "float32", "cpu")
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled() == bars  # restored after the load
+
+
+TRAIN_ERRORS = {
+    "steps 0": ({"--steps": "0"}, "--steps 0: must be >= 1"),
+    "batch-size 0": ({"--batch-size": "0"}, "--batch-size 0: must be >= 1"),
+    "width 0": ({"--width": "0"}, "--width 0: must be >= 1"),
+    "lr nan": ({"--lr": "nan"}, "--lr nan: must be a finite number > 0"),
+    "lr inf": ({"--lr": "inf"}, "--lr inf: must be a finite number > 0"),
+    "minutes -1": ({"--minutes": "-1"}, "--minutes -1: must be a finite number > 0"),
+    "minutes 0": ({"--minutes": "0"}, "--minutes 0: must be a finite number > 0"),
+    "minutes nan": ({"--minutes": "nan"}, "--minutes nan: must be a finite number > 0"),
+    "missing data": ({"--data": "{dir}/nope"}, "not a folder"),
+    "missing model": ({"--model": "{dir}/no-model"}, "no such folder"),
+    "out under a file": ({"--out": "{text}/dyvte"}, "is a file"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_ERRORS))
+def test_train_dyvte_user_errors(files, capsys, case):
+    over, expected = TRAIN_ERRORS[case]
+    fmt = {k: str(v) for k, v in files.items()}
+    argv = [x.format(**fmt) for x in _flags({"--out": "{dir}/dyvte", "--steps": "1", **over})]
+    assert expected in _one_error(capsys, ["train-dyvte", "--no-progress", *argv], "vtprune train-dyvte")
+
+
+CALIBRATE_ERRORS = {
+    "prompts 0": ({"--prompts": "0"}, "--prompts 0: must be >= 1"),
+    "tau nan": ({"--tau": "nan"}, "--tau nan: must be a finite number > 0"),
+    "tau inf": ({"--tau": "inf"}, "--tau inf: must be a finite number > 0"),
+    "out not yaml": ({"--out": "{dir}/sinks.txt"}, ".yaml config"),
+    "out under a file": ({"--out": "{text}/sinks.yaml"}, "--out {text}/sinks.yaml: {text} is a file"),
+    "out is a folder": ({"--out": "{dir}/folder.yaml"}, "is a folder; give a file name"),
+    "missing data": ({"--data": "{dir}/nope"}, "not a folder"),
+    "missing model": ({"--model": "{dir}/no-model"}, "no such folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(CALIBRATE_ERRORS))
+def test_calibrate_sinks_user_errors(files, capsys, case):
+    over, expected = CALIBRATE_ERRORS[case]
+    (files["dir"] / "folder.yaml").mkdir()
+    fmt = {k: str(v) for k, v in files.items()}
+    argv = [x.format(**fmt) for x in _flags({"--prompts": "1", **over})]
+    assert expected.format(**fmt) in _one_error(capsys, ["calibrate-sinks", *argv], "vtprune calibrate-sinks")

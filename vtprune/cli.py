@@ -13,8 +13,9 @@ flags and sets ``handler=<function(args) -> exit status>``, then list it in ``CO
 
 User errors (bad flags, files, folders, devices, methods) are one ``<prog>: error: <message>`` line on stderr and
 exit status 2, found before any model is loaded: argparse's through :class:`OneLineParser`, later checks by
-raising :class:`UsageError` (caught by the handler and printed with :func:`report`). Other exceptions keep
-their traceback.
+raising :class:`UsageError` (caught by the handler and printed with :func:`report`). What only the model can
+tell (a layer beyond its depth) is checked right after loading it, before any forward (:func:`check_prune`).
+Other exceptions keep their traceback.
 """
 
 from __future__ import annotations
@@ -138,20 +139,22 @@ def check_positive(value, flag: str, fix: str = "") -> None:
         raise UsageError(f"{flag} {value:g}: must be a finite number > 0{fix}")
 
 
-def _probe_writable(path: Path, flag: str, what: str) -> None:
-    """``path`` (not yet existing parts allowed: they get created) can be written; else a UsageError."""
+def _probe_writable(path: Path, flag: str, what: str, shown: Path | None = None) -> None:
+    """``path`` (not yet existing parts allowed: they get created) can be written; else a UsageError naming
+    ``shown`` (default ``path``: the flag's value)."""
     import tempfile
 
+    shown = path if shown is None else shown
     ancestor = path
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise UsageError(f"{flag} {path}: {ancestor} is a file, so no {what} can be created under it; "
+        raise UsageError(f"{flag} {shown}: {ancestor} is a file, so no {what} can be created under it; "
                          "choose another path")
     try:
         tempfile.TemporaryFile(dir=ancestor).close()
     except OSError as err:
-        raise UsageError(f"{flag} {path}: cannot write in {ancestor} ({err.strerror or err}); "
+        raise UsageError(f"{flag} {shown}: cannot write in {ancestor} ({err.strerror or err}); "
                          "choose a writable location") from None
 
 
@@ -169,7 +172,7 @@ def check_out_file(out, flag: str = "--out", example: str = "out.yaml") -> Path:
     path = Path(out).expanduser()
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a folder; give a file name such as {path / example}")
-    _probe_writable(path.parent, flag, "file")
+    _probe_writable(path.parent, flag, "file", shown=path)
     return path
 
 
@@ -317,9 +320,9 @@ def _run_calibrate_sinks(args) -> int:
         _check_data(args.data)
         check_count(args.prompts, "--prompts")
         check_positive(args.tau, "--tau")
-        if args.out is not None and Path(args.out).suffix not in (".yaml", ".yml"):
-            raise UsageError(f"--out {args.out}: write the sink dims to a .yaml config")
         if args.out is not None:
+            if Path(args.out).suffix not in (".yaml", ".yml"):
+                raise UsageError(f"--out {args.out}: write the sink dims to a .yaml config")
             check_out_file(args.out, example="var.yaml")
     except UsageError as err:
         return report("vtprune calibrate-sinks", err)

@@ -185,29 +185,20 @@ def test_runner_scores_match_hand_fed_predictions(tiny, data, tmp_path):
     assert "MME-P/600" in runner.format_table(results)
 
 
-def test_a_failing_method_is_reported_and_the_sweep_goes_on(tiny, data, tmp_path, capsys):
-    @dataclass
-    class Broken(Method):
-        name: ClassVar[str] = "_test_broken"
-
-        def score(self, image):
-            raise RuntimeError("boom")
-
+def test_a_failing_method_is_reported_and_the_sweep_goes_on(tiny, data, tmp_path, capsys, broken_method):
     _, gqa = data
     _, model, processor = tiny
-    registry.register(Broken)
-    try:
-        settings = runner.BenchSettings(tasks=("gqa",), data={"gqa": gqa}, methods=["_test_broken", "random"],
-                                        keeps=[16], limit=2, max_new_tokens=1, timing_samples=1, timing_repeats=1,
-                                        decode_tokens=0, threads=1, progress=False, out=tmp_path / "out")
-        results = runner.run_bench(settings, model=model, processor=processor)
-    finally:
-        registry._METHODS.pop("_test_broken")
+    settings = runner.BenchSettings(tasks=("gqa",), data={"gqa": gqa}, methods=[broken_method, "random"],
+                                    keeps=[16], limit=2, max_new_tokens=1, timing_samples=1, timing_repeats=1,
+                                    decode_tokens=0, threads=1, progress=False, out=tmp_path / "out")
+    results = runner.run_bench(settings, model=model, processor=processor)
     broken, random_run = results["runs"][1:]
     assert "boom" in broken["error"] and broken["scores"] == {} and broken["perf"]["prefill_ms"] is None
     assert "error" not in random_run and random_run["perf"]["prefill_ms"] > 0 and random_run["kept_tokens"] == 16
     assert not hasattr(model, "vtprune")  # restored unpruned
-    assert "_test_broken@keep16 failed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "_test_broken@keep16 failed" in err
+    assert "Traceback (most recent call last)" in err and 'raise RuntimeError("boom")' in err  # the cause's trace
     table = runner.format_table(results)
     assert "failed configurations:" in table and "boom" in table
     assert (tmp_path / "out" / "results.png").is_file()

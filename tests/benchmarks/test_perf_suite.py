@@ -5,11 +5,12 @@ errors are one line with exit status 2. No timing is asserted."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
-from vtprune.benchmarks import perf_suite
+from vtprune.benchmarks import perf_suite, runner
 from vtprune.benchmarks.runner import build_configs
 from vtprune.cli import main
 
@@ -118,10 +119,79 @@ def test_perf_cli_writes_results(tmp_path, capsys):
     (["--rounds", "0"], "--rounds 0: must be >= 1"),
     (["--methods", "fastvv"], "--methods fastvv:"),
     (["--device", "cuda:7"], "--device cuda:7"),
+    (["--methods", "fastv", "--set", "foo=1"], "--methods fastv: vtprune: method 'fastv' got unknown keyword(s) foo"),
+    (["--methods", "fastv", "--set", "layer=abc"], "--methods fastv: vtprune: fastv layer='abc' has the wrong type"),
+    (["--warmup", "-1"], "--warmup -1: must be >= 0"),
 ])
-def test_perf_cli_user_errors_are_one_line(tmp_path, capsys, argv, message):
+def test_perf_cli_user_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
     out = tmp_path / "never"
+    monkeypatch.setattr(runner, "load_model", _no_load)
     assert main(["perf", *argv, "--out", str(out)]) == 2
+    _assert_one_error(capsys, message)
+    assert not out.exists()
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the command line was checked")
+
+
+def _assert_one_error(capsys, message: str) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vtprune perf: error: ") and message in err[0], err
-    assert not out.exists()
+
+
+ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.mark.parametrize("case", ["under a file", "a file", "unwritable"])
+def test_perf_cli_out_is_checked_before_the_run(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(runner, "load_model", _no_load)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a folder")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir(mode=0o500)
+    out = {"under a file": text / "perf", "a file": text,
+           "unwritable": "/proc/perf" if ROOT_USER else readonly / "perf"}[case]  # /proc refuses even root
+    assert main(["perf", "--methods", "fastv", "--keep", "16", "--out", str(out)]) == 2
+    _assert_one_error(capsys, f"--out {out}: ")
+    readonly.chmod(0o700)
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+    """The untrained tiny LLaVA as perf's model, and the list its forward calls are appended to."""
+    from vtprune.benchmarks import tiny_llava
+
+    model, processor = tiny_llava.build_untrained_tiny_llava(seed=0)
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: (model, processor, {"name": "tiny"}))
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    return model, forwards
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--methods", "fastv", "--set", "layer=99"], "--methods fastv (fastv@keep16,layer=99): vtprune: fastv cuts "
+                                                  "before LLM layer 99"),
+    (["--methods", "var"], "var has no known sink dimensions for this LLM"),
+    (["--set", "layer=2"], "got unknown keyword(s) layer"),  # the default methods are known once the model is
+])
+def test_perf_cli_configurations_the_model_refuses(tmp_path, capsys, tiny_model, argv, message):
+    """Every configuration is pruned and unpruned on the built model first: a refused one is one line naming it,
+    before anything is timed."""
+    model, forwards = tiny_model
+    out = tmp_path / "never"
+    assert main(["perf", *argv, "--keep", "16", "--rounds", "1", "--warmup", "0", "--out", str(out)]) == 2
+    _assert_one_error(capsys, message)
+    assert not forwards and not hasattr(model, "vtprune") and not out.exists()
+
+
+def test_perf_cli_a_failing_configuration_exits_1_with_its_traceback(tmp_path, capsys, tiny_model, broken_method):
+    out = tmp_path / "perf"
+    status = main(["perf", "--methods", f"{broken_method},random", "--keep", "16", "--rounds", "1", "--warmup", "0",
+                   "--decode-tokens", "1", "--no-peer", "--no-replay", "--threads", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert "Traceback (most recent call last)" in err and 'raise RuntimeError("boom")' in err
+    assert "1 configuration(s) failed: _test_broken@16" in err
+    rows = {r["label"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert "boom" in rows["_test_broken@16"]["error"] and rows["random@16"]["error"] is None

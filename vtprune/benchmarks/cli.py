@@ -45,7 +45,9 @@ pruned configuration (over a config file's value; not to pipelines); every metho
 Decoding uses the KV cache, so FastV chooses its kept set once, at the prefill. With use_cache=False (not used
 here) every generated step is a full prefill and FastV re-chooses its kept set at each step.
 
-Bad flags, files and folders are reported as one line and exit status 2 before the model is loaded.
+Bad flags, files and folders are reported as one line and exit status 2 before the model is loaded; a
+configuration the loaded model refuses (e.g. --set layer=99 on a shallower LLM) likewise, before vanilla runs.
+A configuration that fails while running is reported (with its traceback) and makes the exit status 1.
 
 --task takes mme, gqa, pope, a comma-separated list of them, or all (the default: MME and GQA, or every task
 given a --data folder). POPE is scored two ways side by side: LLaVA's eval_pope.py (first sentence; a No/no/not
@@ -167,12 +169,13 @@ def parse_data(task: str, entries: list[str]) -> tuple[list[str], dict]:
     for entry in entries:
         name, sep, path = entry.partition("=")
         if sep and name in TASKS:
-            folder = Path(path).expanduser()
-            if not folder.is_dir():
-                raise FileNotFoundError(f"--data {entry}: folder {folder} does not exist")
+            folder = _data_folder(entry, path)
         else:
-            folder = Path(entry).expanduser()
-            name = detect_task(folder)
+            folder = _data_folder(entry, entry)
+            try:
+                name = detect_task(folder)
+            except ValueError as err:  # a folder of no known format: name the flag, as the other --data errors
+                raise ValueError(f"--data {entry}: {str(err).removeprefix('vtprune bench: ')}") from None
         if name in data:
             raise ValueError(f"--data given twice for {name}: {data[name]} and {folder}")
         data[name] = folder
@@ -189,6 +192,17 @@ def parse_data(task: str, entries: list[str]) -> tuple[list[str], dict]:
             raise ValueError(f"--task {task} but --data points to a {', '.join(other)} folder "
                              f"({', '.join(str(data[o]) for o in other)})")
     return tasks, data
+
+
+def _data_folder(entry: str, path: str) -> Path:
+    """The folder of the ``--data`` entry ``entry``; a missing one or a file is an error naming the entry."""
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--data {entry}: {folder} is a file; give the benchmark folder (MME, GQA or "
+                                 "POPE format)")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--data {entry}: folder {folder} does not exist")
+    return folder
 
 
 def settings_from_args(args):
@@ -217,20 +231,15 @@ def _quiet_transformers():
     """No transformers info logs / loading bars and one-line warnings while the bench runs (restored after)."""
     import warnings
 
+    from .runner import quiet_hf_logging
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     old_format = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
-    from transformers.utils import logging as hf_logging
-
-    old_verbosity, old_bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
-        yield
+        with quiet_hf_logging():
+            yield
     finally:
-        hf_logging.set_verbosity(old_verbosity)
-        if old_bars:
-            hf_logging.enable_progress_bar()
         warnings.formatwarning = old_format
 
 

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import UsageError, parse_set, report
+from ..cli import UsageError, check_count, check_out_dir, parse_set, report
 
 DESCRIPTION = """\
 Speed, memory and FLOPs of pruning methods against vanilla, the oracle (the same model fed the already-pruned
@@ -26,6 +26,9 @@ tensors and analytic), FLOPs (vision / projector / LLM prefill / decode step), s
 overhead, replay of the method's own schedule, and the eager 'peer' (official-code style scoring).
 Writes results.json, results.csv and results.png to --out. --arch builds the architecture with random weights
 from its config (widths kept, --vision-layers / --llm-layers cut the depth), so it runs offline on a CPU.
+Bad flags, --set fields, configs and --out are one line and exit status 2 before any work; a configuration the
+built model refuses (e.g. --set layer=99 on a shallower LLM) likewise, before any timing. A configuration that
+fails while timed is recorded with its error (traceback on stderr) and makes the exit status 1.
 """
 
 
@@ -85,13 +88,9 @@ def check_args(args) -> dict:
     """Every check that needs no model; returns the parsed lists. Raises UsageError."""
     from . import runner
 
-    for flag in ("rounds", "decode_tokens", "text_tokens", "vision_layers", "llm_layers", "threads"):
-        value = getattr(args, flag)
-        low = 0 if flag == "decode_tokens" else 1
-        if value is not None and value < low:
-            raise UsageError(f"--{flag.replace('_', '-')} {value}: must be >= {low}")
-    if args.warmup < 0:
-        raise UsageError(f"--warmup {args.warmup}: must be >= 0")
+    for flag in ("rounds", "decode_tokens", "text_tokens", "vision_layers", "llm_layers", "threads", "warmup"):
+        low = 0 if flag in ("decode_tokens", "warmup") else 1
+        check_count(getattr(args, flag), f"--{flag.replace('_', '-')}", low)
     if args.arch:
         from .archs import ARCHS
 
@@ -112,11 +111,11 @@ def check_args(args) -> dict:
         except ValueError as err:
             raise UsageError(f"--methods {args.methods}: {err}") from None
     files = [runner.load_method_config(c) for c in args.config]
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out}: is a file; give a folder")
-    return {"device": device, "methods": methods, "files": files, "hyper": parse_set(args.set),
-            "keeps": _ints(args.keep, "--keep"), "ratios": _floats(args.ratio, "--ratio")}
+    check_out_dir(args.out)
+    hyper, keeps, ratios = parse_set(args.set), _ints(args.keep, "--keep"), _floats(args.ratio, "--ratio")
+    # the default method list depends on the model: those configurations are checked once it is built
+    runner.check_configs(methods or [], files, hyper, keeps, ratios, args.seed)
+    return {"device": device, "methods": methods, "files": files, "hyper": hyper, "keeps": keeps, "ratios": ratios}
 
 
 def run_from_args(args, prog: str = "vtprune perf") -> int:

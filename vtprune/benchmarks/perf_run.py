@@ -84,12 +84,13 @@ def run(args, checked: dict, prog: str) -> int:
                             else _default_methods(model, bool(args.arch)))
         if checked["files"] and checked["methods"] is None:
             methods = []
-        hyper = {m: dict(checked["hyper"]) for m in methods}
+        hyper = {m: dict(checked["hyper"]) for m in [*methods, *(f[1] for f in checked["files"])]}  # as bench
         if "var" in methods:
             hyper["var"] = {**_var_dims(model), **hyper["var"]}
         if "dyvte" in methods and args.arch:
             hyper["dyvte"] = {**_untrained_routers(model, args.out, args.seed), **hyper["dyvte"]}
         configs = runner.build_configs(methods, keeps, ratios, seed=args.seed, hyper=hyper, files=checked["files"])
+        runner.check_on_model(model, configs, checked["hyper"])  # a refused configuration fails before timing
         setups = perf_suite.plan_setups(model, inputs, configs, keeps, ratios, evict=args.evict_early_kv)
         for line in skipped:
             print(f"{prog}: left out {line}", file=sys.stderr)
@@ -103,6 +104,10 @@ def run(args, checked: dict, prog: str) -> int:
     print(perf_output.format_perf_table(rows, meta))
     paths = perf_output.write_results(rows, meta, args.out)
     print(f"{prog}: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    failed = [r["label"] for r in rows if r["error"]]
+    if failed:  # as bench: the results are written, the exit status says some are missing
+        print(f"{prog}: {len(failed)} configuration(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

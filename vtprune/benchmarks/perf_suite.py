@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import sys
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -239,6 +241,7 @@ def run_perf(model, inputs: dict, setups: list[Setup], *, rounds: int = 5, warmu
                     _run_peer(model, inputs, setup, timing, record)
             except Exception as err:  # noqa: BLE001 - one failing method must not stop the run
                 timing.error = f"{type(err).__name__}: {err}"
+                traceback.print_exception(err, file=sys.stderr)  # the row's note is short; the cause keeps its trace
             if rnd == 0 and replays and setup.kind == "method" and not setup.evict and not timing.error:
                 replay = _replay_setup(setup, timing, model)
                 if replay is not None:

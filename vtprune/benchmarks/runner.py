@@ -28,6 +28,7 @@ import random
 import shutil
 import sys
 import tempfile
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from .. import methods as _methods  # noqa: F401  (registers the built-in method
 from ..adapters import get_adapter
 from ..api import PIPELINE_OPTIONS, prune, unprune
 from ..budget import validate_budget
-from ..cli import UsageError, check_method, check_out_dir
+from ..cli import UsageError, check_method, check_out_dir, check_prune
 from ..registry import list_methods, make_method, method_class
 from . import gqa as gqa_mod
 from . import mme as mme_mod
@@ -61,7 +62,10 @@ __all__ = [
     "validate_methods",
     "load_method_config",
     "check_settings",
+    "check_configs",
+    "check_on_model",
     "check_model_spec",
+    "quiet_hf_logging",
     "load_model",
     "default_data_dir",
     "detect_task",
@@ -119,6 +123,13 @@ class BenchConfig:
         if self.ratio is not None:
             kw["ratio"] = self.ratio
         return kw
+
+    def prune_args(self) -> tuple:
+        """(method, keywords) of ``vtprune.prune(model, method, **keywords)`` for this point: the method's name
+        with its fields and budget, or a pipeline's method objects; the pipeline options in both."""
+        if self.pipeline:
+            return [make_method(m, **dict(kwargs)) for m, kwargs in self.pipeline], dict(self.options)
+        return self.method, {**self.prune_kwargs(), **dict(self.options)}
 
 
 @dataclass
@@ -282,20 +293,7 @@ def check_settings(settings: BenchSettings) -> list:
     check_out_dir(settings.out)
     files = [load_method_config(spec) for spec in settings.configs]
     methods = _methods_of(settings)
-    # a model-free dry run of every configuration (the budget is a placeholder when it depends on the model)
-    probe = build_configs(methods, list(settings.keeps or [1]), list(settings.ratios or []), settings.seed,
-                          {m: settings.hyper for m in methods + [f[1] for f in files]}, files)
-    pipelines = [source for source, _, fields in files if "pipeline" in fields]
-    if pipelines and settings.hyper:
-        raise UsageError(f"--set does not apply to the pipeline config {pipelines[0]}; set the fields in that file")
-    for config in probe[1:]:
-        try:
-            for method, kwargs in config.pipeline or ((config.method, config.prune_kwargs()),):
-                check_method(method, **dict(kwargs))
-        except UsageError as err:
-            where = f"--config {config.source}" if config.source else f"--methods {config.method}"
-            fix = " (or drop that --set field)" if any(k in str(err) for k in settings.hyper) else ""
-            raise UsageError(f"{where}: {err}{fix}") from None
+    check_configs(methods, files, settings.hyper, settings.keeps, settings.ratios, settings.seed)
     twice = sorted({m for m in methods if methods.count(m) > 1})
     if twice:
         raise UsageError(f"--methods {','.join(twice)} given twice; list each method once")
@@ -305,6 +303,50 @@ def check_settings(settings: BenchSettings) -> list:
         raise UsageError(f"--config: two configs give {', '.join(twice)} (same method and file name); "
                          "drop the repeated one or rename a file")
     return files
+
+
+def check_configs(methods: Sequence[str], files: Sequence, hyper: dict, keeps=None, ratios=None,
+                  seed: int = 0) -> None:
+    """A model-free dry run of every configuration of ``methods`` and the config ``files`` with the ``--set``
+    fields ``hyper`` (the budget is a placeholder where it depends on the model): a bad field or value is a
+    :class:`UsageError` naming the flag it comes from. Shared by bench and perf."""
+    probe = build_configs(methods, list(keeps or [1]), list(ratios or []), seed,
+                          {m: hyper for m in [*methods, *(f[1] for f in files)]}, files)
+    pipelines = [source for source, _, fields in files if "pipeline" in fields]
+    if pipelines and hyper:
+        raise UsageError(f"--set does not apply to the pipeline config {pipelines[0]}; set the fields in that file")
+    for config in probe[1:]:
+        try:
+            for method, kwargs in config.pipeline or ((config.method, config.prune_kwargs()),):
+                check_method(method, **dict(kwargs))
+        except UsageError as err:
+            raise _refused(_flag_of(config), err, hyper) from None
+
+
+def check_on_model(model, configs: Sequence[BenchConfig], hyper: dict) -> None:
+    """Prune ``model`` with every configuration and unprune it at once (no forward, so it is cheap): what this
+    model refuses (a layer beyond its depth, missing routers or sink dimensions) is a :class:`UsageError` naming
+    the configuration, before anything runs. Shared by bench and perf."""
+    for config in configs:
+        if config.method is None:
+            continue
+        method, kwargs = config.prune_args()
+        try:
+            check_prune(model, method, **kwargs)
+        except UsageError as err:
+            raise _refused(f"{_flag_of(config)} ({config.label})", err, hyper) from None
+
+
+def _flag_of(config: BenchConfig) -> str:
+    """The flag a configuration comes from, as error messages name it."""
+    return f"--config {config.source}" if config.source else f"--methods {config.method}"
+
+
+def _refused(where: str, err, hyper: dict) -> UsageError:
+    """A configuration's problem ``err`` as the one-line error naming ``where`` it comes from, pointing at
+    ``--set`` too when the problem names one of its fields."""
+    fix = " (or drop that --set field)" if any(k in str(err) for k in hyper) else ""
+    return UsageError(f"{where}: {err}{fix}")
 
 
 def _methods_of(settings: BenchSettings) -> list[str]:
@@ -363,12 +405,39 @@ def check_model_spec(spec: str | None) -> None:
         raise UsageError(f"--model {spec}: no such folder (and not a hub id like org/name)")
 
 
+@contextlib.contextmanager
+def quiet_hf_logging():
+    """transformers' info logs and progress bars (its "Loading weights" bar) off inside the ``with``; restored
+    after. A CLI's stderr then holds only its own lines (a user error stays one line)."""
+    from transformers.utils import logging as hf_logging
+
+    old_verbosity, old_bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old_verbosity)
+        if old_bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto"):
     """(model, processor, description). ``spec`` None = the shipped tiny LLaVA, or a random-init one (with a
     warning) while no trained checkpoint is shipped; else a local folder or a hub id (offline: cached only).
-    A ``spec`` that does not load is a :class:`UsageError`."""
+    A ``spec`` that does not load is a :class:`UsageError`. transformers' logs and bars are off meanwhile."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    with quiet_hf_logging():
+        model, processor, desc = _load(spec, dt)
+    model = model.to(dev).eval()
+    desc.update({"class": type(model).__name__, "dtype": str(dt).replace("torch.", ""), "device": str(dev),
+                 "parameters": int(sum(p.numel() for p in model.parameters()))})
+    return model, processor, desc
+
+
+def _load(spec: str | None, dt: torch.dtype):
+    """(model, processor, description) of :func:`load_model`, on the CPU."""
     if spec is None:
         from . import tiny_llava
 
@@ -377,7 +446,7 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
             desc = {"name": "tiny-llava", "path": str(tiny_llava.DEFAULT_ASSET_DIR), "trained": True}
         except FileNotFoundError as err:
             warnings.warn(f"vtprune bench: {err}; using a random-init tiny LLaVA instead (scores are meaningless)",
-                          stacklevel=2)
+                          stacklevel=3)  # the caller of load_model
             model, processor = tiny_llava.build_untrained_tiny_llava(seed=0)
             model = model.to(dt)
             desc = {"name": "tiny-llava (untrained: no shipped checkpoint)", "path": None, "trained": False}
@@ -394,9 +463,6 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
         except (OSError, ValueError) as err:  # no config.json, an unknown architecture, not cached offline
             raise UsageError(f"--model {spec}: cannot load it as an image-text model ({err})") from None
         desc = {"name": Path(spec).name if local else spec, "path": str(Path(spec).resolve()) if local else spec}
-    model = model.to(dev).eval()
-    desc.update({"class": type(model).__name__, "dtype": str(dt).replace("torch.", ""), "device": str(dev),
-                 "parameters": int(sum(p.numel() for p in model.parameters()))})
     return model, processor, desc
 
 
@@ -749,10 +815,8 @@ def _applied(model, config: BenchConfig):
     if config.method is None:
         yield model
         return
-    if config.pipeline:
-        prune(model, [make_method(m, **dict(kwargs)) for m, kwargs in config.pipeline], **dict(config.options))
-    else:
-        prune(model, config.method, **config.prune_kwargs(), **dict(config.options))
+    method, kwargs = config.prune_args()
+    prune(model, method, **kwargs)
     try:
         yield model
     finally:
@@ -805,6 +869,7 @@ def _timing_pass(model, configs: list[BenchConfig], inputs: list[dict], settings
                 out.update(perf.compare(model, {label: setup}, inputs, **kwargs))
             except Exception as err:  # noqa: BLE001
                 _notice(f"timing {label} failed: {type(err).__name__}: {err}", DistInfo())
+                traceback.print_exception(err, file=sys.stderr)  # the note is short; the cause keeps its trace
                 out[label] = None
         return out
     finally:
@@ -873,6 +938,7 @@ def _run(settings, info, model, processor, predictor, write) -> dict | None:
     else:
         model_desc = {"name": type(model).__name__, "class": type(model).__name__, "path": None}
     n_visual, configs = _sweep(settings, model, files)
+    check_on_model(model, configs, settings.hyper)  # a refused configuration fails here, before vanilla runs
 
     prompts = {t.name: [build_prompt(q.question, benchmark=prompt_benchmark(t.name),
                                      style=settings.prompt_style, processor=processor) for q in t.questions]
@@ -893,6 +959,7 @@ def _run(settings, info, model, processor, predictor, write) -> dict | None:
                 if config.method is None:
                     raise
                 local[config.label] = {"error": f"{type(err).__name__}: {err}"}
+                traceback.print_exception(err, file=sys.stderr)  # the note is short; the cause keeps its trace
                 _notice(f"{config.label} failed: {local[config.label]['error']}", info)
                 if bar is not None:
                     bar.update(shard_size * (k + 1) - bar.n)

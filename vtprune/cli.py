@@ -412,9 +412,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)
-    if handler is None:
-        parser.print_help(sys.stderr)
-        return 2
+    if handler is None:  # no command given: a user error like the others, one line
+        parser.error(f"give a command: {', '.join(COMMANDS)}")
     return int(handler(args) or 0)
 
 

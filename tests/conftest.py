@@ -194,3 +194,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+    """The untrained tiny LLaVA as every CLI's model (``runner.load_model`` returns it), and the list its forward
+    calls are appended to: CLI tests check that an error came before any forward."""
+    from vtprune.benchmarks import runner, tiny_llava
+
+    model, processor = tiny_llava.build_untrained_tiny_llava(seed=0)
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: (model, processor, {"name": "tiny"}))
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    return model, forwards

@@ -201,18 +201,6 @@ def test_entry_points_exit_2_with_one_line(tmp_path, argv, prog):
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), done.stderr
 
 
-@pytest.fixture
-def tiny_model(monkeypatch):
-    """The untrained tiny LLaVA as every CLI's model, and the list its forward calls are appended to."""
-    from vtprune.benchmarks import tiny_llava
-
-    model, processor = tiny_llava.build_untrained_tiny_llava(seed=0)
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: (model, processor, {"name": "tiny"}))
-    forwards = []
-    model.register_forward_pre_hook(lambda *_: forwards.append(1))
-    return model, forwards
-
-
 def test_viz_config_the_model_refuses(files, capsys, tiny_model):
     """A layer beyond the model is refused by prune(): one line once the model is loaded, before the forward."""
     model, forwards = tiny_model

@@ -13,23 +13,25 @@ def _is_bool(value) -> bool:
     return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
 
 
-def validate_budget(ratio: float | None, keep: int | None) -> None:
-    """Raise ConfigError unless exactly one budget is given and it is in range (numpy scalars are fine)."""
+def validate_budget(ratio: float | None, keep: int | None, method: str = "") -> None:
+    """Raise ConfigError unless exactly one budget is given and it is in range (numpy scalars are fine); the
+    message names ``method`` when given."""
+    who = f"vtprune: {method} " if method else "vtprune: "
     if (ratio is None) == (keep is None):
         raise ConfigError(
-            "vtprune: give exactly one budget: ratio=<fraction of visual tokens removed, in [0, 1)> "
+            f"{who}give exactly one budget: ratio=<fraction of visual tokens removed, in [0, 1)> "
             "or keep=<visual tokens kept per image>; got "
             f"ratio={ratio!r}, keep={keep!r}"
         )
     if ratio is not None:
         if _is_bool(ratio) or not isinstance(ratio, numbers.Real) or not (0.0 <= float(ratio) < 1.0):
             raise ConfigError(
-                f"vtprune: ratio must be a number in [0, 1) (the fraction of visual tokens removed), got {ratio!r}; "
+                f"{who}ratio must be a number in [0, 1) (the fraction of visual tokens removed), got {ratio!r}; "
                 "use ratio=0 for no pruning"
             )
     if keep is not None:
         if _is_bool(keep) or not isinstance(keep, numbers.Integral) or keep <= 0:
-            raise ConfigError(f"vtprune: keep must be a positive integer (visual tokens kept per image), got {keep!r}")
+            raise ConfigError(f"{who}keep must be a positive integer (visual tokens kept per image), got {keep!r}")
 
 
 def tokens_to_keep(n_tokens: int, ratio: float | None, keep: int | None, reference: int | None = None) -> int:

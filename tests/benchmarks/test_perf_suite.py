@@ -157,18 +157,6 @@ def test_perf_cli_out_is_checked_before_the_run(tmp_path, capsys, monkeypatch, c
     readonly.chmod(0o700)
 
 
-@pytest.fixture
-def tiny_model(monkeypatch):
-    """The untrained tiny LLaVA as perf's model, and the list its forward calls are appended to."""
-    from vtprune.benchmarks import tiny_llava
-
-    model, processor = tiny_llava.build_untrained_tiny_llava(seed=0)
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: (model, processor, {"name": "tiny"}))
-    forwards = []
-    model.register_forward_pre_hook(lambda *_: forwards.append(1))
-    return model, forwards
-
-
 @pytest.mark.parametrize("argv,message", [
     (["--methods", "fastv", "--set", "layer=99"], "--methods fastv (fastv@keep16,layer=99): vtprune: fastv cuts "
                                                   "before LLM layer 99"),

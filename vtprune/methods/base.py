@@ -220,10 +220,7 @@ class Method:
         numbers, lists become tuples), then the budget and ``positions``, then the method's ``check_fields``."""
         _check_field_types(self)
         if self.has_budget and not (self.budget_optional and self.ratio is None and self.keep is None):
-            try:
-                validate_budget(self.ratio, self.keep)
-            except ConfigError as err:
-                raise ConfigError(str(err).replace("vtprune: ", f"vtprune: {self.name} ", 1)) from None
+            validate_budget(self.ratio, self.keep, self.name)
         elif self.ratio is not None or self.keep is not None:
             raise ConfigError(f"vtprune: {self.name} has no ratio / keep budget (its schedule decides); drop them")
         if self.positions not in POSITION_MODES:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..cli import UsageError, check_out_dir
+from ..cli import UsageError, check_out_dir, check_prune
 from ..errors import ConfigError, PruneError
 from .plan import Plan, describe, make_plan
 
@@ -357,8 +357,6 @@ def loaded_name(model) -> str:
 
 def _check_on_model(model, plan: Plan, info) -> None:
     """The budget fits the model and the defaults install on it (prune, then unprune: nothing runs)."""
-    import vtprune
-
     for budget in plan.budgets:
         if budget.get("keep") is not None and budget["keep"] > info.nominal_tokens:
             raise UsageError(f"--keep {budget['keep']}: more than the {info.nominal_tokens} visual tokens an image "
@@ -366,9 +364,8 @@ def _check_on_model(model, plan: Plan, info) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with vtprune.pruned(model, plan.methods(None)):
-                pass
-    except (ConfigError, PruneError) as err:
+            check_prune(model, plan.methods(None))
+    except UsageError as err:
         raise UsageError(f"--method {plan.label}: its defaults do not install on this model ({err})") from None
 
 

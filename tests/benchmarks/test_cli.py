@@ -156,6 +156,75 @@ def test_cli_structure(capsys):
         top_cli.main(["bench", "--keep", "a,b"])
 
 
+def _gqa_images_in_order(root):
+    """The image file of each question of a synthetic GQA folder, in question-id order (read from the JSON)."""
+    questions = json.loads((root / "testdev_balanced_questions.json").read_text())
+    return [root / "images" / f"{questions[q]['imageId']}.png" for q in sorted(questions)]
+
+
+def _damage(path, how, monkeypatch):
+    from PIL import Image
+
+    data = path.read_bytes()
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "not an image":
+        path.write_text("GIF89a? no: a text file with an image name\n")
+    elif how.startswith("bomb"):  # 40000 pixels (the other images have 9216): over the limit, and for "error"
+        Image.new("RGB", (200, 200)).save(path)  # over twice the limit (PIL only warns under that)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30000 if how == "bomb warning" else 15000)
+    else:  # another image under the same name: which one is meant is ambiguous
+        path.with_suffix(".jpg").write_bytes(data)
+
+
+@pytest.mark.parametrize("how,reason", [
+    ("empty", "empty image file (0 bytes)"), ("truncated", "not a decodable image (OSError: image file is truncated)"),
+    ("not an image", "PIL does not recognise its format"), ("bomb warning", "decompression bomb"),
+    ("bomb error", "decompression bomb"), ("two files", "2 image files match"),
+])
+def test_a_broken_or_ambiguous_image_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys, how, reason):
+    gqa = synthetic.write_gqa(tmp_path / "gqa", n_questions=6)
+    bad = _gqa_images_in_order(gqa)[1]  # used by the second question: inside --limit 2
+    _damage(bad, how, monkeypatch)
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    status = top_cli.main(["bench", "--data", str(gqa), "--limit", "2", "--methods", "random", "--keep", "16",
+                           "--out", str(tmp_path / "out"), *FAST])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"vtprune bench: error: --data {gqa}: ") and str(bad) in err and reason in err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_ambiguous_data_folders_are_one_line_naming_the_files_or_id(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    mme = synthetic.write_mme(tmp_path / "mme", per_subtask=2, subtasks=("color",))
+    png = mme / "color" / "0001.png"
+    jpg = png.with_suffix(".jpg")
+    jpg.write_bytes(png.read_bytes())
+    assert top_cli.main(["bench", "--data", str(mme), "--out", str(tmp_path / "out"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(png) in err and str(jpg) in err
+    gqa = synthetic.write_gqa(tmp_path / "gqa", n_questions=3)
+    qfile = gqa / "testdev_balanced_questions.json"
+    qid, entry = next(iter(json.loads(qfile.read_text()).items()))
+    qfile.write_text(qfile.read_text().rstrip().removesuffix("}") + f", {json.dumps(qid)}: {json.dumps(entry)}}}")
+    assert top_cli.main(["bench", "--data", str(gqa), "--out", str(tmp_path / "out"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{qfile}: question id {qid!r} is given twice" in err
+
+
+def test_only_the_selected_questions_images_are_decoded(tmp_path):
+    gqa = synthetic.write_gqa(tmp_path / "gqa", n_questions=6)
+    images = _gqa_images_in_order(gqa)
+    unused = next(p for p in images[2:] if p not in images[:2])
+    unused.write_bytes(b"")
+    assert len(runner.load_task("gqa", gqa, limit=2).questions) == 2  # --limit 2 never uses it
+    with pytest.raises(ValueError, match=f"{unused}: empty image file"):
+        runner.load_task("gqa", gqa)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # runner plumbing
 def test_runner_scores_match_hand_fed_predictions(tiny, data, tmp_path):

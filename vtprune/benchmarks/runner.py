@@ -582,6 +582,11 @@ def limit_mme(questions: Sequence, limit: int | None) -> list:
 
 
 def load_task(task: str, root: str | os.PathLike | None = None, limit: int | None = None) -> TaskData:
+    """The questions of ``task`` (the first ``limit``, as each task selects them) from ``root`` (default: the
+    embedded synthetic set). Every image they use is decoded once here, so a broken file is a ValueError naming
+    it (:class:`~.datachecks.ImageDecodeError`) before any model work."""
+    from .datachecks import check_images
+
     root = Path(root) if root is not None else default_data_dir(task)
     if task == "mme":
         questions = limit_mme(mme_mod.load_mme(root), limit)
@@ -591,6 +596,7 @@ def load_task(task: str, root: str | os.PathLike | None = None, limit: int | Non
         questions = pope_mod.limit_pope(pope_mod.load_pope(root), limit)
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    check_images(q.image_path for q in questions)
     return TaskData(task, root, questions)
 
 
@@ -900,7 +906,7 @@ def _load_tasks(settings) -> list[TaskData]:
     for t in settings.tasks:
         try:
             tasks.append(load_task(t, settings.data.get(t), settings.limit))
-        except (OSError, ValueError) as err:  # a malformed benchmark folder (MMEFormatError, GQAFormatError)
+        except (OSError, ValueError) as err:  # a malformed folder (MMEFormatError ...), an image that does not decode
             raise UsageError(f"--data {settings.data.get(t, t)}: {err}") from None
     return tasks
 

@@ -225,6 +225,30 @@ def test_only_the_selected_questions_images_are_decoded(tmp_path):
         runner.load_task("gqa", gqa)
 
 
+def _exit_status(argv) -> int:
+    """``vtprune ...`` as a shell runs it: argparse's own errors exit through SystemExit."""
+    try:
+        return top_cli.main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("flag", ["--decode-tokens", "--timing-samples", "--timing-repeats", "--limit",
+                                  "--batch-size", "--max-new-tokens", "--threads"])
+def test_every_count_flag_refuses_a_negative_value(tmp_path, monkeypatch, capsys, flag):
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(runner, "load_task", lambda *a, **k: pytest.fail("the data was loaded"))
+    status = _exit_status(["bench", "--out", str(tmp_path / "out"), "--no-progress", flag, "-1"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and err.startswith("vtprune bench: error: "), err
+    assert flag in err and "-1" in err and "must be >= " in err
+    settings = runner.BenchSettings(out=tmp_path / "out", progress=False)
+    if flag in ("--decode-tokens", "--timing-samples", "--timing-repeats", "--threads"):  # the others: __post_init__
+        setattr(settings, flag[2:].replace("-", "_"), -1)  # from Python: refused before any work too
+        with pytest.raises(top_cli.UsageError, match=f"^{flag} -1: must be >= "):
+            runner.run_bench(settings)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # runner plumbing
 def test_runner_scores_match_hand_fed_predictions(tiny, data, tmp_path):

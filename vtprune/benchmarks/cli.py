@@ -218,8 +218,8 @@ def settings_from_args(args):
             model=args.model, tasks=tuple(tasks), data=data, methods=methods, keeps=args.keep, ratios=args.ratio,
             configs=tuple(args.config), hyper=hyper, limit=args.limit, batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens, prompt_style=args.prompt_style, dtype=args.dtype,
-            device=args.device, out=args.out, seed=args.seed, timing_samples=max(0, args.timing_samples),
-            timing_repeats=args.timing_repeats, decode_tokens=max(0, args.decode_tokens), threads=args.threads,
+            device=args.device, out=args.out, seed=args.seed, timing_samples=args.timing_samples,
+            timing_repeats=args.timing_repeats, decode_tokens=args.decode_tokens, threads=args.threads,
             progress=not args.no_progress,
         )
     except (OSError, ValueError) as err:  # missing or mismatched --data, unknown method, bad setting

@@ -61,6 +61,7 @@ __all__ = [
     "build_configs",
     "validate_methods",
     "load_method_config",
+    "check_counts",
     "check_settings",
     "check_configs",
     "check_on_model",
@@ -278,9 +279,25 @@ def _budget_errors(keeps: Sequence, ratios: Sequence) -> str | None:
     return None
 
 
+# every count of BenchSettings: (field, flag, lowest value); None (not given) is fine for limit and threads
+COUNT_FLAGS = (("limit", "--limit", 1), ("batch_size", "--batch-size", 1), ("max_new_tokens", "--max-new-tokens", 1),
+               ("threads", "--threads", 1), ("timing_samples", "--timing-samples", 0),
+               ("timing_repeats", "--timing-repeats", 1), ("decode_tokens", "--decode-tokens", 0))
+
+
+def check_counts(settings: BenchSettings) -> None:
+    """Every count of ``settings`` is a whole number >= its flag's lowest value: a negative one is a
+    :class:`UsageError` naming the flag, never clamped to 0."""
+    from ..cli import check_count
+
+    for name, flag, low in COUNT_FLAGS:
+        check_count(getattr(settings, name), flag, low)
+
+
 def check_settings(settings: BenchSettings) -> list:
-    """Every check that needs no model (device, budgets, methods and their fields, config files, --model,
+    """Every check that needs no model (counts, device, budgets, methods and their fields, config files, --model,
     --out), so a bad command line fails before anything is loaded; returns the loaded config files."""
+    check_counts(settings)
     resolve_device(settings.device)
     try:
         resolve_dtype(settings.dtype, torch.device("cpu"))
@@ -890,6 +907,7 @@ def run_bench(settings: BenchSettings, *, model=None, processor=None, predictor:
     ``model``/``processor`` skip loading (use an already built model); ``predictor`` replaces
     :func:`generate_answers` (same signature) -- tests feed hand-made predictions through it.
     """
+    check_counts(settings)  # --threads is used at once
     info = init_distributed()
     try:
         with _num_threads(settings.threads):

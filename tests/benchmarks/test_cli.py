@@ -300,6 +300,60 @@ def test_a_failing_method_is_reported_and_the_sweep_goes_on(tiny, data, tmp_path
     assert (tmp_path / "out" / "results.png").is_file()
 
 
+def _run_entry(method, keep, kept, equiv, score):
+    return {"label": f"{method}@keep{keep}" if keep else method, "method": method, "keep": keep, "ratio": None,
+            "config": None, "visual_tokens": 144.0, "kept_tokens": kept, "equivalent_tokens": equiv,
+            "scores": {"gqa": {"accuracy": score, "score": score}}, "speedup": None, "predictions": {},
+            "perf": {"prefill_ms": None, "decode_ms_per_token": None, "kv_bytes": None, "prefill_flops": None}}
+
+
+def test_plot_puts_each_run_at_its_equivalent_tokens_and_the_table_keeps_both(tmp_path, monkeypatch):
+    """FastV at keep 16 keeps 16 tokens after layer 2 but its first two layers see all 144: equal cost means the
+    layer-averaged count, so the plot's x is that, and the table shows the nominal keep, kept and equivalent."""
+    import matplotlib.pyplot as plt
+
+    runs = [_run_entry("vanilla", None, 144.0, 144.0, 60.0), _run_entry("fastv", 32, 32.0, 60.0, 55.0),
+            _run_entry("fastv", 16, 16.0, 48.0, 50.0), _run_entry("random", 16, 16.0, 16.0, 40.0)]
+    results = {"meta": {"model": {"name": "tiny"}, "visual_tokens": 144, "settings": {"timing_samples": 0}},
+               "tasks": {"gqa": {"data": "x", "questions": 1, "metric": "GQA accuracy (%)"}}, "runs": runs}
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure plot_results draws, to read it back
+    runner.plot_results(results, tmp_path / "plot.png")
+    (ax,) = figures[0].axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["fastv"].get_xdata()) == [48.0, 60.0] and list(lines["fastv"].get_ydata()) == [50.0, 55.0]
+    assert list(lines["random"].get_xdata()) == [16.0]
+    assert "equivalent" in ax.get_xlabel()
+    assert sorted(t.get_text() for t in ax.texts) == ["keep 16", "keep 16", "keep 32"]  # the nominal budgets
+    header, rows = runner._table_rows(results)
+    assert header[:4] == ["method", "budget", "kept", "equiv"]
+    assert rows[2][:4] == ["fastv", "keep 16", "16.0", "48.0"]
+    assert {"keep", "kept_tokens", "equivalent_tokens"} <= set(runner._csv_rows(results)[2])
+    assert runner._csv_rows(results)[2]["equivalent_tokens"] == 48.0
+    monkeypatch.undo()
+    plt.close(figures[0])
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_bench_progress_bar_only_in_a_terminal(tiny, data, tmp_path, monkeypatch, capsys, terminal):
+    from vtprune import progress
+
+    _, gqa = data
+    _, model, processor = tiny
+    monkeypatch.setattr(progress, "interactive", lambda: terminal)  # capsys' streams are never terminals
+
+    def predictor(model, processor, task, indices, prompts, settings):
+        return ["yes"] * len(indices), runner.TokenCounts(len(indices), 144.0 * len(indices), 144.0 * len(indices),
+                                                          144.0 * len(indices))
+
+    settings = runner.BenchSettings(tasks=("gqa",), data={"gqa": gqa}, methods=["random"], keeps=[16], limit=2,
+                                    timing_samples=0, progress=True, out=tmp_path / "out")
+    runner.run_bench(settings, model=model, processor=processor, predictor=predictor)
+    err = capsys.readouterr().err
+    assert ("4/4" in err) is terminal  # 2 questions x 2 configurations: tqdm's count, drawn only for a person
+    assert ("\r" in err) is terminal
+
+
 def test_default_methods_scaled_keeps_and_configs():
     assert runner.scaled_keeps(144) == [48, 32, 16]
     assert runner.scaled_keeps(576) == [192, 128, 64]

@@ -61,8 +61,8 @@ and images/ or val2014/); prefix it with mme=, gqa= or pope= to say which, and r
 Without --data the embedded synthetic sets are used.
 
 Outputs in --out: results.json (scores, per-question predictions, timings), results.csv, results.png (score vs
-kept tokens per image) and predictions/<config>/ in the official MME eval_tool / GQA eval.py formats (POPE: a
-LLaVA-style answers JSONL).
+layer-averaged equivalent tokens per image) and predictions/<config>/ in the official MME eval_tool / GQA
+eval.py formats (POPE: a LLaVA-style answers JSONL).
 Under torchrun (WORLD_SIZE > 1) questions are sharded over ranks and rank 0 scores and writes.
 """
 

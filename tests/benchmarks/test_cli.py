@@ -156,6 +156,99 @@ def test_cli_structure(capsys):
         top_cli.main(["bench", "--keep", "a,b"])
 
 
+def _gqa_images_in_order(root):
+    """The image file of each question of a synthetic GQA folder, in question-id order (read from the JSON)."""
+    questions = json.loads((root / "testdev_balanced_questions.json").read_text())
+    return [root / "images" / f"{questions[q]['imageId']}.png" for q in sorted(questions)]
+
+
+def _damage(path, how, monkeypatch):
+    from PIL import Image
+
+    data = path.read_bytes()
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "not an image":
+        path.write_text("GIF89a? no: a text file with an image name\n")
+    elif how.startswith("bomb"):  # 40000 pixels (the other images have 9216): over the limit, and for "error"
+        Image.new("RGB", (200, 200)).save(path)  # over twice the limit (PIL only warns under that)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30000 if how == "bomb warning" else 15000)
+    else:  # another image under the same name: which one is meant is ambiguous
+        path.with_suffix(".jpg").write_bytes(data)
+
+
+@pytest.mark.parametrize("how,reason", [
+    ("empty", "empty image file (0 bytes)"), ("truncated", "not a decodable image (OSError: image file is truncated)"),
+    ("not an image", "PIL does not recognise its format"), ("bomb warning", "decompression bomb"),
+    ("bomb error", "decompression bomb"), ("two files", "2 image files match"),
+])
+def test_a_broken_or_ambiguous_image_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys, how, reason):
+    gqa = synthetic.write_gqa(tmp_path / "gqa", n_questions=6)
+    bad = _gqa_images_in_order(gqa)[1]  # used by the second question: inside --limit 2
+    _damage(bad, how, monkeypatch)
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    status = top_cli.main(["bench", "--data", str(gqa), "--limit", "2", "--methods", "random", "--keep", "16",
+                           "--out", str(tmp_path / "out"), *FAST])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"vtprune bench: error: --data {gqa}: ") and str(bad) in err and reason in err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_ambiguous_data_folders_are_one_line_naming_the_files_or_id(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    mme = synthetic.write_mme(tmp_path / "mme", per_subtask=2, subtasks=("color",))
+    png = mme / "color" / "0001.png"
+    jpg = png.with_suffix(".jpg")
+    jpg.write_bytes(png.read_bytes())
+    assert top_cli.main(["bench", "--data", str(mme), "--out", str(tmp_path / "out"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(png) in err and str(jpg) in err
+    gqa = synthetic.write_gqa(tmp_path / "gqa", n_questions=3)
+    qfile = gqa / "testdev_balanced_questions.json"
+    qid, entry = next(iter(json.loads(qfile.read_text()).items()))
+    qfile.write_text(qfile.read_text().rstrip().removesuffix("}") + f", {json.dumps(qid)}: {json.dumps(entry)}}}")
+    assert top_cli.main(["bench", "--data", str(gqa), "--out", str(tmp_path / "out"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{qfile}: question id {qid!r} is given twice" in err
+
+
+def test_only_the_selected_questions_images_are_decoded(tmp_path):
+    gqa = synthetic.write_gqa(tmp_path / "gqa", n_questions=6)
+    images = _gqa_images_in_order(gqa)
+    unused = next(p for p in images[2:] if p not in images[:2])
+    unused.write_bytes(b"")
+    assert len(runner.load_task("gqa", gqa, limit=2).questions) == 2  # --limit 2 never uses it
+    with pytest.raises(ValueError, match=f"{unused}: empty image file"):
+        runner.load_task("gqa", gqa)
+
+
+def _exit_status(argv) -> int:
+    """``vtprune ...`` as a shell runs it: argparse's own errors exit through SystemExit."""
+    try:
+        return top_cli.main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("flag", ["--decode-tokens", "--timing-samples", "--timing-repeats", "--limit",
+                                  "--batch-size", "--max-new-tokens", "--threads"])
+def test_every_count_flag_refuses_a_negative_value(tmp_path, monkeypatch, capsys, flag):
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(runner, "load_task", lambda *a, **k: pytest.fail("the data was loaded"))
+    status = _exit_status(["bench", "--out", str(tmp_path / "out"), "--no-progress", flag, "-1"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and err.startswith("vtprune bench: error: "), err
+    assert flag in err and "-1" in err and "must be >= " in err
+    settings = runner.BenchSettings(out=tmp_path / "out", progress=False)
+    if flag in ("--decode-tokens", "--timing-samples", "--timing-repeats", "--threads"):  # the others: __post_init__
+        setattr(settings, flag[2:].replace("-", "_"), -1)  # from Python: refused before any work too
+        with pytest.raises(top_cli.UsageError, match=f"^{flag} -1: must be >= "):
+            runner.run_bench(settings)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # runner plumbing
 def test_runner_scores_match_hand_fed_predictions(tiny, data, tmp_path):
@@ -205,6 +298,60 @@ def test_a_failing_method_is_reported_and_the_sweep_goes_on(tiny, data, tmp_path
     table = runner.format_table(results)
     assert "failed configurations:" in table and "boom" in table
     assert (tmp_path / "out" / "results.png").is_file()
+
+
+def _run_entry(method, keep, kept, equiv, score):
+    return {"label": f"{method}@keep{keep}" if keep else method, "method": method, "keep": keep, "ratio": None,
+            "config": None, "visual_tokens": 144.0, "kept_tokens": kept, "equivalent_tokens": equiv,
+            "scores": {"gqa": {"accuracy": score, "score": score}}, "speedup": None, "predictions": {},
+            "perf": {"prefill_ms": None, "decode_ms_per_token": None, "kv_bytes": None, "prefill_flops": None}}
+
+
+def test_plot_puts_each_run_at_its_equivalent_tokens_and_the_table_keeps_both(tmp_path, monkeypatch):
+    """FastV at keep 16 keeps 16 tokens after layer 2 but its first two layers see all 144: equal cost means the
+    layer-averaged count, so the plot's x is that, and the table shows the nominal keep, kept and equivalent."""
+    import matplotlib.pyplot as plt
+
+    runs = [_run_entry("vanilla", None, 144.0, 144.0, 60.0), _run_entry("fastv", 32, 32.0, 60.0, 55.0),
+            _run_entry("fastv", 16, 16.0, 48.0, 50.0), _run_entry("random", 16, 16.0, 16.0, 40.0)]
+    results = {"meta": {"model": {"name": "tiny"}, "visual_tokens": 144, "settings": {"timing_samples": 0}},
+               "tasks": {"gqa": {"data": "x", "questions": 1, "metric": "GQA accuracy (%)"}}, "runs": runs}
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure plot_results draws, to read it back
+    runner.plot_results(results, tmp_path / "plot.png")
+    (ax,) = figures[0].axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["fastv"].get_xdata()) == [48.0, 60.0] and list(lines["fastv"].get_ydata()) == [50.0, 55.0]
+    assert list(lines["random"].get_xdata()) == [16.0]
+    assert "equivalent" in ax.get_xlabel()
+    assert sorted(t.get_text() for t in ax.texts) == ["keep 16", "keep 16", "keep 32"]  # the nominal budgets
+    header, rows = runner._table_rows(results)
+    assert header[:4] == ["method", "budget", "kept", "equiv"]
+    assert rows[2][:4] == ["fastv", "keep 16", "16.0", "48.0"]
+    assert {"keep", "kept_tokens", "equivalent_tokens"} <= set(runner._csv_rows(results)[2])
+    assert runner._csv_rows(results)[2]["equivalent_tokens"] == 48.0
+    monkeypatch.undo()
+    plt.close(figures[0])
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_bench_progress_bar_only_in_a_terminal(tiny, data, tmp_path, monkeypatch, capsys, terminal):
+    from vtprune import progress
+
+    _, gqa = data
+    _, model, processor = tiny
+    monkeypatch.setattr(progress, "interactive", lambda: terminal)  # capsys' streams are never terminals
+
+    def predictor(model, processor, task, indices, prompts, settings):
+        return ["yes"] * len(indices), runner.TokenCounts(len(indices), 144.0 * len(indices), 144.0 * len(indices),
+                                                          144.0 * len(indices))
+
+    settings = runner.BenchSettings(tasks=("gqa",), data={"gqa": gqa}, methods=["random"], keeps=[16], limit=2,
+                                    timing_samples=0, progress=True, out=tmp_path / "out")
+    runner.run_bench(settings, model=model, processor=processor, predictor=predictor)
+    err = capsys.readouterr().err
+    assert ("4/4" in err) is terminal  # 2 questions x 2 configurations: tqdm's count, drawn only for a person
+    assert ("\r" in err) is terminal
 
 
 def test_default_methods_scaled_keeps_and_configs():

@@ -135,6 +135,29 @@ def test_format_errors_name_file_and_line(tmp_path, lines, where, match):
     assert str(exc.value).startswith(f"{path}:{where}: ")
 
 
+def test_a_key_given_twice_in_a_record_names_file_line_and_key(tmp_path):
+    """json keeps the last of two equal keys silently; both record layouts refuse it."""
+    record = json.dumps(GOOD)[:-1] + ', "answer": "no"}'
+    root, path = _bad(tmp_path, json.dumps(GOOD) + "\n" + record + "\n")
+    with pytest.raises(POPEFormatError, match=f"^{path}:2: the record gives the key 'answer' twice"):
+        load_pope(root)
+    root, path = _bad(tmp_path / "array", "[\n" + json.dumps(GOOD) + ",\n" + record + "\n]\n", name="pope.json")
+    with pytest.raises(POPEFormatError, match=f"^{path}:3: the record gives the key 'answer' twice"):
+        load_pope(root)
+
+
+def test_an_image_name_matching_two_files_names_both(tmp_path):
+    root, path = _bad(tmp_path, json.dumps({**GOOD, "image": "a"}) + "\n")
+    _image(root / "images" / "a.jpg")  # beside a.png: the name "a" could mean either
+    with pytest.raises(POPEFormatError) as exc:
+        load_pope(root)
+    message = str(exc.value)
+    assert message.startswith(f"{path}:1: image 'a': 2 image files match")
+    assert str(root / "images" / "a.jpg") in message and str(root / "images" / "a.png") in message
+    (root / "pope.jsonl").write_text(json.dumps(GOOD) + "\n")  # "a.png" names one of them
+    assert load_pope(root)[0].image_path == root / "images" / "a.png"
+
+
 def test_json_array_errors_give_the_record_line(tmp_path):
     text = "[\n  " + json.dumps(GOOD) + ",\n  " + json.dumps({**GOOD, "answer": "perhaps"}) + "\n]\n"
     root, path = _bad(tmp_path, text, name="pope.json")

@@ -168,6 +168,18 @@ def test_mme_malformed_txt_names_file(tmp_path, content, msg):
         load_mme(root)
 
 
+@pytest.mark.parametrize("other", ["0001.jpg", "0001.PNG", "0001.webp"])
+def test_mme_two_images_of_one_stem_name_both(tmp_path, other):
+    """0001.png and another image named 0001 beside one 0001.txt: which one the questions mean is ambiguous."""
+    root, d = _one_subtask(tmp_path)
+    shutil.copy(d / "0001.png", d / other)
+    with pytest.raises(MMEFormatError) as exc:
+        load_mme(root)
+    message = str(exc.value)
+    assert "\n" not in message
+    assert str(d / "0001.png") in message and str(d / other) in message and "2 image files" in message
+
+
 def test_mme_crlf_and_missing_final_newline_are_fine(tmp_path):
     root, d = _one_subtask(tmp_path)
     (d / "0001.txt").write_bytes(b"Is there a square? Please answer yes or no.\tYes\r\nIs there a star?\tNo")
@@ -199,7 +211,10 @@ def test_gqa_exact_match_lmms_eval(pred, ref, ok):
 
 
 @pytest.mark.parametrize("pred,ref,ok", [
-    ("Yes.", "yes", True), (" Left", "left", True), ("yes!", "yes", False), ("Yes..", "yes", False),
+    ("Yes.", "yes", True), (" Left", "left", True), ("yes!", "yes", False),
+    ("Yes..", "yes", True), ("yes...", "yes", True),  # LLaVA's conversion: answer.rstrip('.'), every trailing dot
+    ("yes. .", "yes", False),                           # rstrip('.') stops at the space
+    ("U.S.", "u.s", True),
 ])
 def test_gqa_exact_match_llava(pred, ref, ok):
     assert exact_match(pred, ref, normalization="llava") is ok
@@ -276,6 +291,38 @@ def test_gqa_missing_image_file(tmp_path):
         load_gqa(root)
 
 
+def _pairs_json(pairs) -> str:
+    """A JSON object written from (key, value) pairs, so a key can be given twice (``json.dumps`` cannot)."""
+    return "{" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in pairs) + "}"
+
+
+def test_gqa_question_id_given_twice_names_the_id_and_file(tmp_path):
+    root, f, data = _gqa(tmp_path)
+    qid = sorted(data)[3]
+    pairs = list(data.items()) + [(qid, {**data[qid], "answer": "other"})]  # json.loads would keep the last
+    f.write_text(_pairs_json(pairs))
+    with pytest.raises(GQAFormatError) as exc:
+        load_gqa(root)
+    message = str(exc.value)
+    assert message == f"{f}: question id {qid!r} is given twice; keep one of the two entries"
+    entries = [(q, _pairs_json([*e.items(), ("answer", "x")]) if q == qid else json.dumps(e))
+               for q, e in data.items()]  # one question gives its answer twice
+    f.write_text("{" + ", ".join(f"{json.dumps(q)}: {text}" for q, text in entries) + "}")
+    with pytest.raises(GQAFormatError, match=rf"^{f}: question '{qid}' gives the field 'answer' twice"):
+        load_gqa(root)
+
+
+def test_gqa_image_id_matching_two_files_names_both(tmp_path):
+    root, f, data = _gqa(tmp_path)
+    qid = sorted(data)[0]
+    png = root / "images" / f"{data[qid]['imageId']}.png"
+    shutil.copy(png, png.with_suffix(".jpg"))
+    with pytest.raises(GQAFormatError) as exc:
+        load_gqa(root)
+    assert str(png) in str(exc.value) and str(png.with_suffix(".jpg")) in str(exc.value)
+    assert f"question {qid!r}" in str(exc.value) and str(f) in str(exc.value)
+
+
 @pytest.mark.parametrize("field,value,msg", [
     ("answer", None, "has no 'answer' field"),
     ("question", None, "has no 'question' field"),
@@ -314,9 +361,9 @@ def test_gqa_bad_json_and_layout(tmp_path):
 def test_gqa_write_predictions(tmp_path):
     root = synthetic.write_gqa(tmp_path / "gqa", n_questions=3)
     qs = load_gqa(root)
-    out = gqa.write_predictions(tmp_path / "pred.json", qs, ["Yes.", " Red", "3"])
+    out = gqa.write_predictions(tmp_path / "pred.json", qs, ["Yes..", " Red", "3..."])
     rows = json.loads(out.read_text())
-    assert rows == [{"questionId": qs[0].question_id, "prediction": "yes"},
+    assert rows == [{"questionId": qs[0].question_id, "prediction": "yes"},  # every trailing "." stripped
                     {"questionId": qs[1].question_id, "prediction": "red"},
                     {"questionId": qs[2].question_id, "prediction": "3"}]
 

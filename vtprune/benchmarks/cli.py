@@ -61,8 +61,8 @@ and images/ or val2014/); prefix it with mme=, gqa= or pope= to say which, and r
 Without --data the embedded synthetic sets are used.
 
 Outputs in --out: results.json (scores, per-question predictions, timings), results.csv, results.png (score vs
-kept tokens per image) and predictions/<config>/ in the official MME eval_tool / GQA eval.py formats (POPE: a
-LLaVA-style answers JSONL).
+layer-averaged equivalent tokens per image) and predictions/<config>/ in the official MME eval_tool / GQA
+eval.py formats (POPE: a LLaVA-style answers JSONL).
 Under torchrun (WORLD_SIZE > 1) questions are sharded over ranks and rank 0 scores and writes.
 """
 
@@ -218,8 +218,8 @@ def settings_from_args(args):
             model=args.model, tasks=tuple(tasks), data=data, methods=methods, keeps=args.keep, ratios=args.ratio,
             configs=tuple(args.config), hyper=hyper, limit=args.limit, batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens, prompt_style=args.prompt_style, dtype=args.dtype,
-            device=args.device, out=args.out, seed=args.seed, timing_samples=max(0, args.timing_samples),
-            timing_repeats=args.timing_repeats, decode_tokens=max(0, args.decode_tokens), threads=args.threads,
+            device=args.device, out=args.out, seed=args.seed, timing_samples=args.timing_samples,
+            timing_repeats=args.timing_repeats, decode_tokens=args.decode_tokens, threads=args.threads,
             progress=not args.no_progress,
         )
     except (OSError, ValueError) as err:  # missing or mismatched --data, unknown method, bad setting

@@ -9,8 +9,8 @@ value has at least ``imageId``, ``question`` and ``answer``, plus in the officia
 Scoring (lmms-eval ``gqa`` task): the prediction is ``.strip()``-ed, then prediction and
 reference are lower-cased and every ``string.punctuation`` character is removed from both;
 the question is right iff the two strings are then equal.  The LLaVA-1.5 conversion
-(``convert_gqa_for_eval.py``: strip a trailing ".", lower-case) + the official ``eval.py``
-exact match is available as ``normalization="llava"``.
+(``convert_gqa_for_eval.py``: ``answer.rstrip('.').lower()``, every trailing "." removed) + the
+official ``eval.py`` exact match is available as ``normalization="llava"``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from .datachecks import DuplicateKeys, files_by_stem, one_file
 
 __all__ = [
     "QUESTIONS_FILE",
@@ -75,9 +77,49 @@ def _find_questions_file(root: Path) -> Path:
                          "pass questions_file=")
 
 
+def _read_questions(qfile: Path) -> dict:
+    """The questions file as a dict keyed by question id; a question id (or a question's field) given twice is
+    an error: ``json`` would keep the last one silently."""
+    if not qfile.is_file():
+        raise GQAFormatError(f"{qfile}: questions file not found")
+    twice = DuplicateKeys()
+    try:
+        data = json.loads(qfile.read_text(encoding="utf-8"), object_pairs_hook=twice)
+    except json.JSONDecodeError as e:
+        raise GQAFormatError(f"{qfile}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise GQAFormatError(f"{qfile}: expected a JSON object keyed by question id, got {type(data).__name__}")
+    for obj, key in twice.found:
+        if obj is data:
+            raise GQAFormatError(f"{qfile}: question id {key!r} is given twice; keep one of the two entries")
+        qid = next((q for q, entry in data.items() if entry is obj), None)
+        if qid is not None:
+            raise GQAFormatError(f"{qfile}: question {qid!r} gives the field {key!r} twice; keep one")
+    return data
+
+
+def _question(qfile: Path, qid: str, entry, images: dict[str, list[Path]], img_dir: Path) -> GQAQuestion:
+    """One checked question; ``images`` maps each image id to the files with that stem."""
+    if not isinstance(entry, dict):
+        raise GQAFormatError(f"{qfile}: question {qid!r} is not an object")
+    for key in ("imageId", "question", "answer"):
+        if key not in entry:
+            raise GQAFormatError(f"{qfile}: question {qid!r} has no {key!r} field")
+        if not isinstance(entry[key], str) or (key != "answer" and not entry[key].strip()):
+            raise GQAFormatError(f"{qfile}: question {qid!r}: field {key!r} must be a non-empty string, "
+                                 f"got {entry[key]!r}")
+    image_id = entry["imageId"]
+    if image_id not in images:
+        raise GQAFormatError(f"{qfile}: question {qid!r} refers to unknown imageId {image_id!r} "
+                             f"(no {img_dir / image_id}{{{','.join(IMAGE_EXTENSIONS)}}})")
+    path = one_file(images[image_id], f"{qfile}: question {qid!r}: imageId {image_id!r}", GQAFormatError)
+    return GQAQuestion(str(qid), image_id, path, entry["question"], entry["answer"],
+                       entry.get("types") or {}, entry.get("fullAnswer"))
+
+
 def load_gqa(root: str | Path, questions_file: str | Path | None = None,
              images_dir: str | Path | None = None, limit: int | None = None) -> list[GQAQuestion]:
-    """Load questions (sorted by question id) and check every referenced image exists.
+    """Load questions (sorted by question id) and check every referenced image exists, under one name only.
 
     Malformed input raises :class:`GQAFormatError` naming the file (and the question id).
     """
@@ -88,36 +130,11 @@ def load_gqa(root: str | Path, questions_file: str | Path | None = None,
     if not qfile.is_absolute() and not qfile.exists():
         qfile = root / qfile
     img_dir = Path(images_dir) if images_dir is not None else root / "images"
-    if not qfile.is_file():
-        raise GQAFormatError(f"{qfile}: questions file not found")
-    try:
-        data = json.loads(qfile.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise GQAFormatError(f"{qfile}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise GQAFormatError(f"{qfile}: expected a JSON object keyed by question id, got {type(data).__name__}")
+    data = _read_questions(qfile)
     if not img_dir.is_dir():
         raise GQAFormatError(f"{img_dir}: images folder not found (needed by {qfile})")
-    available = {p.stem: p for p in img_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
-    out = []
-    for qid in sorted(data):
-        entry = data[qid]
-        if not isinstance(entry, dict):
-            raise GQAFormatError(f"{qfile}: question {qid!r} is not an object")
-        for key in ("imageId", "question", "answer"):
-            if key not in entry:
-                raise GQAFormatError(f"{qfile}: question {qid!r} has no {key!r} field")
-            if not isinstance(entry[key], str) or (key != "answer" and not entry[key].strip()):
-                raise GQAFormatError(f"{qfile}: question {qid!r}: field {key!r} must be a non-empty string, "
-                                     f"got {entry[key]!r}")
-        image_id = entry["imageId"]
-        if image_id not in available:
-            raise GQAFormatError(f"{qfile}: question {qid!r} refers to unknown imageId {image_id!r} "
-                                 f"(no {img_dir / image_id}{{{','.join(IMAGE_EXTENSIONS)}}})")
-        out.append(GQAQuestion(str(qid), image_id, available[image_id], entry["question"], entry["answer"],
-                               entry.get("types") or {}, entry.get("fullAnswer")))
-        if limit is not None and len(out) >= limit:
-            break
+    images = files_by_stem(img_dir, IMAGE_EXTENSIONS)
+    out = [_question(qfile, qid, data[qid], images, img_dir) for qid in sorted(data)[:limit]]
     if not out:
         raise GQAFormatError(f"{qfile}: no questions")
     return out
@@ -129,7 +146,7 @@ def normalize_answer(text: str, normalization: str = "lmms-eval", *, is_predicti
     """Normalise a prediction or a reference before exact match.
 
     ``"lmms-eval"``: strip (predictions), lower-case, remove all ASCII punctuation.
-    ``"llava"``: strip, drop one trailing ".", lower-case (LLaVA's convert_gqa_for_eval.py).
+    ``"llava"``: strip, drop every trailing "." (``rstrip('.')``), lower-case (LLaVA's convert_gqa_for_eval.py).
     """
     text = str(text)
     if normalization == "lmms-eval":
@@ -139,10 +156,7 @@ def normalize_answer(text: str, normalization: str = "lmms-eval", *, is_predicti
     if normalization == "llava":
         if not is_prediction:
             return text
-        text = text.strip()
-        if text.endswith("."):
-            text = text[:-1]
-        return text.lower()
+        return text.strip().rstrip(".").lower()
     raise ValueError(f"unknown normalization {normalization!r}")
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .datachecks import files_by_stem, one_file
+
 __all__ = [
     "PERCEPTION_SUBTASKS",
     "COGNITION_SUBTASKS",
@@ -115,7 +117,7 @@ def load_mme(root: str | Path, subtasks: Sequence[str] | None = None) -> list[MM
     """Load an MME release-layout folder; questions come back sorted by subtask folder then image name.
 
     ``subtasks`` restricts loading to those folder names (an unknown name is an error).
-    Any malformed input raises :class:`MMEFormatError` naming the file.
+    Any malformed input raises :class:`MMEFormatError` naming the file (both files for two images of one stem).
     """
     root = Path(root)
     if not root.is_dir():
@@ -131,8 +133,8 @@ def load_mme(root: str | Path, subtasks: Sequence[str] | None = None) -> list[MM
     questions: list[MMEQuestion] = []
     for name in chosen:
         img_dir, qa_dir = _subtask_dirs(root / name)
-        images = {p.stem: p for p in sorted(img_dir.iterdir())
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+        images = {stem: one_file(paths, str(img_dir / stem), MMEFormatError)  # 0001.png beside 0001.jpg
+                  for stem, paths in files_by_stem(img_dir, IMAGE_EXTENSIONS).items()}
         txts = {p.stem: p for p in sorted(qa_dir.iterdir()) if p.is_file() and p.suffix == ".txt"}
         if not images and not txts:
             continue  # an unrelated folder (e.g. eval_tool/) -- nothing to load

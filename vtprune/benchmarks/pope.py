@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .datachecks import DuplicateKeys, one_file
 from .mme import record_field
 
 __all__ = [
@@ -145,20 +146,31 @@ def is_pope_folder(root: str | Path) -> bool:
     return any(p.suffix.lower() == ".jsonl" for p in files) and not any("questions" in p.name for p in files)
 
 
+def _no_key_twice(twice: DuplicateKeys, where: str) -> None:
+    """A record giving a key twice (``json`` keeps the last value silently) is an error; ``twice`` is reset."""
+    if twice.found:
+        raise POPEFormatError(f"{where}: the record gives the key {twice.found[0][1]!r} twice; keep one")
+    twice.found.clear()
+
+
 def _jsonl_records(text: str, path: Path) -> Iterable[tuple[int, object]]:
+    twice = DuplicateKeys()
     for lineno, raw in enumerate(text.split("\n"), 1):
         if not raw.strip():
             continue
         try:
-            yield lineno, json.loads(raw)
+            record = json.loads(raw, object_pairs_hook=twice)
         except json.JSONDecodeError as e:
             hint = " (expected one JSON object per line, or a JSON array)" if raw.strip() in "{[" else ""
             raise POPEFormatError(f"{path}:{lineno}: invalid JSON ({e.msg}){hint}") from None
+        _no_key_twice(twice, f"{path}:{lineno}")
+        yield lineno, record
 
 
 def _array_records(text: str, path: Path) -> list[tuple[int, object]]:
     """The items of a JSON array with the line each starts on."""
-    dec, n = json.JSONDecoder(), len(text)
+    twice = DuplicateKeys()
+    dec, n = json.JSONDecoder(object_pairs_hook=twice), len(text)
     out, pos, line, counted = [], text.index("[") + 1, 1, 0
 
     def skip(i):
@@ -182,6 +194,7 @@ def _array_records(text: str, path: Path) -> list[tuple[int, object]]:
             obj, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise POPEFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        _no_key_twice(twice, f"{path}:{start}")
         out.append((start, obj))
         pos = skip(pos)
         if pos < n and text[pos] == ",":
@@ -214,15 +227,14 @@ def _images_dir(root: Path, images_dir) -> Path:
     return root
 
 
-def _resolve_image(name: str, images: Path, root: Path) -> Path | None:
+def _resolve_image(name: str, images: Path, root: Path, where: str) -> Path | None:
+    """The file of the image field ``name`` (first in ``images``, then in ``root``); a name without an extension
+    that matches several files there (``a.jpg`` and ``a.png``) is an error naming them."""
+    names = [name] if Path(name).suffix else [name, *(name + ext for ext in IMAGE_EXTENSIONS)]
     for base in (images, root):
-        p = base / name
-        if p.is_file():
-            return p
-        if not Path(name).suffix:
-            for ext in IMAGE_EXTENSIONS:
-                if (base / (name + ext)).is_file():
-                    return base / (name + ext)
+        found = [base / n for n in names if (base / n).is_file()]
+        if found:
+            return one_file(found, f"{where}: image {name!r}", POPEFormatError)
     return None
 
 
@@ -238,13 +250,48 @@ def _text_field(rec: dict, names: Sequence[str], where: str, what: str) -> str:
     raise POPEFormatError(f"{where}: no {' / '.join(repr(n) for n in names)} field ({what})")
 
 
+def _question_id(rec: dict, path: Path, lineno: int, where: str) -> str:
+    qid = next((rec[k] for k in ("question_id", "id") if k in rec), None)
+    if qid is None:
+        return f"{path.stem}-{lineno}"
+    if not isinstance(qid, (str, int)) or isinstance(qid, bool):
+        raise POPEFormatError(f"{where}: 'question_id' must be a string or an integer, got {qid!r}")
+    return str(qid)
+
+
+def _record_question(rec, path: Path, lineno: int, file_category: str | None, images: Path,
+                     folder: Path) -> POPEQuestion:
+    """One checked record of ``path`` (starting on ``lineno``) as a question; its image must be found."""
+    where = f"{path}:{lineno}"
+    if not isinstance(rec, dict):
+        raise POPEFormatError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    question = _text_field(rec, ("question", "text"), where, "the question")
+    answer = _text_field(rec, ("answer", "label"), where, "yes or no").lower()
+    if answer not in ("yes", "no"):
+        raise POPEFormatError(f"{where}: the answer must be 'yes' or 'no', got {answer!r}")
+    image = _text_field(rec, ("image", "image_source"), where, "the image file name")
+    if "category" in rec:
+        category = _text_field(rec, ("category",), where, "random, popular or adversarial").lower()
+    elif file_category:
+        category = file_category
+    else:
+        raise POPEFormatError(f"{where}: no 'category' field, and the file name does not give one "
+                              "(<dataset>_pope_<category>.json)")
+    qid = _question_id(rec, path, lineno, where)
+    image_path = _resolve_image(image, images, folder, where)
+    if image_path is None:
+        raise POPEFormatError(f"{where}: image {image!r} not found (looked in {images}"
+                              + (f" and {folder}" if images != folder else "") + ")")
+    return POPEQuestion(qid, category, image, image_path, question, answer, path, lineno)
+
+
 def load_pope(root: str | Path, images_dir: str | Path | None = None,
               categories: Sequence[str] | None = None) -> list[POPEQuestion]:
     """Load a POPE folder (or one question file); questions come grouped by category (random, popular,
     adversarial, then any other in name order), in file order within a category.
 
     ``categories`` keeps only those (an absent one is an error).  Malformed input raises
-    :class:`POPEFormatError` naming the file and line.
+    :class:`POPEFormatError` naming the file and line; so does a question id given twice in one category.
     """
     root = Path(root)
     if root.is_file():
@@ -255,45 +302,19 @@ def load_pope(root: str | Path, images_dir: str | Path | None = None,
         raise POPEFormatError(f"{root}: POPE folder or file not found")
     images = _images_dir(folder, images_dir)
     by_category: dict[str, list[POPEQuestion]] = {}
-    seen: dict[tuple[str, str], str] = {}
+    seen: dict[tuple[str, str], str] = {}  # (category, question id) -> where it was first given
     for path in files:
         m = _CATEGORY_FILE.match(path.name)
-        file_category = m["category"].lower() if m else None
         records = _read_records(path)
         if not records:
             raise POPEFormatError(f"{path}:1: no questions")
         for lineno, rec in records:
-            where = f"{path}:{lineno}"
-            if not isinstance(rec, dict):
-                raise POPEFormatError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            question = _text_field(rec, ("question", "text"), where, "the question")
-            answer = _text_field(rec, ("answer", "label"), where, "yes or no").lower()
-            if answer not in ("yes", "no"):
-                raise POPEFormatError(f"{where}: the answer must be 'yes' or 'no', got {answer!r}")
-            image = _text_field(rec, ("image", "image_source"), where, "the image file name")
-            if "category" in rec:
-                category = _text_field(rec, ("category",), where, "random, popular or adversarial").lower()
-            elif file_category:
-                category = file_category
-            else:
-                raise POPEFormatError(f"{where}: no 'category' field, and the file name does not give one "
-                                      "(<dataset>_pope_<category>.json)")
-            qid = next((rec[k] for k in ("question_id", "id") if k in rec), None)
-            if qid is None:
-                qid = f"{path.stem}-{lineno}"
-            if not isinstance(qid, (str, int)) or isinstance(qid, bool):
-                raise POPEFormatError(f"{where}: 'question_id' must be a string or an integer, got {qid!r}")
-            qid = str(qid)
-            if (category, qid) in seen:
-                raise POPEFormatError(f"{where}: question id {qid!r} of category {category!r} repeats "
-                                      f"{seen[(category, qid)]}")
-            seen[(category, qid)] = where
-            image_path = _resolve_image(image, images, folder)
-            if image_path is None:
-                raise POPEFormatError(f"{where}: image {image!r} not found (looked in {images}"
-                                      + (f" and {folder}" if images != folder else "") + ")")
-            by_category.setdefault(category, []).append(
-                POPEQuestion(qid, category, image, image_path, question, answer, path, lineno))
+            q = _record_question(rec, path, lineno, m["category"].lower() if m else None, images, folder)
+            if (q.category, q.question_id) in seen:
+                raise POPEFormatError(f"{path}:{lineno}: question id {q.question_id!r} of category "
+                                      f"{q.category!r} repeats {seen[q.category, q.question_id]}")
+            seen[q.category, q.question_id] = f"{path}:{lineno}"
+            by_category.setdefault(q.category, []).append(q)
     order = [c for c in CATEGORIES if c in by_category] + sorted(c for c in by_category if c not in CATEGORIES)
     if categories is not None:
         missing = [c for c in categories if c not in by_category]

@@ -61,6 +61,7 @@ __all__ = [
     "build_configs",
     "validate_methods",
     "load_method_config",
+    "check_counts",
     "check_settings",
     "check_configs",
     "check_on_model",
@@ -279,8 +280,9 @@ def _budget_errors(keeps: Sequence, ratios: Sequence) -> str | None:
 
 
 def check_settings(settings: BenchSettings) -> list:
-    """Every check that needs no model (device, budgets, methods and their fields, config files, --model,
+    """Every check that needs no model (counts, device, budgets, methods and their fields, config files, --model,
     --out), so a bad command line fails before anything is loaded; returns the loaded config files."""
+    check_counts(settings)
     resolve_device(settings.device)
     try:
         resolve_dtype(settings.dtype, torch.device("cpu"))
@@ -303,6 +305,22 @@ def check_settings(settings: BenchSettings) -> list:
         raise UsageError(f"--config: two configs give {', '.join(twice)} (same method and file name); "
                          "drop the repeated one or rename a file")
     return files
+
+
+# every count of BenchSettings: (field, flag, lowest value); None (not given) is fine for limit and threads
+COUNT_FLAGS = (("limit", "--limit", 1), ("batch_size", "--batch-size", 1),
+               ("max_new_tokens", "--max-new-tokens", 1), ("threads", "--threads", 1),
+               ("timing_samples", "--timing-samples", 0), ("timing_repeats", "--timing-repeats", 1),
+               ("decode_tokens", "--decode-tokens", 0))
+
+
+def check_counts(settings: BenchSettings) -> None:
+    """Every count of ``settings`` is a whole number >= its flag's lowest value: a negative one is a
+    :class:`UsageError` naming the flag, never clamped to 0."""
+    from ..cli import check_count
+
+    for name, flag, low in COUNT_FLAGS:
+        check_count(getattr(settings, name), flag, low)
 
 
 def check_configs(methods: Sequence[str], files: Sequence, hyper: dict, keeps=None, ratios=None,
@@ -582,6 +600,11 @@ def limit_mme(questions: Sequence, limit: int | None) -> list:
 
 
 def load_task(task: str, root: str | os.PathLike | None = None, limit: int | None = None) -> TaskData:
+    """The questions of ``task`` (the first ``limit``, as each task selects them) from ``root`` (default: the
+    embedded synthetic set). Every image they use is decoded once here, so a broken file is a ValueError naming
+    it (:class:`~.datachecks.ImageDecodeError`) before any model work."""
+    from .datachecks import check_images
+
     root = Path(root) if root is not None else default_data_dir(task)
     if task == "mme":
         questions = limit_mme(mme_mod.load_mme(root), limit)
@@ -591,6 +614,7 @@ def load_task(task: str, root: str | os.PathLike | None = None, limit: int | Non
         questions = pope_mod.limit_pope(pope_mod.load_pope(root), limit)
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    check_images(q.image_path for q in questions)
     return TaskData(task, root, questions)
 
 
@@ -834,14 +858,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _progress(total: int, enabled: bool, unit: str = "q", desc: str = "bench"):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, file=sys.stderr)
-
-
 def _timing_inputs(model, processor, tasks: list[TaskData], prompts: dict, n: int) -> list[dict]:
     """Single-sample inputs for the timing pass: the first questions of the tasks, in turn."""
     picks = []
@@ -856,8 +872,10 @@ def _timing_pass(model, configs: list[BenchConfig], inputs: list[dict], settings
     """perf.compare over every configuration, interleaved round by round (fair ratios under background load)."""
     if not inputs:
         return {c.label: None for c in configs}
+    from ..progress import progress_bar  # drawn only in a terminal: CI logs stay free of redraws
+
     rounds = 1 + settings.timing_repeats
-    bar = _progress(rounds, settings.progress, unit="round", desc=f"timing {len(configs)} configs")
+    bar = progress_bar(rounds, f"timing {len(configs)} configs", "round", settings.progress)
     setups = {c.label: (lambda c=c: _applied(model, c)) for c in configs}
     kwargs = dict(warmup=1, repeats=settings.timing_repeats, decode_tokens=settings.decode_tokens)
     try:
@@ -884,6 +902,7 @@ def run_bench(settings: BenchSettings, *, model=None, processor=None, predictor:
     ``model``/``processor`` skip loading (use an already built model); ``predictor`` replaces
     :func:`generate_answers` (same signature) -- tests feed hand-made predictions through it.
     """
+    check_counts(settings)  # --threads is used at once
     info = init_distributed()
     try:
         with _num_threads(settings.threads):
@@ -900,7 +919,7 @@ def _load_tasks(settings) -> list[TaskData]:
     for t in settings.tasks:
         try:
             tasks.append(load_task(t, settings.data.get(t), settings.limit))
-        except (OSError, ValueError) as err:  # a malformed benchmark folder (MMEFormatError, GQAFormatError)
+        except (OSError, ValueError) as err:  # a malformed folder (MMEFormatError ...), an image that does not decode
             raise UsageError(f"--data {settings.data.get(t, t)}: {err}") from None
     return tasks
 
@@ -943,9 +962,32 @@ def _run(settings, info, model, processor, predictor, write) -> dict | None:
     prompts = {t.name: [build_prompt(q.question, benchmark=prompt_benchmark(t.name),
                                      style=settings.prompt_style, processor=processor) for q in t.questions]
                for t in tasks}
+    local = _answer_configs(model, processor, tasks, prompts, configs, settings, info, predictor)
+    gathered = gather_to_main(local, info)
+
+    timing = {}
+    if info.main and settings.timing_samples > 0:
+        failed = {label for rank in gathered for label, entry in rank.items() if "error" in entry}
+        inputs = _timing_inputs(model, processor, tasks, prompts, settings.timing_samples)
+        timing = _timing_pass(model, [c for c in configs if c.label not in failed], inputs, settings)
+    _barrier(info)
+    if not info.main:
+        return None
+
+    results = _assemble(settings, info, model_desc, n_visual, tasks, configs, gathered, timing)
+    if write:
+        write_outputs(results, settings.out, tasks)
+    return results
+
+
+def _answer_configs(model, processor, tasks, prompts, configs, settings, info, predictor) -> dict:
+    """This rank's answers: label -> {task: ([(index, answer)], counts)}, or {"error": ...} for a configuration
+    that failed (vanilla failing is raised)."""
+    from ..progress import progress_bar  # drawn only in a terminal: CI logs stay free of redraws
+
     shard_size = sum(len(b) for t in tasks for b in shard_batches(len(t.questions), settings.batch_size,
                                                                   info.rank, info.world))
-    bar = _progress(shard_size * len(configs), settings.progress and info.main)
+    bar = progress_bar(shard_size * len(configs), "bench", "q", settings.progress and info.main)
     local = {}
     try:
         for k, config in enumerate(configs):
@@ -966,21 +1008,7 @@ def _run(settings, info, model, processor, predictor, write) -> dict | None:
     finally:
         if bar is not None:
             bar.close()
-    gathered = gather_to_main(local, info)
-
-    timing = {}
-    if info.main and settings.timing_samples > 0:
-        failed = {label for rank in gathered for label, entry in rank.items() if "error" in entry}
-        inputs = _timing_inputs(model, processor, tasks, prompts, settings.timing_samples)
-        timing = _timing_pass(model, [c for c in configs if c.label not in failed], inputs, settings)
-    _barrier(info)
-    if not info.main:
-        return None
-
-    results = _assemble(settings, info, model_desc, n_visual, tasks, configs, gathered, timing)
-    if write:
-        write_outputs(results, settings.out, tasks)
-    return results
+    return local
 
 
 def _merge(gathered: list, label: str, task: TaskData) -> tuple[list[str], TokenCounts]:
@@ -1078,6 +1106,15 @@ def _run_name(run: dict) -> str:
     return run["method"] + (f" [{run['config']}]" if run.get("config") else "")
 
 
+def _budget(run: dict) -> str:
+    """The nominal budget of a run as the table and the plot name it: keep N, ratio R, schedule, - for vanilla."""
+    if run["method"] == "vanilla":
+        return "-"
+    if run["keep"] is not None:
+        return f"keep {run['keep']}"
+    return f"ratio {run['ratio']:g}" if run["ratio"] is not None else "schedule"
+
+
 # POPE columns of the table: category means under LLaVA's eval_pope and lmms-eval's conventions
 POPE_COLUMNS = ["POPE F1", "POPE acc", "F1 lmms", "acc lmms", "yes %"]
 POPE_CELLS = [("llava", "f1"), ("llava", "accuracy"), ("lmms_eval", "f1"), ("lmms_eval", "accuracy"),
@@ -1103,8 +1140,7 @@ def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
         return "-" if x is None else format(x, fmt)
 
     for r in runs:
-        budget = ("-" if r["method"] == "vanilla" else f"keep {r['keep']}" if r["keep"] is not None
-                  else f"ratio {r['ratio']:g}" if r["ratio"] is not None else "schedule")
+        budget = _budget(r)
         if r.get("error"):
             rows.append([_run_name(r), budget, "failed (see results.json)"] + [""] * (len(header) - 3))
             continue
@@ -1218,8 +1254,21 @@ def write_csv(results: dict, path: Path) -> Path:
     return path
 
 
+def _plot_points(results: dict, task: str) -> dict[str, list[tuple[float, float, str]]]:
+    """(equivalent tokens, score, budget) of every pruned run that did not fail, by run name, sorted by tokens."""
+    by_method: dict[str, list[tuple[float, float, str]]] = {}
+    for r in results["runs"]:
+        if r.get("error") or r["method"] == "vanilla":
+            continue
+        by_method.setdefault(_run_name(r), []).append((r["equivalent_tokens"], r["scores"][task]["score"],
+                                                       _budget(r)))
+    return {name: sorted(pts) for name, pts in by_method.items()}
+
+
 def plot_results(results: dict, path: Path) -> Path:
-    """Score vs kept tokens per image: one panel per task, one line per method, vanilla as a dashed line."""
+    """Score vs cost: one panel per task, one line per method, each point at its layer-averaged equivalent visual
+    tokens per image (what the LLM processes on average: FastV at keep 16 still runs its early layers on every
+    token) and labelled with its nominal budget; vanilla as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -1228,29 +1277,27 @@ def plot_results(results: dict, path: Path) -> Path:
     tasks = list(results["tasks"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        by_method: dict[str, list[tuple[float, float]]] = {}
         for r in results["runs"]:
-            if r.get("error"):
-                continue
-            score = r["scores"][task]["score"]
-            if r["method"] == "vanilla":
+            if r["method"] == "vanilla" and not r.get("error"):
+                score = r["scores"][task]["score"]
                 ax.axhline(score, color="black", linestyle="--", linewidth=1.2, label=f"vanilla ({score:.1f})")
-            else:
-                by_method.setdefault(_run_name(r), []).append((r["kept_tokens"], score))
-        for method, pts in by_method.items():
-            pts.sort()
+        xs = [results["meta"]["visual_tokens"]]
+        for method, pts in _plot_points(results, task).items():
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            for x, y, budget in pts:
+                ax.annotate(budget, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6, alpha=0.7)
+            xs += [p[0] for p in pts]
         title = results["tasks"][task]["metric"]
         if task == "mme":
             title += f" (max {results['runs'][0]['scores']['mme']['total_max']:.0f})"
         ax.set_title(title)
-        ax.set_xlim(0, results["meta"]["visual_tokens"] * 1.05)
+        ax.set_xlim(0, max(xs) * 1.05)
         ax.set_ylim(bottom=0)
-        ax.set_xlabel("kept visual tokens per image")
+        ax.set_xlabel("equivalent visual tokens per image (layer-averaged)")
         ax.set_ylabel("score")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{results['meta']['model']['name']}: score vs kept tokens", fontsize=10)
+    fig.suptitle(f"{results['meta']['model']['name']}: score vs equivalent visual tokens", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -95,8 +95,10 @@ def test_width_after_a_cut_is_the_longest_remaining_sample(models, family, run, 
         finally:
             for h in handles:
                 h.remove()
-        singles = [model.generate(**_alone(p), max_new_tokens=STEPS, do_sample=False)[0, -STEPS:].tolist()
-                   for p in prompts]
+        singles, single_kept = [], []
+        for p in prompts:  # each prompt alone: its tokens and (image prompts) its kept sets
+            singles.append(model.generate(**_alone(p), max_new_tokens=STEPS, do_sample=False)[0, -STEPS:].tolist())
+            single_kept += [i.kept_index for i in model.vtprune.stats.images] if model.vtprune.stats else []
     widths = _expected_widths(batch, stats, n_layers, evicted=False)  # what each layer computes the prefill on
     cached = _expected_widths(batch, stats, n_layers, evicted=bool(options))  # what its cache holds afterwards
     assert min(widths) < batch["input_ids"].shape[1]  # the cut shrank the batch despite the text-only sample
@@ -112,16 +114,4 @@ def test_width_after_a_cut_is_the_longest_remaining_sample(models, family, run, 
             assert got["mask_keys"] in (None, cached[layer] + step + 1), (layer, step, got)
     assert [layer.keys.shape[-2] for layer in gen.past_key_values.layers] == [w + STEPS - 1 for w in cached]
     assert gen.sequences[:, -STEPS:].tolist() == singles  # batched == each prompt alone
-    assert [i.kept_index for i in stats.images] == [i.kept_index for i in _single_stats(model, method, settings,
-                                                                                         options, prompts)]
-
-
-def _single_stats(model, method, settings, options, prompts):
-    """Each image prompt's stats when run alone (the text-only prompt has none)."""
-    images = []
-    with vtprune.pruned(model, method, **settings, **options), torch.no_grad():
-        for p in prompts:
-            if bool((p.input_ids == IMAGE_TOKEN).any()):
-                model(**collate([p]))
-                images += model.vtprune.stats.images
-    return images
+    assert [i.kept_index for i in stats.images] == single_kept

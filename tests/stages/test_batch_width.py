@@ -47,7 +47,7 @@ def _remaining(batch, stats, layer: int) -> torch.Tensor:
     at or before the layer removed (from the kept counts)."""
     left = batch["attention_mask"].sum(1).clone()
     for img in stats.images:
-        stages = [st for st in img.stages if st.stage != "llm" or st.layer <= layer]
+        stages = [st for st in img.stages if st.stage == "pre_llm" or st.stage == "llm" and st.layer <= layer]
         if stages:
             left[img.sample] -= img.n_tokens - stages[-1].tokens_out
     return left
@@ -72,7 +72,7 @@ def _expected_widths(batch, stats, n_layers: int, evicted: bool) -> list[int]:
     after a cut, the longest remaining sample (evicted: the final one everywhere)."""
     T = batch["input_ids"].shape[1]
     cut_at = [st.layer if st.stage == "llm" else 0 for img in stats.images for st in img.stages
-              if st.tokens_out < st.tokens_in]
+              if st.stage != "vision" and st.tokens_out < st.tokens_in]  # vision stages count patches
     final = int(_remaining(batch, stats, n_layers - 1).max())
     return [final if evicted else int(_remaining(batch, stats, l).max()) if any(c <= l for c in cut_at) else T
             for l in range(n_layers)]

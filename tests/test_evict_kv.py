@@ -33,12 +33,12 @@ def _kept_visual(method: str, n: int) -> int:
 
 
 def _expected_length(method: str, batch) -> int:
-    """Cache length once evicted: the longest row of text (left padding included: a cut keeps it) plus kept
-    visual tokens."""
+    """Cache length once evicted: the longest remaining row, its text (left padding excluded: a cut drops it) plus
+    its kept visual tokens."""
     lengths = []
-    for ids in batch["input_ids"]:
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
         image = ids == IMAGE_TOKEN  # one image per prompt of batch_of
-        lengths.append(int((~image).sum()) + _kept_visual(method, int(image.sum())))
+        lengths.append(int((mask.bool() & ~image).sum()) + _kept_visual(method, int(image.sum())))
     return max(lengths)
 
 

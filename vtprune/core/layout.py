@@ -1,7 +1,8 @@
 """Token layouts of the LLM sequence and the pure functions that cut them (no hooks, no state).
 
 A layout describes one *segment*: the LLM input (segment 0) or the sequence from an LLM cut on. Rows are
-right-aligned (left padding), so each sample's last prompt token stays in the last column.
+right-aligned (left padding), so each sample's last prompt token stays in the last column. A cut layout is as wide
+as its longest remaining sample: padding is rebuilt per cut, never carried over.
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ def original_layout(spans, batch: int, length: int, attention_mask, device) -> L
 
 def cut_layout(prev: Layout, spans, keeps: list[torch.Tensor]) -> tuple[Layout, torch.Tensor, torch.Tensor]:
     """The layout after dropping every image's visual slots not in ``keeps`` (per image: sorted indices into its
-    current tokens), and the kernel inputs: keep_index [B, T'] (slots of prev, first counts[b] valid), counts [B]."""
+    current tokens), and the kernel inputs: keep_index [B, T'] (slots of prev, first counts[b] valid), counts [B].
+    Padding slots are dropped too, so T' = max(counts), the longest remaining sample: one text-only or lightly
+    pruned sample must not keep every other row as wide as before the cut."""
     device = prev.valid.device
     B, T = prev.valid.shape
-    keep = torch.ones(B, T, dtype=torch.bool, device=device)
+    keep = prev.valid.clone()
     for span, kept in zip(spans, keeps):
         slots = prev.images[span.image]
         dropped = torch.ones(slots.numel(), dtype=torch.bool, device=device)

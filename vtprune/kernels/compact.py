@@ -27,7 +27,9 @@ below the tile's start.
 in-place pass in the same program that shifts the compacted rows
 [0, counts[b]) right by K - counts[b]. There destination > source, so that
 sweep runs DESCENDING, by the mirror argument, and fills rows below the shift
-with zeros in the same sweep.
+with zeros in the same sweep. The caller chooses K: vtprune's cuts pass
+K = max(counts) (``core/layout.cut_layout``), so the longest row fills all K
+slots and shorter rows are left-padded to it.
 
 Torch path and its temporaries
 ------------------------------

@@ -256,6 +256,8 @@ def _cli(argv, capsys) -> tuple[int, str]:
      "that is the bench's test split"),
     (["--method", "fastv", "--keep", "999"], "--keep 999: more than the 144 visual tokens"),
     (["--method", "fastv", "--keep", "16", "--trials", "0"], "argument --trials: must be >= 1"),
+    (["--method", "fastv", "--keep", "16", "--timeout", "0"], "argument --timeout: must be a finite number > 0"),
+    (["--method", "fastv", "--keep", "16", "--timeout", "nan"], "argument --timeout: must be a finite number > 0"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(argv, message, tmp_path, capsys):
     out = tmp_path / "out"

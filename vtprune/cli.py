@@ -249,7 +249,6 @@ def _viz_budget(args) -> dict:
     """``--keep`` / ``--ratio`` as method keywords: required by a method that prunes to a budget, optional for a
     budget-free schedule (TransPrune, VFlowOpt), refused (by the method's own check) where there is no budget
     (DyVTE). A method that removes no token has nothing to draw."""
-    from . import methods as _methods  # noqa: F401  (registers the built-in methods)
     from .registry import method_class
 
     try:

@@ -4,8 +4,10 @@ model is loaded (or, for what only the model can tell, right after loading it an
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -84,7 +86,9 @@ VIZ_ERRORS = {
     "keep 0": (lambda f: {"--keep": "0"}, "keep"),
     "ratio 1": (lambda f: {"--keep": None, "--ratio": "1.0"}, "ratio"),
     "device nonsense": (lambda f: {"--device": "nonsense"}, "not a device"),
-    "no budget": (lambda f: {"--keep": None}, "--keep --ratio is required"),
+    "no budget": (lambda f: {"--keep": None}, "--method random prunes to a budget: give --keep N"),
+    "budget for dyvte": (lambda f: {"--method": "dyvte"}, "dyvte"),
+    "modulator": (lambda f: {"--method": "var", "--keep": None}, "only modulates attention"),
 }
 
 
@@ -93,6 +97,39 @@ def test_viz_user_errors(files, capsys, case):
     over, expected = VIZ_ERRORS[case]
     line = _one_error(capsys, _viz(files, **over(files)), "vtprune viz")
     assert expected in line
+
+
+def _png_declaring(path: Path, width: int, height: int) -> Path:
+    """A PNG of a few hundred bytes whose header declares width x height RGB pixels (one row of data follows)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    row = zlib.compress(b"\x00" * (1 + 3 * width))  # filter byte + one row: the rest is missing
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", row) + chunk(b"IEND", b""))
+    return path
+
+
+def _truncated_jpeg(path: Path) -> Path:
+    noise = Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48)
+    noise.save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])  # the header is whole: PIL opens it; decoding runs out of data
+    return path
+
+
+@pytest.mark.parametrize("case", ["truncated jpeg", "bomb over twice the limit", "bomb over the limit"])
+def test_viz_image_that_does_not_decode(files, capsys, monkeypatch, case):
+    """Found by decoding the image in full before the model is loaded: one line naming the file, exit 2."""
+    limit = Image.MAX_IMAGE_PIXELS
+    side = {"bomb over twice the limit": 2, "bomb over the limit": 1.2}.get(case)
+    image = (_truncated_jpeg(files["dir"] / "cut.jpg") if side is None else
+             _png_declaring(files["dir"] / "bomb.png", int((side * limit) ** 0.5) + 1, int((side * limit) ** 0.5) + 1))
+    loads = []
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: loads.append(1))
+    line = _one_error(capsys, _viz(files, **{"--image": image}), "vtprune viz")
+    assert f"--image {image}: " in line and not loads
+    assert ("does not decode" in line) if side is None else ("decompression bomb" in line and str(limit) in line)
 
 
 @pytest.mark.skipif(ROOT_USER and not os.path.isdir("/proc"), reason="root can write into a read-only folder")
@@ -192,6 +229,9 @@ def test_viz_keep_above_the_models_tokens(monkeypatch, files, capsys):
      "vtprune-bench"),
     (["-m", "vtprune.cli", "viz", "--image", "missing.png", "--question", "q", "--method", "random", "--keep", "4"],
      "vtprune viz"),
+    (["-m", "vtprune.cli", "viz", "--image", os.path.join(ROOT, "vtprune", "assets", "synthetic_gqa", "images",
+                                                          "syn00000.png"),
+      "--question", "q", "--method", "random", "--keep", "4", "--device", "nonsense"], "vtprune viz"),
 ])
 def test_entry_points_exit_2_with_one_line(tmp_path, argv, prog):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -258,6 +298,22 @@ def test_train_dyvte_user_errors(files, capsys, case):
     assert expected in _one_error(capsys, ["train-dyvte", "--no-progress", *argv], "vtprune train-dyvte")
 
 
+@pytest.mark.parametrize("case", ["truncated", "empty", "another file"])
+def test_train_dyvte_state_that_does_not_resume(files, capsys, case):
+    """A state.pt in --out that does not load (cut short by a kill during an in-place save) or is no train-dyvte
+    state: one line naming it and the fix, before the model is loaded (no_model_load)."""
+    out = files["dir"] / "dyvte"
+    out.mkdir()
+    state = out / "state.pt"
+    torch.save({"routers": {}, "step": 3} if case == "another file" else {"step": 3, "weights": torch.ones(64)}, state)
+    if case != "another file":
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2] if case == "truncated" else b"")
+    line = _one_error(capsys, ["train-dyvte", "--no-progress", "--steps", "1", "--out", str(out)],
+                      "vtprune train-dyvte")
+    assert f"cannot resume from {state}" in line and "delete it" in line and "new --out" in line
+    assert ("not a train-dyvte state" in line) == (case == "another file")
+
+
 CALIBRATE_ERRORS = {
     "prompts 0": ({"--prompts": "0"}, "--prompts 0: must be >= 1"),
     "tau nan": ({"--tau": "nan"}, "--tau nan: must be a finite number > 0"),
@@ -277,3 +333,54 @@ def test_calibrate_sinks_user_errors(files, capsys, case):
     fmt = {k: str(v) for k, v in files.items()}
     argv = [x.format(**fmt) for x in _flags({"--prompts": "1", **over})]
     assert expected.format(**fmt) in _one_error(capsys, ["calibrate-sinks", *argv], "vtprune calibrate-sinks")
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_calibrate_sinks_with_no_sink_found_writes_nothing(files, capsys, tiny_model, existing):
+    """|x_d| / RMS(x) <= sqrt(d) for every dimension, so a --tau above sqrt(d) finds no sink: VAR could not run
+    with such a config, so none is written (an existing file stays as it was), one stderr line says why, exit 1."""
+    model, forwards = tiny_model
+    tau = model.config.text_config.hidden_size ** 0.5 + 1
+    out = files["dir"] / "var.yaml"
+    if existing:
+        out.write_text("method: var\nsink_dims: [3]\n")
+    status = top_cli.main(["calibrate-sinks", "--prompts", "1", "--tau", str(tau), "--out", str(out)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 1 and forwards  # the prompt ran: this is a finding, not a usage error
+    assert len(lines) == 1 and lines[0].startswith("vtprune calibrate-sinks: no sink dimension found"), lines
+    assert f"nothing written to {out}" in lines[0] and "--tau" in lines[0]
+    assert (out.read_text() == "method: var\nsink_dims: [3]\n") if existing else not out.exists()
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("entry", ["vtprune bench", "vtprune-bench"])
+def test_bench_ctrl_c_is_one_line_and_exit_130(files, capsys, monkeypatch, tiny_model, entry):
+    """Ctrl-C while the bench runs (here: during the vanilla answers): one line, exit status 130, nothing written."""
+    from vtprune.benchmarks import cli as bench_cli
+
+    monkeypatch.setattr(runner, "load_task", REAL_LOAD_TASK)
+    monkeypatch.setattr(runner, "answer_task", _interrupt)
+    argv = ["--no-progress", "--task", "gqa", "--limit", "2", "--methods", "random", "--keep", "8",
+            "--out", str(files["dir"] / "bench")]
+    try:
+        status = top_cli.main(["bench", *argv]) if entry == "vtprune bench" else bench_cli.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped as a traceback")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 130 and len(lines) == 1 and lines[0].startswith(f"{entry}: interrupted"), lines
+    assert not (files["dir"] / "bench" / "results.json").exists()
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(files, capsys, monkeypatch, tiny_model):
+    from vtprune import viz
+
+    monkeypatch.setattr(viz, "kept_token_pictures", _interrupt)
+    try:
+        status = top_cli.main(_viz(files))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped as a traceback")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 130 and lines == ["vtprune viz: interrupted"]

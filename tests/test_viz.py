@@ -25,12 +25,8 @@ def _image():
     return img
 
 
-@pytest.mark.parametrize("method, n_panels", [("flowcut", 3), ("fastv", 2), ("vtc_cls", 2)])
-def test_panels_and_dimming(model_and_processor, tmp_path, method, n_panels):
-    model, processor = model_and_processor
-    out = tmp_path / "kept.png"
-    picture = kept_token_pictures(model, processor, _image(), "what color is the circle ?", method, out=out, keep=16)
-    assert out.exists() and not hasattr(model, "vtprune")
+def _dimmed_cells(picture, model, n_panels: int) -> tuple[int, int]:
+    """(dimmed patch cells of the last panel against the first, cells per panel); checks the panel count."""
     panel_w = (picture.width - 6 * (n_panels - 1)) / n_panels
     assert panel_w == int(panel_w) == 336
     arr = np.asarray(picture).astype(float)
@@ -39,8 +35,33 @@ def test_panels_and_dimming(model_and_processor, tmp_path, method, n_panels):
     cell = 336 // side
     cells_first = first[: side * cell, : side * cell].reshape(side, cell, side, cell, 3).mean((1, 3, 4))
     cells_last = last[: side * cell, : side * cell].reshape(side, cell, side, cell, 3).mean((1, 3, 4))
-    darker = cells_last < cells_first - 1
-    assert darker.sum() == side * side - 16  # exactly the pruned patches are dimmed
+    return int((cells_last < cells_first - 1).sum()), side * side
+
+
+@pytest.mark.parametrize("method, n_panels", [("flowcut", 3), ("fastv", 2), ("vtc_cls", 2)])
+def test_panels_and_dimming(model_and_processor, tmp_path, method, n_panels):
+    model, processor = model_and_processor
+    out = tmp_path / "kept.png"
+    picture = kept_token_pictures(model, processor, _image(), "what color is the circle ?", method, out=out, keep=16)
+    assert out.exists() and not hasattr(model, "vtprune")
+    dimmed, cells = _dimmed_cells(picture, model, n_panels)
+    assert dimmed == cells - 16  # exactly the pruned patches are dimmed
+
+
+@pytest.mark.parametrize("threshold, exits", [(-1e4, True), (1e4, False)])
+def test_dyvte_without_a_budget(model_and_processor, tmp_path, threshold, exits):
+    """DyVTE has no budget: its routers decide. A margin no logit gap reaches either way makes every router exit
+    (the image is gone after layer 0: all dimmed) or none (a panel saying nothing was removed, nothing dimmed)."""
+    from vtprune.methods.dyvte import Routers, save_routers
+
+    model, processor = model_and_processor
+    text = model.config.text_config
+    routers = tmp_path / "routers.safetensors"
+    save_routers(Routers(text.hidden_size, text.num_hidden_layers), routers, {"model_id": "tiny"})
+    picture = kept_token_pictures(model, processor, _image(), "what color is the circle ?", "dyvte",
+                                  routers=str(routers), threshold=threshold)
+    dimmed, cells = _dimmed_cells(picture, model, 2)
+    assert dimmed == (cells if exits else 0) and not hasattr(model, "vtprune")
 
 
 def test_viz_command_line(tmp_path):
@@ -54,3 +75,21 @@ def test_viz_command_line(tmp_path):
     assert Image.open(out).width > 336
     assert main(["viz", "--image", str(image), "--question", "q", "--method", "flowcat", "--keep", "16",
                  "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("method, flags", [("dyvte", ["--set", "threshold=-1e4"]), ("transprune", []),
+                                           ("vflowopt", [])])
+def test_viz_command_line_without_a_budget(tmp_path, method, flags):
+    """Methods that need no budget (DyVTE: its routers, shipped with the embedded model; TransPrune and VFlowOpt:
+    their own schedules) are drawn without --keep / --ratio."""
+    from vtprune.cli import main
+
+    image = tmp_path / "shapes.png"
+    _image().save(image)
+    out = tmp_path / f"{method}.png"
+    assert main(["viz", "--image", str(image), "--question", "q", "--method", method, *flags, "--out", str(out)]) == 0
+    with Image.open(out) as picture:
+        assert picture.width >= 2 * 336  # the input and at least one stage
+        if method == "dyvte":  # every router exits after layer 0: the second panel is all dimmed (0.22 x + 20)
+            arr = np.asarray(picture.convert("RGB")).astype(float)[22:]
+            assert picture.width == 2 * 336 + 6 and arr[:, :336].max() > 250 and arr[:, 342:].max() <= 0.22 * 255 + 21

@@ -6,22 +6,28 @@
     vtprune viz [...]       draw which visual tokens a method keeps (see ``vtprune viz -h``)
     vtprune train-dyvte     train DyVTE's exit routers for a model (see ``vtprune train-dyvte -h``)
     vtprune calibrate-sinks find VAR's sink dimensions of a model (see ``vtprune calibrate-sinks -h``)
+    vtprune search [...]    tune a method's hyperparameters with optuna (see ``vtprune search -h``)
+
+Sub-commands with many flags keep them in their package: ``benchmarks/cli.py``, ``benchmarks/perf_cli.py``,
+``search/cli.py``, ``training/cli.py`` (train-dyvte, calibrate-sinks).
 
 Adding a sub-command (e.g. ``viz``): write ``_add_<name>(subparsers)`` that creates the sub-parser, adds its
 flags and sets ``handler=<function(args) -> exit status>``, then list it in ``COMMANDS``. Heavy imports
-(torch, transformers) belong inside the handler so ``vtprune -h`` stays fast.
+(torch, transformers) belong inside the handler, after every check that needs neither, so ``vtprune -h`` and a
+bad flag answer at once (``import vtprune`` itself is lazy; ``tests/test_cli_imports.py`` guards this).
 
 User errors (bad flags, files, folders, devices, methods) are one ``<prog>: error: <message>`` line on stderr and
 exit status 2, found before any model is loaded: argparse's through :class:`OneLineParser`, later checks by
 raising :class:`UsageError` (caught by the handler and printed with :func:`report`). What only the model can
 tell (a layer beyond its depth) is checked right after loading it, before any forward (:func:`check_prune`).
-Other exceptions keep their traceback.
+Ctrl-C is one ``<prog>: interrupted`` line and exit status 130. Other exceptions keep their traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -100,6 +106,12 @@ def parse_set(items, reserved=("keep", "ratio")) -> dict:
             raise UsageError(f"--set {key}=...: give the budget with --{key} instead")
         out[key] = _parse_value(value.strip())
     return out
+
+
+def check_data_dir(data, flag: str = "--data") -> None:
+    """A data folder flag (None: not given) names an existing folder."""
+    if data is not None and not Path(data).is_dir():
+        raise UsageError(f"{flag} {data}: not a folder (a GQA- or MME-format folder)")
 
 
 def check_method(name: str, **kwargs):
@@ -186,8 +198,24 @@ def check_out_image(out, flag: str = "--out") -> Path:
     return check_out_file(path, flag, example="kept.png")
 
 
-def check_image(image, flag: str = "--image") -> Path:
-    """An existing, readable image file (its header checked by PIL, no pixels decoded)."""
+def check_model_spec(spec) -> None:
+    """``--model``: None, an existing folder or something shaped like a hub id (``org/name``)."""
+    if spec is None:
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise UsageError(f"--model {spec}: is a file; give the model folder (with config.json)")
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1 or os.sep != "/" and os.sep in spec:
+        raise UsageError(f"--model {spec}: no such folder (and not a hub id like org/name)")
+
+
+def load_image(image, flag: str = "--image"):
+    """An image file decoded in full, as an RGB PIL image: a truncated or corrupt file, or one over PIL's
+    decompression-bomb limit (its warning counts too), is a UsageError before any model loads."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     path = Path(image).expanduser()
@@ -197,36 +225,68 @@ def check_image(image, flag: str = "--image") -> Path:
         raise UsageError(f"{flag} {path}: no such file")
     if not path.is_file():  # a device or a pipe such as /dev/null: PIL would read nothing or block
         raise UsageError(f"{flag} {path}: not a regular file; give an image file (PNG or JPEG)")
+    bad = (UnidentifiedImageError, OSError, SyntaxError, ValueError)  # SyntaxError: PIL's broken-PNG error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL checks the size when it opens
+        try:
+            with Image.open(path) as img:
+                img.verify()  # chunk checksums, which decoding skips
+            img = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise UsageError(f"{flag} {path}: {str(err).rstrip('.')}; give a smaller image (PIL refuses images over "
+                             f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels)") from None
+        except bad as err:
+            raise UsageError(f"{flag} {path}: not an image PIL can read ({err}); give a PNG or JPEG file") from None
     try:
-        with Image.open(path) as img:
-            img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:  # SyntaxError: PIL's broken-PNG error
-        raise UsageError(f"{flag} {path}: not an image PIL can read ({err}); give a PNG or JPEG file") from None
-    return path
+        with img:
+            return img.convert("RGB")  # decodes every pixel
+    except bad as err:
+        raise UsageError(f"{flag} {path}: does not decode ({err}): the file is cut short or damaged; give a "
+                         "complete PNG or JPEG file") from None
 
 
-def _viz_check(args) -> dict:
-    """Everything about a viz command line that needs no model; returns the method keywords."""
-    from .benchmarks.runner import check_model_spec, resolve_device
+def _viz_budget(args) -> dict:
+    """``--keep`` / ``--ratio`` as method keywords: required by a method that prunes to a budget, optional for a
+    budget-free schedule (TransPrune, VFlowOpt), refused (by the method's own check) where there is no budget
+    (DyVTE). A method that removes no token has nothing to draw."""
+    from .registry import method_class
 
-    check_image(args.image)
+    try:
+        cls = method_class(args.method)
+    except ValueError as err:  # unknown method: the registry's message with close matches
+        raise UsageError(str(err)) from None
+    if not cls.prunes:
+        raise UsageError(f"--method {cls.name}: it removes no visual token (it only modulates attention), so "
+                         "there is nothing to draw; choose a pruning method (see vtprune methods)")
+    budget = {"keep": args.keep} if args.keep is not None else {} if args.ratio is None else {"ratio": args.ratio}
+    if not budget and cls.has_budget and not cls.budget_optional:
+        raise UsageError(f"--method {cls.name} prunes to a budget: give --keep N (visual tokens kept per image) "
+                         "or --ratio R (the fraction removed, in [0, 1))")
+    return budget
+
+
+def _viz_check(args) -> tuple:
+    """Everything about a viz command line that needs no model: files and flags first (no torch needed), then
+    the device and the method. Returns (the decoded image, the method keywords)."""
+    image = load_image(args.image)
     check_out_image(args.out)
     check_model_spec(args.model)
-    resolve_device(args.device)
     hyper = parse_set(args.set)
-    hyper.update({"keep": args.keep} if args.keep is not None else {"ratio": args.ratio})
+    from .benchmarks.runner import resolve_device
+
+    resolve_device(args.device)
+    hyper.update(_viz_budget(args))
     check_method(args.method, **hyper)
-    return hyper
+    return image, hyper
 
 
 def _run_viz(args) -> int:
-    from .adapters import get_adapter
-    from .benchmarks.runner import load_model
-    from .viz import kept_token_pictures
-
     prog = "vtprune viz"
     try:
-        hyper = _viz_check(args)
+        image, hyper = _viz_check(args)
+        from .adapters import get_adapter
+        from .benchmarks.runner import load_model
+
         model, processor, _ = load_model(args.model, dtype=args.dtype, device=args.device)
         try:
             n_visual = get_adapter(model).nominal_tokens
@@ -238,7 +298,9 @@ def _run_viz(args) -> int:
         check_prune(model, args.method, **hyper)  # e.g. --set layer=99 on a 4-layer LLM, before the forward
     except UsageError as err:
         return report(prog, err)
-    kept_token_pictures(model, processor, args.image, args.question, args.method, out=args.out, **hyper)
+    from .viz import kept_token_pictures
+
+    kept_token_pictures(model, processor, image, args.question, args.method, out=args.out, **hyper)
     print(f"wrote {args.out}")
     return 0
 
@@ -252,8 +314,9 @@ def _add_viz(subparsers) -> None:
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--question", required=True, help="the question asked with the image")
     p.add_argument("--method", required=True, help="method name (see `vtprune methods`)")
-    budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--keep", type=int, help="visual tokens kept per image")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=int, help="visual tokens kept per image (needed unless the method has no "
+                                                  "budget, as dyvte, or a schedule of its own, as transprune)")
     budget.add_argument("--ratio", type=float, help="fraction of visual tokens removed, in [0, 1)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method hyperparameter (repeatable)")
     p.add_argument("--out", default="kept.png", help="output image (default kept.png; missing folders are created)")
@@ -262,108 +325,21 @@ def _add_viz(subparsers) -> None:
     p.set_defaults(handler=_run_viz)
 
 
-def _check_data(data) -> None:
-    if data is not None and not Path(data).is_dir():
-        raise UsageError(f"--data {data}: not a folder (a GQA- or MME-format folder)")
-
-
-def _run_train_dyvte(args) -> int:
-    from .training.dyvte import TrainSettings, train
-
-    try:
-        check_model_spec_arg(args.model)
-        _check_data(args.data)
-        for flag in ("steps", "batch_size", "width"):
-            check_count(getattr(args, flag), f"--{flag.replace('_', '-')}")
-        check_positive(args.lr, "--lr")
-        check_positive(args.minutes, "--minutes", " (or leave the flag out: no time limit)")
-        check_out_dir(args.out)
-    except UsageError as err:
-        return report("vtprune train-dyvte", err)
-    meta = train(TrainSettings(model=args.model, data=args.data, steps=args.steps, minutes=args.minutes, lr=args.lr,
-                               batch_size=args.batch_size, out=args.out, seed=args.seed, width=args.width,
-                               prompt_style=args.prompt_style, progress=not args.no_progress))
-    print(f"wrote {Path(args.out) / 'dyvte_routers.safetensors'} ({meta['steps']} steps); safe-to-exit per layer: "
-          + ", ".join(f"{r:.2f}" for r in meta["exit_rate"]))
-    return 0
-
-
-def check_model_spec_arg(spec) -> None:
-    if spec is not None:
-        from .benchmarks.runner import check_model_spec
-
-        check_model_spec(spec)
-
-
 def _add_train_dyvte(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train-dyvte", help="train DyVTE's exit routers on a frozen model (the synthetic set by default)",
-        description="Train one exit router per LLM layer (spec §2.6); resumes from --out when it holds state.pt.",
-    )
-    p.add_argument("--model", default=None, help="model folder (default: the shipped tiny LLaVA)")
-    p.add_argument("--data", default=None, help="GQA- or MME-format folder (default: the synthetic generator)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
-    p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
-    p.add_argument("--lr", type=float, default=6e-5, help="peak learning rate, cosine with 3%% warm-up (6e-5)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--width", type=int, default=None, help="router hidden width (default: d // 2)")
-    p.add_argument("--prompt-style", default="llava_v1", choices=["llava_v1", "chat_template"])
-    p.add_argument("--out", default="out/dyvte", help="output folder (routers, exit curve, state.pt)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(handler=_run_train_dyvte)
+    from .training import cli as training_cli
 
-
-def _run_calibrate_sinks(args) -> int:
-    try:
-        check_model_spec_arg(args.model)
-        _check_data(args.data)
-        check_count(args.prompts, "--prompts")
-        check_positive(args.tau, "--tau")
-        if args.out is not None:
-            if Path(args.out).suffix not in (".yaml", ".yml"):
-                raise UsageError(f"--out {args.out}: write the sink dims to a .yaml config")
-            check_out_file(args.out, example="var.yaml")
-    except UsageError as err:
-        return report("vtprune calibrate-sinks", err)
-    import yaml
-
-    from .benchmarks.runner import load_model
-    from .methods.var import find_sink_dims
-    from .training.dyvte import TrainSettings, encode, samples
-
-    model, processor, _ = load_model(args.model, "float32", "cpu")
-    settings = TrainSettings(model=args.model, data=args.data, seed=args.seed)
-    stream = samples(settings)
-    batches = []
-    for _ in range(args.prompts):
-        batch = encode(processor, [next(stream)], settings.prompt_style)
-        batches.append({k: v for k, v in batch.items() if k != "labels"})
-    dims = find_sink_dims(model, batches, tau=args.tau)
-    print(f"sink dims (|x_d| / RMS(x) > {args.tau:g} at the inputs of LLM layers 2..L-1, in at least half of "
-          f"{args.prompts} prompts): {dims if dims else 'none'}")
-    if args.out is not None:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        config = {"method": "var", "model": str(getattr(model.config, "_name_or_path", "")), "sink_dims": dims,
-                  "tau": args.tau}
-        Path(args.out).write_text(yaml.safe_dump(config, sort_keys=False))
-        print(f"wrote {args.out}")
-    return 0
+    p = subparsers.add_parser("train-dyvte", help=training_cli.TRAIN_HELP, description=training_cli.TRAIN_DESCRIPTION)
+    training_cli.add_train_arguments(p)
+    p.set_defaults(handler=training_cli.run_train)
 
 
 def _add_calibrate_sinks(subparsers) -> None:
-    p = subparsers.add_parser(
-        "calibrate-sinks", help="find the hidden dimensions with massive activations (VAR's sink dims)",
-        description="Run a few prompts and report the hidden dimensions where |x_d| / RMS(x) exceeds --tau at "
-                    "the residual stream of LLM layers 2..L-1 in at least half of them.",
-    )
-    p.add_argument("--model", default=None, help="model folder (default: the shipped tiny LLaVA)")
-    p.add_argument("--data", default=None, help="GQA- or MME-format folder (default: the synthetic generator)")
-    p.add_argument("--prompts", type=int, default=16, help="prompts to run (default 16)")
-    p.add_argument("--tau", type=float, default=20.0, help="threshold on |x_d| / RMS(x) (VAR's tau, default 20)")
-    p.add_argument("--out", default=None, help="write a VAR config (.yaml) with the dims found")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler=_run_calibrate_sinks)
+    from .training import cli as training_cli
+
+    p = subparsers.add_parser("calibrate-sinks", help=training_cli.SINKS_HELP,
+                              description=training_cli.SINKS_DESCRIPTION)
+    training_cli.add_sinks_arguments(p)
+    p.set_defaults(handler=training_cli.run_calibrate_sinks)
 
 
 def _add_perf(subparsers) -> None:
@@ -414,8 +390,16 @@ def main(argv=None) -> int:
     handler = getattr(args, "handler", None)
     if handler is None:  # no command given: a user error like the others, one line
         parser.error(f"give a command: {', '.join(COMMANDS)}")
-    return int(handler(args) or 0)
+    try:
+        return int(handler(args) or 0)
+    except KeyboardInterrupt:  # commands with something to say about resuming catch it themselves
+        print(f"vtprune {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    # python -m vtprune.cli: run the package's copy of this module, whose UsageError is the one the other modules
+    # raise (this __main__ copy has a class of its own, which their errors would slip past)
+    from vtprune.cli import main as _main
+
+    raise SystemExit(_main())

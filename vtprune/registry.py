@@ -21,7 +21,15 @@ def register(cls: type["Method"]) -> type["Method"]:
     return cls
 
 
+def _registered() -> dict[str, type["Method"]]:
+    """Every method, the built-in ones included: ``import vtprune`` is lazy, so they may not be imported yet."""
+    from . import methods  # noqa: F401  (importing the package registers them; a no-op after the first time)
+
+    return _METHODS
+
+
 def method_class(name: str) -> type["Method"]:
+    _registered()
     if not isinstance(name, str):
         raise ConfigError(f"vtprune: a method name is a string such as 'fastv', got {name!r}; see vtprune.list_methods()")
     key = name.lower().replace("-", "_")
@@ -59,4 +67,4 @@ def make_method(name: str, **kwargs) -> "Method":
 
 def list_methods() -> dict[str, str]:
     """Registered method names with their one-line descriptions."""
-    return {name: cls.description for name, cls in sorted(_METHODS.items())}
+    return {name: cls.description for name, cls in sorted(_registered().items())}

@@ -5,7 +5,7 @@
     picture.save("kept.png")
 
 Panels follow ``model.vtprune.stats``: FlowCut shows each ViT cut and the final set, FastV the set entering
-layer K, and so on. The base crop (LLaVA-NeXT) or first tile (InternVL) is drawn; an LLM token lights up the
+layer K, DyVTE the layer its routers exit after (all dimmed), and so on; a run that removed nothing says so. The base crop (LLaVA-NeXT) or first tile (InternVL) is drawn; an LLM token lights up the
 vision patches it is built from (4 per token after InternVL's pixel shuffle).
 """
 
@@ -85,6 +85,8 @@ def kept_token_pictures(model, processor, image, question: str, method: str, out
                 "before the LLM" if st.stage == "pre_llm" else f"before LLM layer {st.layer}")
             mask = _patch_mask(adapter, st, img_stats.n_tokens, image_sizes)
             panels.append(_panel(base, mask, f"{method}: {where}, {st.tokens_out}/{st.tokens_in} kept"))
+        if len(panels) == 1:  # e.g. DyVTE's routers kept the image to the end: say so rather than draw one panel
+            panels.append(_panel(base, np.ones((1, 1), dtype=bool), f"{method}: nothing removed"))
     width = sum(p.width for p in panels) + 6 * (len(panels) - 1)
     picture = Image.new("RGB", (width, panels[0].height), "white")
     x = 0

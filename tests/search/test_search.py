@@ -256,6 +256,8 @@ def _cli(argv, capsys) -> tuple[int, str]:
      "that is the bench's test split"),
     (["--method", "fastv", "--keep", "999"], "--keep 999: more than the 144 visual tokens"),
     (["--method", "fastv", "--keep", "16", "--trials", "0"], "argument --trials: must be >= 1"),
+    (["--method", "fastv", "--keep", "16", "--timeout", "0"], "argument --timeout: must be a finite number > 0"),
+    (["--method", "fastv", "--keep", "16", "--timeout", "nan"], "argument --timeout: must be a finite number > 0"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(argv, message, tmp_path, capsys):
     out = tmp_path / "out"
@@ -285,3 +287,14 @@ def test_rerunning_with_another_search_under_the_same_study_name_is_refused(embe
     _search(embedded, tmp_path / "out", method="fastv", keep=16, trials=1, calib=2, batch_size=2, study="mine")
     code, err = _cli(["--method", "fastv", "--keep", "32", "--study", "mine", "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "was created for fastv keep 16" in err and "give another --study" in err
+
+
+def test_no_progress_bar_in_a_log_but_a_line_per_trial(capsys):
+    """Output captured (not a terminal, as in CI): no bar even with progress on, one plain line per trial."""
+    study = optuna.create_study()
+    study.optimize(lambda trial: trial.suggest_float("x", 0.0, 1.0), n_trials=1)
+    progress = study_mod.Progress(study, 3, True, "demo")
+    progress.update(study, study.trials[0])
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert progress.bar is None and len(lines) == 1 and lines[0].startswith("demo: trial 0 complete, 1 finished")

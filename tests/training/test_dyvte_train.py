@@ -106,3 +106,68 @@ def test_a_run_extended_on_resume_continues_the_longer_schedule(tmp_path):
     finally:
         handle.remove()
     assert len(extended) == 2 and extended == pytest.approx(lrs[3:], rel=1e-9) and min(extended) > 0
+
+
+def _one_cli_error(capsys, argv: list[str]) -> str:
+    from vtprune.cli import main
+
+    status = main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("vtprune train-dyvte: error: "), lines
+    return lines[0]
+
+
+def test_resume_with_another_width_or_model_is_one_line(tmp_path, monkeypatch, capsys):
+    """state.pt from a run of one model and width: a resume with another --width or another model is one line
+    naming the file, both values and the fix, before any step; the state is left as it was."""
+    from vtprune.benchmarks import runner
+
+    model, processor = build_untrained_tiny_llava(seed=0)
+    d, L = model.config.text_config.hidden_size, model.config.text_config.num_hidden_layers
+    out = tmp_path / "run"
+    train(TrainSettings(steps=1, batch_size=1, out=str(out), progress=False), model=model, processor=processor)
+    saved = (out / "state.pt").read_bytes()
+    argv = ["train-dyvte", "--out", str(out), "--steps", "2", "--batch-size", "1", "--no-progress"]
+
+    calls, handle = _forwards(model)
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: (model, processor, {}))
+    line = _one_cli_error(capsys, [*argv, "--width", str(d // 2 + 1)])
+    assert f"--width {d // 2 + 1}" in line and f"width {d // 2}" in line and "state.pt" in line and "--out" in line
+
+    other, _ = build_untrained_tiny_llava(seed=0, text_layers=L + 1)  # same width, one more layer
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: (other, processor, {}))
+    line = _one_cli_error(capsys, argv)
+    assert f"{d} x {L} layers" in line and f"{d} x {L + 1} layers" in line and "state.pt" in line and "--out" in line
+    handle.remove()
+    assert not calls and (out / "state.pt").read_bytes() == saved
+
+
+def test_a_kill_during_a_save_leaves_the_last_state_whole(tmp_path, monkeypatch):
+    """state.pt goes to a temporary file renamed over it: a save cut short (here half written, then Ctrl-C)
+    leaves the previous state loadable, and no temporary file behind."""
+    model, processor = build_untrained_tiny_llava(seed=0)
+    out = tmp_path / "run"
+    common = dict(batch_size=1, out=str(out), progress=False, save_every=1)
+    train(TrainSettings(steps=1, **common), model=model, processor=processor)
+    real_save = torch.save
+
+    def killed_halfway(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        data = open(f, "rb").read()
+        open(f, "wb").write(data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainSettings(steps=2, **common), model=model, processor=processor)
+    monkeypatch.undo()
+    assert torch.load(out / "state.pt", weights_only=False)["step"] == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS[:-1] + ("exit_curve.json", "state.pt"))
+
+
+def test_no_progress_bar_when_no_one_watches(tmp_path, capfd):
+    """Output captured (a CI log): no tqdm bar on stderr even with progress on."""
+    model, processor = build_untrained_tiny_llava(seed=0)
+    train(TrainSettings(steps=1, batch_size=1, out=str(tmp_path / "run"), progress=True), model=model,
+          processor=processor)
+    assert capfd.readouterr().err == ""

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 __all__ = ["add_arguments", "build_parser", "settings_from_args", "parse_data", "run_from_args", "main"]
 
@@ -48,6 +49,7 @@ here) every generated step is a full prefill and FastV re-chooses its kept set a
 Bad flags, files and folders are reported as one line and exit status 2 before the model is loaded; a
 configuration the loaded model refuses (e.g. --set layer=99 on a shallower LLM) likewise, before vanilla runs.
 A configuration that fails while running is reported (with its traceback) and makes the exit status 1.
+Ctrl-C stops the run with one line and exit status 130; nothing is written.
 
 --task takes mme, gqa, pope, a comma-separated list of them, or all (the default: MME and GQA, or every task
 given a --data folder). POPE is scored two ways side by side: LLaVA's eval_pope.py (first sentence; a No/no/not
@@ -83,7 +85,7 @@ def _csv_list(kind):
 
 def _task_list(text: str) -> str:
     """``--task``: ``all`` or a comma-separated list of known tasks (returned normalised, e.g. ``mme,pope``)."""
-    from .runner import TASKS
+    from .tasks import TASKS
 
     items = list(dict.fromkeys(x.strip().lower() for x in text.split(",") if x.strip()))
     if items == ["all"]:
@@ -163,7 +165,7 @@ def build_parser(prog: str = "vtprune-bench") -> argparse.ArgumentParser:
 def parse_data(task: str, entries: list[str]) -> tuple[list[str], dict]:
     """(tasks to run, task -> folder) from ``--task`` (``all``, a task or a comma-separated list) and the
     ``--data`` entries. ``all`` is every task given a folder, or without --data the default MME and GQA."""
-    from .runner import DEFAULT_TASKS, TASKS, detect_task
+    from .tasks import DEFAULT_TASKS, TASKS
 
     data: dict[str, Path] = {}
     for entry in entries:
@@ -172,6 +174,8 @@ def parse_data(task: str, entries: list[str]) -> tuple[list[str], dict]:
             folder = _data_folder(entry, path)
         else:
             folder = _data_folder(entry, entry)
+            from .runner import detect_task  # torch comes with it: only for a folder whose task is not given
+
             try:
                 name = detect_task(folder)
             except ValueError as err:  # a folder of no known format: name the flag, as the other --data errors
@@ -205,14 +209,51 @@ def _data_folder(entry: str, path: str) -> Path:
     return folder
 
 
+def budget_errors(keeps: Sequence, ratios: Sequence) -> str | None:
+    """The message for the first bad ``--keep`` / ``--ratio`` values by ``vtprune.prune``'s rule
+    (:func:`vtprune.budget.validate_budget`), or None. Shared by the bench runner."""
+    from ..budget import validate_budget
+
+    def bad(**budget) -> bool:
+        try:
+            validate_budget(budget.get("ratio"), budget.get("keep"))
+        except ValueError:
+            return True
+        return False
+
+    bad_keep = [k for k in keeps if bad(keep=k)]
+    if bad_keep:
+        return (f"--keep {','.join(map(str, bad_keep))}: must be positive whole numbers "
+                "(visual tokens kept per image)")
+    bad_ratio = [r for r in ratios if bad(ratio=r)]  # nan fails too
+    if bad_ratio:
+        return (f"--ratio {','.join(map(str, bad_ratio))}: must be in [0, 1) (the fraction of visual tokens "
+                "removed; 0 = no pruning)")
+    return None
+
+
+def _check_light(args) -> None:
+    """The flags checked without torch, so that a mistake in them is reported at once (the runner checks the
+    rest: device, methods, config files)."""
+    from ..cli import UsageError, check_model_spec, check_out_dir
+
+    problem = budget_errors(args.keep or (), args.ratio or ())
+    if problem:
+        raise UsageError(problem)
+    check_model_spec(args.model)
+    check_out_dir(args.out)
+
+
 def settings_from_args(args):
     """BenchSettings from parsed flags; a bad value is a :class:`~vtprune.cli.UsageError`."""
     from ..cli import UsageError, parse_set
-    from .runner import BenchSettings, validate_methods
 
     hyper = parse_set(args.set)
     try:
         tasks, data = parse_data(args.task, args.data)
+        _check_light(args)
+        from .runner import BenchSettings, validate_methods
+
         methods = validate_methods(args.methods) if args.methods is not None else None
         return BenchSettings(
             model=args.model, tasks=tuple(tasks), data=data, methods=methods, keeps=args.keep, ratios=args.ratio,
@@ -258,7 +299,6 @@ def run_from_args(args, prog: str = "vtprune bench") -> int:
     """Run a parsed bench command line; returns the exit status (2 for bad input, with a one-line error).
     Only :class:`~vtprune.cli.UsageError` is shortened to one line: anything else keeps its traceback."""
     from ..cli import UsageError, report
-    from .runner import format_table, run_bench
 
     if args.list_methods:
         _print_methods()
@@ -266,17 +306,25 @@ def run_from_args(args, prog: str = "vtprune bench") -> int:
     debug = os.environ.get("VTPRUNE_DEBUG", "") not in ("", "0")
     try:
         settings = settings_from_args(args)
+        from . import runner  # torch and transformers: after the checks that need neither
+
         start = time.perf_counter()
         with _quiet_transformers():
-            results = run_bench(settings)  # checks everything it can before loading the model
+            results = runner.run_bench(settings)  # checks everything it can before loading the model
     except UsageError as err:  # bad flags, files, folders, methods, devices; a model that does not load
         if debug:
             raise
         return report(prog, err)
+    except KeyboardInterrupt:  # Ctrl-C: one line instead of the traceback of wherever the run was
+        if debug:
+            raise
+        print(f"{prog}: interrupted; nothing written (the results are written once every configuration has run)",
+              file=sys.stderr)
+        return 130
     if results is None:  # a non-zero rank of a torchrun job
         return 0
     out = Path(settings.out)
-    print(format_table(results))
+    print(runner.format_table(results))
     print(f"\nwrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.png'} "
           f"({time.perf_counter() - start:.1f} s)")
     failed = [r["label"] for r in results["runs"] if r.get("error")]

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import UsageError, check_count, check_out_dir, parse_set, report
+from ..cli import UsageError, check_count, check_model_spec, check_out_dir, parse_set, report
 
 DESCRIPTION = """\
 Speed, memory and FLOPs of pruning methods against vanilla, the oracle (the same model fed the already-pruned
@@ -85,20 +85,23 @@ def _floats(text: str | None, flag: str) -> list[float]:
 
 
 def check_args(args) -> dict:
-    """Every check that needs no model; returns the parsed lists. Raises UsageError."""
-    from . import runner
-
+    """Every check that needs no model; returns the parsed lists. Raises UsageError. The flags that need no
+    torch come first, so a mistake in them is reported at once."""
     for flag in ("rounds", "decode_tokens", "text_tokens", "vision_layers", "llm_layers", "threads", "warmup"):
         low = 0 if flag in ("decode_tokens", "warmup") else 1
         check_count(getattr(args, flag), f"--{flag.replace('_', '-')}", low)
+    if (args.vision_layers or args.llm_layers) and not args.arch:
+        raise UsageError("--vision-layers / --llm-layers cut the depth of an --arch model; add --arch NAME")
+    check_model_spec(args.model)
+    check_out_dir(args.out)
+    hyper, keeps, ratios = parse_set(args.set), _ints(args.keep, "--keep"), _floats(args.ratio, "--ratio")
+    from . import runner
+
     if args.arch:
         from .archs import ARCHS
 
         if args.arch not in ARCHS:
             raise UsageError(f"--arch {args.arch}: unknown architecture; use one of {', '.join(sorted(ARCHS))}")
-    if (args.vision_layers or args.llm_layers) and not args.arch:
-        raise UsageError("--vision-layers / --llm-layers cut the depth of an --arch model; add --arch NAME")
-    runner.check_model_spec(args.model)
     device = runner.resolve_device(args.device)
     try:
         runner.resolve_dtype(args.dtype, device)
@@ -111,8 +114,6 @@ def check_args(args) -> dict:
         except ValueError as err:
             raise UsageError(f"--methods {args.methods}: {err}") from None
     files = [runner.load_method_config(c) for c in args.config]
-    check_out_dir(args.out)
-    hyper, keeps, ratios = parse_set(args.set), _ints(args.keep, "--keep"), _floats(args.ratio, "--ratio")
     # the default method list depends on the model: those configurations are checked once it is built
     runner.check_configs(methods or [], files, hyper, keeps, ratios, args.seed)
     return {"device": device, "methods": methods, "files": files, "hyper": hyper, "keeps": keeps, "ratios": ratios}

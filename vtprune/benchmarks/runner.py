@@ -39,14 +39,15 @@ import torch
 from .. import methods as _methods  # noqa: F401  (registers the built-in methods)
 from ..adapters import get_adapter
 from ..api import PIPELINE_OPTIONS, prune, unprune
-from ..budget import validate_budget
-from ..cli import UsageError, check_method, check_out_dir, check_prune
+from ..cli import UsageError, check_method, check_model_spec, check_out_dir, check_prune
 from ..registry import list_methods, make_method, method_class
 from . import gqa as gqa_mod
 from . import mme as mme_mod
 from . import perf, synthetic
 from . import pope as pope_mod
+from .cli import budget_errors as _budget_errors
 from .prompts import PROMPT_STYLES, build_prompt
+from .tasks import DEFAULT_TASKS, TASKS
 
 __all__ = [
     "TASKS",
@@ -82,8 +83,6 @@ __all__ = [
     "write_outputs",
 ]
 
-TASKS = ("mme", "gqa", "pope")
-DEFAULT_TASKS = ("mme", "gqa")  # no --task / --task all without --data (the demo); POPE runs when asked for
 REFERENCE_KEEPS = (192, 128, 64)  # LLaVA-1.5's standard budgets ...
 REFERENCE_TOKENS = 576  # ... out of its 576 visual tokens
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -258,27 +257,6 @@ def load_method_config(spec) -> tuple[str, str, dict]:
     return name, method, data
 
 
-def _valid_budget(keep=None, ratio=None) -> bool:
-    """The budget rule of ``vtprune.prune`` (one place: :func:`vtprune.budget.validate_budget`)."""
-    try:
-        validate_budget(ratio, keep)
-    except ValueError:
-        return False
-    return True
-
-
-def _budget_errors(keeps: Sequence, ratios: Sequence) -> str | None:
-    bad_keep = [k for k in keeps if not _valid_budget(keep=k)]
-    if bad_keep:
-        return (f"--keep {','.join(map(str, bad_keep))}: must be positive whole numbers "
-                "(visual tokens kept per image)")
-    bad_ratio = [r for r in ratios if not _valid_budget(ratio=r)]  # nan fails too
-    if bad_ratio:
-        return (f"--ratio {','.join(map(str, bad_ratio))}: must be in [0, 1) (the fraction of visual tokens "
-                "removed; 0 = no pruning)")
-    return None
-
-
 def check_settings(settings: BenchSettings) -> list:
     """Every check that needs no model (counts, device, budgets, methods and their fields, config files, --model,
     --out), so a bad command line fails before anything is loaded; returns the loaded config files."""
@@ -408,19 +386,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}; expected auto, float32, float16 or bfloat16")
     return table[dtype]
-
-
-def check_model_spec(spec: str | None) -> None:
-    """``--model``: None, an existing folder or something shaped like a hub id (``org/name``)."""
-    if spec is None:
-        return
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return
-    if path.exists():
-        raise UsageError(f"--model {spec}: is a file; give the model folder (with config.json)")
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1 or os.sep != "/" and os.sep in spec:
-        raise UsageError(f"--model {spec}: no such folder (and not a hub id like org/name)")
 
 
 @contextlib.contextmanager

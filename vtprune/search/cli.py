@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -45,6 +46,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -92,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="optuna RDB URL, e.g. postgresql://user:pw@host/db (default: sqlite:///<out>/study.db)")
     g.add_argument("--out", default=None, help="output folder (default: out/search/<study>)")
     g.add_argument("--sampler", choices=("tpe", "gp", "cmaes"), default="tpe")
-    g.add_argument("--timeout", type=float, default=None, metavar="S", help="stop this worker after S seconds")
+    g.add_argument("--timeout", type=_positive_float, default=None, metavar="S", help="stop this worker after S seconds")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("how to run")
     g.add_argument("--batch-size", type=_positive_int, default=8)
@@ -107,10 +115,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def settings_from_args(args):
     """SearchSettings from parsed flags; a bad value is a :class:`~vtprune.cli.UsageError`."""
     from ..benchmarks.cli import parse_data
-    from ..cli import UsageError, parse_set
+    from ..cli import UsageError, check_model_spec, parse_set
     from .study import SearchSettings
 
     fixed = parse_set(args.set)
+    check_model_spec(args.model)  # here too: the search's own checks come after torch is imported
     try:
         tasks, data = parse_data(args.task or "all", args.data)
     except (OSError, ValueError) as err:

@@ -673,16 +673,14 @@ def stop_on_interrupt(flag: threading.Event, prog: str):
 
 
 class Progress:
-    """A tqdm bar over the study's finished trials (all workers), with the best value so far."""
+    """A progress bar over the study's finished trials (all workers), with the best value so far; a line per
+    trial instead with --no-progress or where no one watches (a CI log)."""
 
     def __init__(self, study, total: int, enabled: bool, label: str):
-        self.bar = None
-        self.label = label
-        if enabled:
-            from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-            self.bar = tqdm(total=total, initial=min(total, finished(study)), desc=label, unit="trial",
-                            dynamic_ncols=True, file=sys.stderr)
+        self.label = label
+        self.bar = progress_bar(total, label, "trial", enabled, initial=min(total, finished(study)))
 
     def update(self, study, frozen) -> None:
         from . import outputs

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -25,9 +26,12 @@ import torch.nn.functional as F
 
 from .. import compat
 from ..adapters import get_adapter
+from ..cli import UsageError
 from ..methods.dyvte import ROUTER_FILE, Routers, router_features, save_routers
 
 AGREEMENT, LOSS_RATIO = 0.99, 1.03
+STATE_FILE = "state.pt"
+STATE_KEYS = ("routers", "optimizer", "scheduler", "step", "counts", "rng")  # what a resume reads
 
 
 @dataclass
@@ -126,37 +130,24 @@ def features(hidden: torch.Tensor, batch: dict, image_token_id: int) -> torch.Te
 
 
 def train(settings: TrainSettings, model=None, processor=None) -> dict:
-    """Train (or resume) routers; returns the summary written to the router card."""
-    from transformers import get_cosine_schedule_with_warmup
-
+    """Train (or resume from ``state.pt`` in ``settings.out``) routers; returns the summary written to the router
+    card. A state that does not load is a UsageError before the model loads; one saved for another model or
+    ``width`` is one before any step."""
     from ..benchmarks.runner import load_model
 
+    out = Path(settings.out)
+    state = read_state(out)
     if model is None:
         model, processor, _ = load_model(settings.model, "float32", "cpu")
     model.requires_grad_(False).eval()
     adapter = get_adapter(model)
     d, L = int(adapter.language_model.config.hidden_size), len(adapter.decoder_layers)
+    model_id = _model_id(model)
+    width = settings.width if state is None else check_state(state, out / STATE_FILE, d, L, settings.width, model_id)
     torch.manual_seed(settings.seed)
-    routers = Routers(d, L, settings.width)
-    optimizer = torch.optim.AdamW(routers.parameters(), lr=settings.lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(settings.warmup * settings.steps)), settings.steps)
-    out = Path(settings.out)
+    routers = Routers(d, L, width)
+    optimizer, scheduler, step, counts, rng = _optimizer(routers, settings, state, L)
     out.mkdir(parents=True, exist_ok=True)
-    counts = {"labels": [0] * (L - 1), "exits": [0] * (L - 1)}
-    step, rng = 0, random.Random(settings.seed)
-    if (out / "state.pt").is_file():  # resume
-        state = torch.load(out / "state.pt", weights_only=False)
-        routers.load_state_dict(state["routers"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, counts = state["step"], state["counts"]
-        if state.get("total") == settings.steps:
-            scheduler.load_state_dict(state["scheduler"])
-        else:  # a longer (or shorter) run: the schedule of that length, advanced to this step
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] = settings.lr
-            scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(settings.warmup * settings.steps)),
-                                                        settings.steps, last_epoch=step - 1)
-        rng.setstate(state["rng"])
     stream = samples(settings)
     for _ in range(step * settings.batch_size):  # the same data order as an uninterrupted run
         next(stream)
@@ -165,16 +156,7 @@ def train(settings: TrainSettings, model=None, processor=None) -> dict:
     while step < settings.steps and (settings.minutes is None or time.monotonic() - start < settings.minutes * 60):
         batch = encode(processor, [next(stream) for _ in range(settings.batch_size)], settings.prompt_style)
         layer = rng.randrange(L - 1)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        with torch.no_grad():
-            full = model(**inputs, output_hidden_states=True)
-            hidden = full.hidden_states[layer + 1]
-            y = exit_labels(full.logits, exit_logits(model, adapter, hidden, batch, layer), batch["labels"])
-            f = features(hidden, batch, adapter.image_token_id)
-        loss = F.cross_entropy(routers(layer, f.to(next(routers.parameters()).device)), y.to(f.device))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        loss, y = _train_step(model, adapter, routers, optimizer, batch, layer)
         scheduler.step()
         step += 1
         counts["labels"][layer] += int(y.numel())
@@ -183,16 +165,114 @@ def train(settings: TrainSettings, model=None, processor=None) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss):.3f}", exit_rate=" ".join(f"{r:.2f}" for r in _rates(counts)))
         if step % settings.save_every == 0 or step == settings.steps:
-            _save(out, routers, optimizer, scheduler, step, counts, rng, settings.steps)
+            _save(out, routers, optimizer, scheduler, step, counts, rng, settings.steps, model_id)
     if bar is not None:
         bar.close()
-    _save(out, routers, optimizer, scheduler, step, counts, rng, settings.steps)
+    _save(out, routers, optimizer, scheduler, step, counts, rng, settings.steps, model_id)
     meta = {"model_id": str(getattr(model.config, "_name_or_path", "")), "prompt_style": settings.prompt_style,
             "steps": step, "seed": settings.seed, "lr": settings.lr, "batch_size": settings.batch_size,
             "data": settings.data or "synthetic", "exit_rate": _rates(counts)}
-    save_routers(routers, out / ROUTER_FILE, meta)
+    _replace(out / ROUTER_FILE, lambda tmp: save_routers(routers, tmp, meta), also=(".json",))
     _write_curve(out, counts)
     return meta
+
+
+def _train_step(model, adapter, routers: Routers, optimizer, batch: dict, layer: int):
+    """One optimizer step of router ``layer`` on a batch; returns (loss, the exit labels [B])."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        full = model(**inputs, output_hidden_states=True)
+        hidden = full.hidden_states[layer + 1]
+        y = exit_labels(full.logits, exit_logits(model, adapter, hidden, batch, layer), batch["labels"])
+        f = features(hidden, batch, adapter.image_token_id)
+    loss = F.cross_entropy(routers(layer, f.to(next(routers.parameters()).device)), y.to(f.device))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss, y
+
+
+def _optimizer(routers: Routers, settings: TrainSettings, state: dict | None, L: int):
+    """(optimizer, scheduler, step, counts, rng): fresh, or continued from a resumed ``state``."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(routers.parameters(), lr=settings.lr, weight_decay=0.0)
+    warmup = max(1, int(settings.warmup * settings.steps))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, settings.steps)
+    rng = random.Random(settings.seed)
+    if state is None:
+        return optimizer, scheduler, 0, {"labels": [0] * (L - 1), "exits": [0] * (L - 1)}, rng
+    routers.load_state_dict(state["routers"])
+    optimizer.load_state_dict(state["optimizer"])
+    step = state["step"]
+    if state.get("total") == settings.steps:
+        scheduler.load_state_dict(state["scheduler"])
+    else:  # a longer (or shorter) run: the schedule of that length, advanced to this step
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = settings.lr
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, settings.steps, last_epoch=step - 1)
+    rng.setstate(state["rng"])
+    return optimizer, scheduler, step, state["counts"], rng
+
+
+def read_state(out: Path) -> dict | None:
+    """The ``state.pt`` in ``out`` to resume from, or None (a fresh run). One that does not load (cut short by a
+    kill while an older version wrote it in place, or another file) is a UsageError naming it."""
+    path = Path(out) / STATE_FILE
+    if not path.is_file():
+        return None
+    fix = "delete it to train from scratch, or give a new --out"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # data only: a state runs no code
+    except Exception as err:  # noqa: BLE001 - truncated zip, short or foreign pickle: each fails differently
+        reason = str(err).split(". ")[0][:120] or "the file ends early"
+        raise UsageError(f"--out {out}: cannot resume from {path}: it does not load ({type(err).__name__}: "
+                         f"{reason}); {fix}") from None
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if not missing and not any(str(k).endswith(".0.weight") for k in state["routers"]):
+        missing = ["router weights"]
+    if missing:
+        raise UsageError(f"--out {out}: cannot resume from {path}: not a train-dyvte state (no {', '.join(missing)}); "
+                         f"{fix}")
+    return state
+
+
+def check_state(state: dict, path: Path, d: int, L: int, width: int | None, model_id: str) -> int:
+    """The router width of a resumed run: the saved one. A state saved for another model (hidden size, layers
+    or model id) or another ``width`` is a UsageError naming both and the fix."""
+    firsts = [v for k, v in state["routers"].items() if k.endswith(".0.weight")]  # [width, 2d] per layer
+    saved_d, saved_L, saved_width = int(firsts[0].shape[1]) // 2, len(firsts), int(firsts[0].shape[0])
+    saved_id = state.get("model_id") or ""
+    if (saved_d, saved_L) != (d, L) or (saved_id and model_id and saved_id != model_id):
+        raise UsageError(f"{path} was saved for {saved_id or 'another model'} (hidden size {saved_d} x "
+                         f"{saved_L} layers), not for {model_id or 'this model'} (hidden size {d} x {L} layers); "
+                         "give that --model to resume it, or a new --out to train for this one")
+    if width is not None and width != saved_width:
+        raise UsageError(f"--width {width}: {path} holds routers of width {saved_width}; pass --width {saved_width} "
+                         "(or leave it out) to resume, or give a new --out to train another width")
+    return saved_width
+
+
+def _model_id(model) -> str:
+    """The model's name for a state: its folder (absolute, so ./m and m/ match), its hub id, or ''."""
+    name = str(getattr(model.config, "_name_or_path", "") or "")
+    return str(Path(name).resolve()) if name and Path(name).is_dir() else name
+
+
+def _replace(path: Path, write, also: tuple = ()) -> None:
+    """``write(tmp)`` to a temporary name beside ``path``, then rename it over ``path`` (atomic on one file
+    system): a kill during a save leaves the previous file whole, never a truncated one. ``also``: suffixes of
+    the files ``write`` puts beside ``tmp`` (the router card), renamed over theirs first."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    siblings = [(tmp.with_suffix(suffix), path.with_suffix(suffix)) for suffix in also]
+    try:
+        write(tmp)
+        for source, target in siblings:
+            os.replace(source, target)
+        os.replace(tmp, path)
+    finally:  # after a failed write: no stray temporary file
+        for leftover in (tmp, *(source for source, _ in siblings)):
+            leftover.unlink(missing_ok=True)
 
 
 def _rates(counts: dict) -> list[float]:
@@ -200,17 +280,17 @@ def _rates(counts: dict) -> list[float]:
 
 
 def _progress(settings: TrainSettings, step: int):
-    if not settings.progress:
-        return None
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
-    return tqdm(total=settings.steps, initial=step, desc="train-dyvte", unit="step")
+    return progress_bar(settings.steps, "train-dyvte", "step", settings.progress, initial=step)
 
 
-def _save(out: Path, routers, optimizer, scheduler, step: int, counts: dict, rng: random.Random, total: int) -> None:
-    torch.save({"routers": routers.state_dict(), "optimizer": optimizer.state_dict(), "total": total,
-                "scheduler": scheduler.state_dict(), "step": step, "counts": counts, "rng": rng.getstate()},
-               out / "state.pt")
+def _save(out: Path, routers, optimizer, scheduler, step: int, counts: dict, rng: random.Random, total: int,
+          model_id: str) -> None:
+    state = {"routers": routers.state_dict(), "optimizer": optimizer.state_dict(), "total": total,
+             "scheduler": scheduler.state_dict(), "step": step, "counts": counts, "rng": rng.getstate(),
+             "model_id": model_id}
+    _replace(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
 
 def _write_curve(out: Path, counts: dict) -> None:

@@ -214,9 +214,7 @@ def check_model_spec(spec) -> None:
 def load_image(image, flag: str = "--image"):
     """An image file decoded in full, as an RGB PIL image: a truncated or corrupt file, or one over PIL's
     decompression-bomb limit (its warning counts too), is a UsageError before any model loads."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
+    from .images import ImageDecodeError, decode_image
 
     path = Path(image).expanduser()
     if path.is_dir():
@@ -225,24 +223,10 @@ def load_image(image, flag: str = "--image"):
         raise UsageError(f"{flag} {path}: no such file")
     if not path.is_file():  # a device or a pipe such as /dev/null: PIL would read nothing or block
         raise UsageError(f"{flag} {path}: not a regular file; give an image file (PNG or JPEG)")
-    bad = (UnidentifiedImageError, OSError, SyntaxError, ValueError)  # SyntaxError: PIL's broken-PNG error
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL checks the size when it opens
-        try:
-            with Image.open(path) as img:
-                img.verify()  # chunk checksums, which decoding skips
-            img = Image.open(path)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise UsageError(f"{flag} {path}: {str(err).rstrip('.')}; give a smaller image (PIL refuses images over "
-                             f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels)") from None
-        except bad as err:
-            raise UsageError(f"{flag} {path}: not an image PIL can read ({err}); give a PNG or JPEG file") from None
     try:
-        with img:
-            return img.convert("RGB")  # decodes every pixel
-    except bad as err:
-        raise UsageError(f"{flag} {path}: does not decode ({err}): the file is cut short or damaged; give a "
-                         "complete PNG or JPEG file") from None
+        return decode_image(path)
+    except ImageDecodeError as err:
+        raise UsageError(f"{flag} {err}") from None
 
 
 def _viz_budget(args) -> dict:

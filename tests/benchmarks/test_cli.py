@@ -180,7 +180,7 @@ def _damage(path, how, monkeypatch):
 
 
 @pytest.mark.parametrize("how,reason", [
-    ("empty", "empty image file (0 bytes)"), ("truncated", "not a decodable image (OSError: image file is truncated)"),
+    ("empty", "empty image file (0 bytes)"), ("truncated", "not an image PIL can decode (OSError: "),
     ("not an image", "PIL does not recognise its format"), ("bomb warning", "decompression bomb"),
     ("bomb error", "decompression bomb"), ("two files", "2 image files match"),
 ])

@@ -4,16 +4,12 @@ loading would otherwise keep one of the candidates silently or fail later, after
 
 from __future__ import annotations
 
-import struct
-import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..images import ImageDecodeError, decode_image
+
 __all__ = ["ImageDecodeError", "files_by_stem", "one_file", "DuplicateKeys", "check_images"]
-
-
-class ImageDecodeError(ValueError):
-    """An image file of a benchmark folder that PIL cannot decode; the message names the file and the reason."""
 
 
 def files_by_stem(folder: Path, extensions: Sequence[str]) -> dict[str, list[Path]]:
@@ -52,35 +48,8 @@ class DuplicateKeys:
         return obj
 
 
-# What PIL raises for a file it cannot decode: UnidentifiedImageError / "image file is truncated" (OSError),
-# a broken PNG chunk (SyntaxError), bad header fields (ValueError, struct.error), a short GIF / TIFF (EOFError).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
-
-
-def _decode(path: Path) -> None:
-    """Decode ``path`` fully, as the runner will; PIL's decompression-bomb warning counts as an error."""
-    from PIL import Image
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            img.convert("RGB")
-
-
 def check_images(paths: Iterable[Path]) -> None:
     """Decode every image in ``paths`` (each once); the first that fails is an :class:`ImageDecodeError` naming
     the file and why, so a broken data folder fails before a model is loaded."""
-    from PIL import Image, UnidentifiedImageError
-
     for path in dict.fromkeys(Path(p) for p in paths):
-        if path.stat().st_size == 0:
-            raise ImageDecodeError(f"{path}: empty image file (0 bytes); replace or remove it")
-        try:
-            _decode(path)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageDecodeError(f"{path}: refused as a decompression bomb ({err}); raise "
-                                   "PIL.Image.MAX_IMAGE_PIXELS if the image is genuine") from None
-        except _DECODE_ERRORS as err:
-            why = ("PIL does not recognise its format" if isinstance(err, UnidentifiedImageError)
-                   else f"{type(err).__name__}: {err}")  # the former's message repeats the path
-            raise ImageDecodeError(f"{path}: not a decodable image ({why}); replace or remove it") from None
+        decode_image(path)

@@ -88,3 +88,17 @@ class AttentionCall:
             mask = torch.zeros(self.allowed().shape, dtype=dtype, device=q.device).masked_fill(
                 ~self.allowed(), torch.finfo(dtype).min) + bias.to(dtype)
         return self.next(self.module, q, k, v, mask, **self.kwargs)
+
+    def run_rows(self, rows: torch.Tensor, bias: torch.Tensor | None = None, **tensors):
+        """``run(bias=..., ...)`` on the (head, query) ``rows`` ([B|1, H|1, q] bool), the plain ``run()`` on the
+        others, so untouched rows are the model's own. Returns ``(output [B, q, H, d], weights [B, H, q, T])``;
+        weights are what the model's attention gives (eager: the modulated probabilities on ``rows``, SDPA: None),
+        so ``output_attentions`` still returns every layer."""
+        edited, edited_weights = self.run(bias=bias, **tensors)
+        if bool(rows.all()):
+            return edited, edited_weights
+        plain, plain_weights = self.run()
+        output = torch.where(rows.transpose(1, 2)[..., None], edited, plain)
+        if edited_weights is None or plain_weights is None:
+            return output, None
+        return output, torch.where(rows[..., None], edited_weights, plain_weights)

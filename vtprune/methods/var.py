@@ -126,9 +126,7 @@ class VAR(Method):
         grow = torch.log1p(self.p * s / a.clamp_min(1e-30))[..., None]
         bias = torch.where(sink, math.log(1.0 - self.p), torch.where(rest, grow, torch.zeros_like(grow)))
         bias = torch.where(selected[..., None], bias, torch.zeros_like(bias))
-        moved, _ = call.run(bias=bias)
-        plain, _ = call.run()
-        return torch.where(selected.transpose(1, 2)[..., None], moved, plain), None  # weights: mixed rows, not given
+        return call.run_rows(selected, bias=bias)  # eager: the redistributed probabilities on selected rows
 
 
 def find_sink_dims(model, batches, tau: float = 20.0, top: int = 4, min_share: float = 0.5) -> list[int]:

@@ -267,3 +267,43 @@ def test_ratio_zero_still_checks_the_layers_against_the_model(models, method, kw
     with pytest.raises(ValueError, match="layer"):
         vtprune.prune(model, method, ratio=0.0, **kwargs)
     assert not hasattr(model, "vtprune")
+
+
+@pytest.mark.parametrize("how", ["generate", "forward"])
+@pytest.mark.parametrize("pipeline", [dict(method="fastv", ratio=0.5), dict(method="var", sink_dims=(17, 31))])
+def test_static_cache_is_refused_at_the_first_forward(models, how, pipeline):
+    """Issue 23 item 13: a preallocated cache is refused before the language model runs, naming it and the fix; the
+    model is left unpruned and works."""
+    from transformers import StaticCache
+
+    model = models("llava")
+    batch = collate(_prompts(model, "llava", 1))
+    llm_calls = []
+    handle = model.model.language_model.register_forward_pre_hook(lambda *_: llm_calls.append(1))
+    vtprune.prune(model, **pipeline)
+    try:
+        with pytest.raises(PruneError, match=r'StaticCache \(cache_implementation="static"\).*default DynamicCache'):
+            with torch.no_grad():
+                if how == "generate":
+                    model.generate(**batch, max_new_tokens=3, do_sample=False, cache_implementation="static")
+                else:
+                    cache = StaticCache(config=model.config, max_cache_len=batch["input_ids"].shape[1] + 4)
+                    model(**batch, cache=cache, use_cache=True)
+        left_pruned = hasattr(model, "vtprune")
+    finally:
+        handle.remove()
+        if hasattr(model, "vtprune"):  # a failure here must not leave the shared model pruned for other tests
+            vtprune.unprune(model)
+    assert not llm_calls  # refused at the first forward, before the language model ran
+    assert not left_pruned
+    plain = _generate(model, batch)
+    assert torch.equal(_generate(model, batch, cache_implementation="static"), plain)  # usable, unpruned
+
+
+def test_static_cache_at_ratio_zero_is_the_unpruned_model(models):
+    """Ratio 0 changes nothing (no LLM hook), so a static cache works there as without vtprune."""
+    model = models("llava")
+    batch = collate(_prompts(model, "llava", 1))
+    plain = _generate(model, batch)
+    with vtprune.pruned(model, "fastv", ratio=0.0):
+        assert torch.equal(_generate(model, batch, cache_implementation="static"), plain)

@@ -172,6 +172,7 @@ class Session:
         vision = self._images_of(kwargs, input_ids, cache)
         if vision is False:
             return None  # text-only: untouched
+        self._refuse_static(cache)
         if pixel_values is None:  # generate() (or the caller) ran get_image_features before this forward
             pixel_values = vision.pixel_values
         image_sizes = kwargs.get("image_sizes")
@@ -188,6 +189,15 @@ class Session:
         if not self.plan.active:
             self._fwd.stats.finish()
         return None
+
+    def _refuse_static(self, cache) -> None:
+        """A preallocated cache is sized and masked for the unpruned sequence; pruning shortens it."""
+        static = compat.static_cache_name(cache) if self.plan.active else None
+        if static is not None:
+            raise PruneError(
+                f'vtprune: a {static} (cache_implementation="static") cannot hold a pruned sequence; use the '
+                'default DynamicCache: drop cache_implementation="static" (or pass no cache)'
+            )
 
     def _images_of(self, kwargs, input_ids, cache):
         """The vision run already encoded for this forward (generate()), None when pixel_values come with it, or

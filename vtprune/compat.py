@@ -20,6 +20,8 @@ CACHE_KWARGS = ("cache", "past_key_values")
 # generate()'s method that repeats the batch for beams / num_return_sequences after the images were encoded
 GENERATE_EXPAND = "_expand_inputs_for_generation"
 WRAPPED_PREFIX = "vtprune+"
+# generate()'s option that builds a preallocated (static) KV cache
+STATIC_CACHE_OPTION = 'cache_implementation="static"'
 
 
 def get_cache(kwargs: dict) -> Any:

@@ -244,10 +244,9 @@ class Session:
         """A preallocated cache is sized and masked for the unpruned sequence; pruning shortens it."""
         static = compat.static_cache_name(cache) if self.plan.active else None
         if static is not None:
-            raise PruneError(
-                f'vtprune: a {static} (cache_implementation="static") cannot hold a pruned sequence; use the '
-                'default DynamicCache: drop cache_implementation="static" (or pass no cache)'
-            )
+            option = compat.STATIC_CACHE_OPTION
+            raise PruneError(f"vtprune: a {static} ({option}) cannot hold a pruned sequence; use the default "
+                             f"DynamicCache: drop {option} (or pass no cache)")
 
     def _images_of(self, kwargs, input_ids, cache):
         """The vision run already encoded for this forward (generate()), None when pixel_values come with it, or

@@ -212,3 +212,124 @@ def test_config_key_turns_it_on_and_the_keyword_overrides(models, tmp_path, data
 def test_config_with_a_non_bool_is_refused_before_a_model(tmp_path, data):
     with pytest.raises(ConfigError, match=r"evict_early_kv.*line \d"):
         vtprune.load_config(_write(tmp_path, data))
+
+
+# --- a modulator after the cuts (issue 23 item 7) ------------------------------------------------------------------
+VAR_CFG = dict(sink_dims=(17, 31), tau=2.5, rho=0.5, min_image_mass=0.3, p=0.4, layers=(1, 2))  # tiny LLaVA: sinks
+VAR_CUT = 3  # FastV's cut: VAR's layers are before it, so their caches are evicted
+MARGIN = 1e-4
+
+
+def _var_pipeline(first: str):
+    from vtprune.methods import VAR
+
+    firsts = {"fastv": lambda: vtprune.method("fastv", ratio=0.5, layer=VAR_CUT),
+              "transprune": lambda: vtprune.method("transprune"),
+              "vflowopt": lambda: vtprune.method("vflowopt", ratio=0.5)}
+    return [firsts[first](), VAR(**VAR_CFG)]
+
+
+def _var_generate(model, batch, first: str):
+    with torch.no_grad(), vtprune.pruned(model, _var_pipeline(first), evict_early_kv=True):
+        out = model.generate(**batch, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        assert model.vtprune.stats.evicted_early_kv
+    return out.sequences[:, -STEPS:], torch.stack(out.logits, 1)
+
+
+def _var_step_attention(sinks: dict, visual: torch.Tensor, decisions: list):
+    """The eager attention of a decode step with VAR's edit (spec §1.3) on layers ``sinks``: sinks and visual keys
+    are the present prompt tokens' (generated tokens are neither), the query is the new token (after the image)."""
+    from .methods.test_var import eager_probs
+
+    def attention(module, q, k, v, mask, scaling):
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1).float()
+        A = eager_probs(q, k, mask, scaling)
+        if module.layer_idx in sinks:
+            extra = A.shape[-1] - visual.numel()
+            sink = torch.cat([sinks[module.layer_idx], torch.zeros(extra, dtype=torch.bool)])
+            vis = torch.cat([visual, torch.zeros(extra, dtype=torch.bool)])
+            rest = vis & ~sink
+            a_img, a, s = (A * vis).sum(-1), (A * rest).sum(-1), (A * sink).sum(-1)  # [1, H, 1]
+            selected = (a_img >= VAR_CFG["min_image_mass"]) & (a / a_img >= VAR_CFG["rho"]) & bool((sink & vis).any())
+            edited = torch.where(sink, (1 - VAR_CFG["p"]) * A, torch.where(rest, A + VAR_CFG["p"] * s[..., None] * A
+                                                                          / a[..., None], A))
+            decisions.append(dict(a_img=a_img, ratio=a / a_img, selected=selected))
+            A = torch.where(selected[..., None], edited, A)
+        return (A @ v).to(q.dtype).transpose(1, 2).contiguous(), A
+
+    return attention
+
+
+def _var_evicted_reference(model, eager, prompt_batch):
+    """One prompt of [FastV(layer 3), VAR] with eviction: the prefill of a run without eviction (the residual
+    entering VAR's layers captured there), its cache cut by hand to the final kept rows, then eager decode steps
+    applying VAR on the tokens present. Returns (tokens, per-step logits, decisions, sinks, visual)."""
+    from .helpers import own_attention
+    from .methods.test_var import phi
+
+    lm, ids = model.model.language_model, prompt_batch["input_ids"][0]
+    residual = {}
+
+    def capture(layer):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            residual.setdefault(layer, hidden[0].clone())  # the prefill's, what the layer got from vtprune
+        return hook
+
+    handles = [lm.layers[l].register_forward_pre_hook(capture(l), with_kwargs=True) for l in VAR_CFG["layers"]]
+    try:
+        with torch.no_grad(), vtprune.pruned(model, _var_pipeline("fastv")):
+            out = model(**prompt_batch, use_cache=True)
+            stats = model.vtprune.stats
+    finally:
+        for h in handles:
+            h.remove()
+    n_layers = model.config.text_config.num_hidden_layers
+    cache, n_kept = _reduced_cache(out.cache, ids, stats, n_layers)
+    present = _present(ids, torch.ones_like(ids), _kept_at(stats, 0, n_layers - 1))
+    phis = {l: phi(residual[l][present], VAR_CFG["sink_dims"]) for l in VAR_CFG["layers"]}
+    sinks = {l: p > VAR_CFG["tau"] for l, p in phis.items()}
+    visual = ids[present] == IMAGE_TOKEN
+    decisions, logits = [], [out.logits[0, -1]]
+    tok, tokens = logits[0].argmax().view(1, 1), [int(logits[0].argmax())]
+    with own_attention(eager, _var_step_attention(sinks, visual, decisions)), torch.no_grad():
+        for t in range(STEPS - 1):  # FastV keeps original positions: decoding continues after the prompt
+            step = eager(input_ids=tok, cache=cache, position_ids=torch.tensor([[ids.numel() + t]]),
+                         attention_mask=torch.ones(1, n_kept + t + 1, dtype=torch.long), use_cache=True)
+            cache, tok = step.cache, step.logits[:, -1].argmax(-1, keepdim=True)
+            logits.append(step.logits[0, -1])
+            tokens.append(int(tok))
+    assert all(((p - VAR_CFG["tau"]).abs() > MARGIN).all() for p in phis.values())  # SDPA / eager cannot flip
+    return tokens, torch.stack(logits), decisions, sinks, visual
+
+
+@pytest.mark.parametrize("shape", sorted(BATCHES))
+def test_var_after_fastv_decodes_on_the_evicted_cache_as_the_reference(models, eager_copy, shape):
+    """VAR's layers 1, 2 lie before FastV's cut at 3: their caches are evicted, and VAR's sinks (found at the
+    prefill over the full sequence) must follow the tokens into the evicted layout in every decode step."""
+    model, eager = models("llava"), eager_copy("llava")
+    seeds = BATCHES[shape]
+    tokens, logits = _var_generate(model, batch_of(model, "llava", seeds), "fastv")
+    for b, seed in enumerate(seeds):
+        ref_tokens, ref_logits, decisions, sinks, visual = _var_evicted_reference(model, eager, batch_of(model, "llava", [seed]))
+        assert all(bool((s & visual).any()) for s in sinks.values())  # kept visual sinks in both layers
+        assert any(bool(d["selected"].any()) for d in decisions)  # decode rows were redistributed
+        for d in decisions:
+            assert ((d["a_img"] - VAR_CFG["min_image_mass"]).abs() > MARGIN).all()
+            assert ((d["ratio"] - VAR_CFG["rho"]).abs() > MARGIN).all()
+        assert tokens[b].tolist() == ref_tokens, (b, seed)
+        torch.testing.assert_close(logits[b], ref_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("first", ["transprune", "vflowopt"])
+def test_var_after_multi_stage_cuts_generates_on_the_evicted_cache(models, first):
+    """TransPrune and VFlowOpt cut at several LLM layers: VAR's evicted layers decode, and a padded batch gives each
+    prompt's own tokens and logits."""
+    model = models("llava")
+    tokens, logits = _var_generate(model, batch_of(model, "llava", [0, 1]), first)
+    for b in range(2):
+        alone_tokens, alone_logits = _var_generate(model, batch_of(model, "llava", [b]), first)
+        assert tokens[b].tolist() == alone_tokens[0].tolist()
+        torch.testing.assert_close(logits[b], alone_logits[0], atol=1e-4, rtol=1e-4)

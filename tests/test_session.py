@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 
 import pytest
 import torch
@@ -267,3 +268,181 @@ def test_ratio_zero_still_checks_the_layers_against_the_model(models, method, kw
     with pytest.raises(ValueError, match="layer"):
         vtprune.prune(model, method, ratio=0.0, **kwargs)
     assert not hasattr(model, "vtprune")
+
+
+@pytest.mark.parametrize("how", ["generate", "forward"])
+@pytest.mark.parametrize("pipeline", [dict(method="fastv", ratio=0.5), dict(method="var", sink_dims=(17, 31))])
+def test_static_cache_is_refused_at_the_first_forward(models, how, pipeline):
+    """Issue 23 item 13: a preallocated cache is refused before the language model runs, naming it and the fix; the
+    model is left unpruned and works."""
+    from transformers import StaticCache
+
+    model = models("llava")
+    batch = collate(_prompts(model, "llava", 1))
+    llm_calls = []
+    handle = model.model.language_model.register_forward_pre_hook(lambda *_: llm_calls.append(1))
+    vtprune.prune(model, **pipeline)
+    try:
+        with pytest.raises(PruneError, match=r'StaticCache \(cache_implementation="static"\).*default DynamicCache'):
+            with torch.no_grad():
+                if how == "generate":
+                    model.generate(**batch, max_new_tokens=3, do_sample=False, cache_implementation="static")
+                else:
+                    cache = StaticCache(config=model.config, max_cache_len=batch["input_ids"].shape[1] + 4)
+                    model(**batch, cache=cache, use_cache=True)
+        left_pruned = hasattr(model, "vtprune")
+    finally:
+        handle.remove()
+        if hasattr(model, "vtprune"):  # a failure here must not leave the shared model pruned for other tests
+            vtprune.unprune(model)
+    assert not llm_calls  # refused at the first forward, before the language model ran
+    assert not left_pruned
+    plain = _generate(model, batch)
+    assert torch.equal(_generate(model, batch, cache_implementation="static"), plain)  # usable, unpruned
+
+
+def test_static_cache_at_ratio_zero_is_the_unpruned_model(models):
+    """Ratio 0 changes nothing (no LLM hook), so a static cache works there as without vtprune."""
+    model = models("llava")
+    batch = collate(_prompts(model, "llava", 1))
+    plain = _generate(model, batch)
+    with vtprune.pruned(model, "fastv", ratio=0.0):
+        assert torch.equal(_generate(model, batch, cache_implementation="static"), plain)
+
+
+# --- what the session keeps after a forward / generate() (issue 23 item 10) ------------------------------------------
+
+
+def _release_pipeline():
+    """Vision probe records (VisionZip) and an LLM cut (FastV: a compacted cache with its layouts)."""
+    return [vtprune.method("visionzip", keep=24), vtprune.method("fastv", ratio=0.5)]
+
+
+def _tensors(x):
+    """Every tensor inside a probe record (tensors, tuples / lists / dicts of them, dataclasses)."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    elif hasattr(x, "__dataclass_fields__"):
+        x = [getattr(x, f) for f in x.__dataclass_fields__]
+    return [t for item in x for t in _tensors(item)] if isinstance(x, (list, tuple)) else []
+
+
+def _watch(model, refs: dict):
+    """A language-model forward hook (after vtprune's) keeping weak references to the prefill's KV cache and to
+    the vision probe records of the run; returns its handle."""
+
+    def hook(module, args, kwargs, output):
+        if "cache" not in refs and output.cache is not None:
+            refs["cache"] = weakref.ref(output.cache)
+            run = model.vtprune.vision_run()
+            refs["records"] = [weakref.ref(t) for rec in run.records.values() for t in _tensors(rec)]
+
+    return model.model.language_model.register_forward_hook(hook, with_kwargs=True)
+
+
+class _RaiseAtStep:
+    """A logits processor failing in generate()'s second step (a decode step, outside vtprune's hooks)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("stop here")
+        return scores
+
+
+@pytest.mark.parametrize("ending", ["returns", "raises"])
+def test_generate_releases_its_cache_pixel_values_and_records(models, ending):
+    """After generate() returns (or raises) nothing of that run is kept alive by vtprune; stats stay."""
+    import gc
+
+    from transformers import LogitsProcessorList
+
+    model = models("llava")
+    batch = collate(_prompts(model, "llava"))
+    pixel_values = batch.pop("pixel_values").clone()  # only this test and generate() hold it
+    refs = {"pixel_values": weakref.ref(pixel_values)}
+    vtprune.prune(model, _release_pipeline())
+    handle = _watch(model, refs)
+    try:
+        processors = LogitsProcessorList([_RaiseAtStep()] if ending == "raises" else [])
+        try:
+            with torch.no_grad():
+                model.generate(**batch, pixel_values=pixel_values, max_new_tokens=3, do_sample=False,
+                               logits_processor=processors)
+            raised = False
+        except RuntimeError as err:  # not kept: its traceback would hold generate()'s frames
+            raised = "stop here" in str(err)
+        assert raised == (ending == "raises")
+        del pixel_values
+        gc.collect()
+        assert refs["records"], "the pipeline records vision probes"
+        alive = [name for name in ("pixel_values", "cache") if refs[name]() is not None]
+        alive += ["a record"] if any(r() is not None for r in refs["records"]) else []
+        assert not alive, f"still referenced after generate(): {alive}"
+        stats = model.vtprune.stats  # still pruned (the failure was not vtprune's), stats of the prefill kept
+        assert stats is not None and [i.kept for i in stats.images] == [12, 12]
+    finally:
+        handle.remove()
+        vtprune.unprune(model)
+
+
+def _decode_by_hand(model, cache, mask, tok, steps: int) -> torch.Tensor:
+    """Greedy steps with ``cache=`` and the original-layout 2-D mask grown by one column per step."""
+    tokens = []
+    for _ in range(steps):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        step = model(input_ids=tok, cache=cache, attention_mask=mask, use_cache=True)
+        cache, tok = step.cache, step.logits[:, -1:].argmax(-1)
+        tokens.append(tok)
+    return torch.cat(tokens, 1)
+
+
+def test_a_plain_forwards_cache_is_continued_by_hand_and_nothing_else_is_kept(models):
+    """Rule: a plain forward's pixel values and probe records are released when it returns; its cache's layout
+    stays only while the caller holds the cache, so decoding by hand with ``cache=out.cache`` works, also after
+    other forwards in between (here: the same tokens as generate()), and dropping the cache frees everything."""
+    import gc
+
+    model = models("llava")
+    batch, other = collate(_prompts(model, "llava")), collate(_prompts(model, "llava", 3)[2:])
+    steps = 4
+    with vtprune.pruned(model, _release_pipeline()), torch.no_grad():
+        expected = model.generate(**batch, max_new_tokens=steps, do_sample=False)[:, -steps:]
+        pixel_values = batch.pop("pixel_values").clone()
+        refs = {"pixel_values": weakref.ref(pixel_values)}
+        handle = _watch(model, refs)
+        try:
+            out = model(**batch, pixel_values=pixel_values, use_cache=True)
+        finally:
+            handle.remove()
+        del pixel_values
+        gc.collect()
+        assert refs["pixel_values"]() is None and not any(r() is not None for r in refs["records"])
+        first = out.logits[:, -1:].argmax(-1)
+        mask = batch["attention_mask"]
+        tokens = _decode_by_hand(model, out.cache, mask, first, 1)
+        model(**other, use_cache=True)  # another prompt's prefill in between
+        model.generate(**other, max_new_tokens=2, do_sample=False)
+        grown = torch.cat([mask, torch.ones_like(tokens)], 1)
+        tokens = torch.cat([first, tokens, _decode_by_hand(model, out.cache, grown, tokens[:, -1:], steps - 2)], 1)
+        assert torch.equal(tokens, expected)
+        del out
+        gc.collect()
+        assert refs["cache"]() is None
+
+
+def test_the_cache_of_a_finished_generate_is_continued_by_hand(models):
+    """generate(return_dict_in_generate=True) hands its cache back: decoding on by hand continues its tokens."""
+    model = models("llava")
+    batch = collate(_prompts(model, "llava"))
+    with vtprune.pruned(model, "fastv", ratio=0.5), torch.no_grad():
+        expected = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, -5:]
+        out = model.generate(**batch, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(out.sequences[:, -1:])], 1)  # the first token's
+        more = _decode_by_hand(model, out.cache, mask, out.sequences[:, -1:], 3)
+    assert torch.equal(torch.cat([out.sequences[:, -2:], more], 1), expected)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, StaticLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -20,6 +20,8 @@ CACHE_KWARGS = ("cache", "past_key_values")
 # generate()'s method that repeats the batch for beams / num_return_sequences after the images were encoded
 GENERATE_EXPAND = "_expand_inputs_for_generation"
 WRAPPED_PREFIX = "vtprune+"
+# generate()'s option that builds a preallocated (static) KV cache
+STATIC_CACHE_OPTION = 'cache_implementation="static"'
 
 
 def get_cache(kwargs: dict) -> Any:
@@ -47,6 +49,14 @@ def cache_length(cache: Any, layer_idx: int = 0) -> int:
         return int(cache.get_seq_length(layer_idx))
     except (IndexError, AttributeError):
         return 0
+
+
+def static_cache_name(cache: Any) -> str | None:
+    """The class name of a cache whose layers are preallocated to a fixed length (``StaticCache``, what
+    ``cache_implementation="static"`` and its offloaded / sliding variants build), else None."""
+    if any(isinstance(layer, StaticLayer) for layer in getattr(cache, "layers", None) or ()):
+        return type(cache).__name__
+    return None
 
 
 def cache_layer_kv(cache: Any, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:

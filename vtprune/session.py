@@ -9,8 +9,10 @@ Installing and removing the session is the only way vtprune touches a model; rem
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import weakref
 
 from . import compat
 from .adapters import Adapter
@@ -52,7 +54,11 @@ def _guard(fn):
 class Session:
     """Per-model pruning session for a pipeline of methods. Create through :func:`vtprune.prune`.
     ``evict_early_kv``: after each prefill, cut the KV cache of the layers before the last LLM cut to the final
-    kept tokens (``stages.llm.evict_early_kv``)."""
+    kept tokens (``stages.llm.evict_early_kv``).
+
+    What outlives a call: only ``stats``, once generate() (or a plain forward) returns. The KV cache belongs to the
+    caller: its Generation is parked, held through a weak reference to the cache, so decoding by hand on it
+    (``cache=out.cache``) resumes it, and nothing of it stays once the cache is dropped."""
 
     def __init__(self, model, adapter: Adapter, methods: tuple[Method, ...], evict_early_kv: bool = False):
         self.model = model
@@ -65,6 +71,10 @@ class Session:
         self._fwd: Forward | None = None
         self._gen: Generation | None = None
         self._vision: VisionRun | None = None
+        self._generating = 0  # generate() calls running (a nested one ends inside the outer one)
+        # cache -> its Generation without the cache, once the forward / generate() that filled it returned: kept
+        # while the caller holds the cache (to decode on it by hand), gone with it
+        self._parked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @property
     def method(self) -> Method:
@@ -100,6 +110,7 @@ class Session:
         hooks.post(m, self._on_model_end, with_kwargs=True, always_call=True)
         hooks.wrap(m.model, "get_image_features", self._wrap_image_features)
         hooks.wrap(m, compat.GENERATE_EXPAND, self._wrap_expand)
+        hooks.wrap(m, "generate", self._wrap_generate)
         if not plan.active:
             return  # ratio 0: nothing is cut and nothing is computed; stats still report the spans
         hooks.pre(a.language_model, self._on_llm_start)
@@ -146,9 +157,47 @@ class Session:
 
         return expand_inputs
 
+    def _wrap_generate(self, original):
+        """When generate() returns (or raises), let go of what it kept: the VisionRun (pixel values, vision probe
+        records), the Forward and the KV cache (its Generation is parked); ``stats`` stay."""
+
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            self._generating += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._generating -= 1
+                if self._generating == 0:
+                    self._park()
+                    self._vision = self._fwd = None
+
+        return generate
+
+    def _park(self) -> None:
+        """Hold the current Generation only weakly through its cache: a caller who keeps the cache can still
+        decode on it (``_resume``); once the cache is dropped, nothing of it stays."""
+        gen, self._gen = self._gen, None
+        if gen is not None:  # decode reads the layouts' slots and positions, not the prefill's 4-D masks / rotary
+            segments = {k: dataclasses.replace(l, mask=None, position_embeddings=None) for k, l in gen.segments.items()}
+            try:
+                self._parked[gen.cache] = dataclasses.replace(gen, cache=None, step_mask=None, segments=segments)
+            except TypeError:  # a cache object without weak references cannot be resumed: nothing is kept
+                pass
+
+    def _resume(self, cache) -> None:
+        """A forward continuing a parked cache (not emptied since) makes its Generation current again."""
+        if cache is None or (self._gen is not None and cache is self._gen.cache):
+            return
+        parked = self._parked.pop(cache, None)
+        if parked is not None and compat.cache_length(cache) > 0:
+            self._park()
+            self._gen = dataclasses.replace(parked, cache=cache)
+
     def remove(self) -> None:
         self.hooks.remove()
         self._vision = self._fwd = self._gen = None
+        self._parked.clear()
         if getattr(self.model, "vtprune", None) is self:
             del self.model.vtprune
 
@@ -163,15 +212,17 @@ class Session:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = compat.get_cache(kwargs)
         pixel_values = kwargs.get("pixel_values")
+        self._resume(cache)
         if self._gen is not None and cache is not None and cache is self._gen.cache:
             if pixel_values is not None:
                 raise PruneError("vtprune: new images in a decode step of a pruned cache are not supported")
             return None  # decode step on our compacted cache
-        self._gen = None
+        self._park()
         self.stats = None  # a new forward: stats describe it once it has run, or stay None (text-only)
         vision = self._images_of(kwargs, input_ids, cache)
         if vision is False:
             return None  # text-only: untouched
+        self._refuse_static(cache)
         if pixel_values is None:  # generate() (or the caller) ran get_image_features before this forward
             pixel_values = vision.pixel_values
         image_sizes = kwargs.get("image_sizes")
@@ -188,6 +239,14 @@ class Session:
         if not self.plan.active:
             self._fwd.stats.finish()
         return None
+
+    def _refuse_static(self, cache) -> None:
+        """A preallocated cache is sized and masked for the unpruned sequence; pruning shortens it."""
+        static = compat.static_cache_name(cache) if self.plan.active else None
+        if static is not None:
+            option = compat.STATIC_CACHE_OPTION
+            raise PruneError(f"vtprune: a {static} ({option}) cannot hold a pruned sequence; use the default "
+                             f"DynamicCache: drop {option} (or pass no cache)")
 
     def _images_of(self, kwargs, input_ids, cache):
         """The vision run already encoded for this forward (generate()), None when pixel_values come with it, or
@@ -221,11 +280,15 @@ class Session:
 
     def _on_model_end(self, module, args, kwargs, output):
         fwd, self._fwd = self._fwd, None
+        if kwargs.get("pixel_values") is not None:
+            self._vision = None  # this forward encoded its own images: nothing later reads them
         if fwd is not None and fwd.stats is not None and (fwd.entry is not None or not self.plan.active):
             self.stats = fwd.stats
         cache = compat.output_cache(output) if fwd is not None and not self.plan.active else None
         if cache is not None:  # ratio 0: no LLM hooks, but decode steps must still be told from new forwards
             self._gen = Generation(cache=cache, segments={}, prompt_length=fwd.length, spans=fwd.spans)
+        if not self._generating:
+            self._park()  # a plain forward returned: its cache is the caller's now
         return None
 
     # --- vision tower ---------------------------------------------------------------------------------

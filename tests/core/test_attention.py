@@ -122,3 +122,54 @@ def test_call_probs_equal_the_eager_attention_rows(models, n_prompts):
             model(**batch)
     (probs,) = ROWS
     torch.testing.assert_close(probs, ref, atol=1e-5, rtol=1e-4)
+
+
+KEYS: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+
+@register
+@dataclass
+class _KeysByPosition(Method):
+    """Test-only modulator on every LLM layer: keeps the prefill's keys per original position (``to_positions``)
+    and, in each decode step, remembers them mapped onto the step's key slots (``from_positions``) with the keys
+    the step really attends to; changes nothing."""
+
+    name: ClassVar[str] = "_test_keys_by_position"
+    description: ClassVar[str] = "test: AttentionCall.to_positions / from_positions"
+    has_budget: ClassVar[bool] = False
+    prunes: ClassVar[bool] = False
+
+    def cuts(self, model):
+        return ()
+
+    def modulated_layers(self, model):
+        return tuple(range(model.llm_layers))
+
+    def modulate(self, call):
+        first = call.key[:, 0, :, 0]  # [B, T] one feature of each key slot
+        if call.is_prefill:
+            call.shared[call.layer] = call.to_positions(first)
+        else:
+            KEYS.append((call.layer, call.from_positions(call.shared[call.layer]), first.clone(), call.layout.valid))
+        return None
+
+
+@pytest.mark.parametrize("evict", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scratch_kept_per_original_position_follows_each_layers_cache(models, family, evict):
+    """Per-position scratch from the prefill lands, in decode, on the slots of the layout the layer's cache really
+    holds: the full one before FastV's cut, or (``evict_early_kv``) the kept tokens only; generated slots get 0."""
+    model = models(family)
+    batch = collate([make_prompt(model, family, 3 + 4 * i, i) for i in range(2)])
+    KEYS.clear()
+    with vtprune.pruned(model, [FastV(ratio=0.5, layer=2), _KeysByPosition()], evict_early_kv=evict), torch.no_grad():
+        model.generate(**batch, max_new_tokens=3, do_sample=False)
+    n_layers = model.config.text_config.num_hidden_layers
+    assert len(KEYS) == 2 * n_layers
+    full = batch["input_ids"].shape[1]
+    for layer, mapped, keys, valid in KEYS:
+        prompt = valid.shape[1]
+        assert prompt < full if (evict or layer >= 2) else prompt == full  # which layout the cache holds
+        assert mapped.shape == keys.shape and not mapped[:, prompt:].any()  # generated tokens: nothing kept
+        assert torch.equal(mapped[:, :prompt][valid], keys[:, :prompt][valid]), layer  # each token's own key
+        assert not mapped[:, :prompt][~valid].any()

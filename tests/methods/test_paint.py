@@ -123,8 +123,9 @@ def paint_sets(eager, family, batch, local_ratio=0.25) -> list[Sets]:
     return out
 
 
-def paint_reference(eager, family, batch, alpha=ALPHA, beta=BETA, start=2, steps=STEPS):
-    """(prefill last-token logits, greedy tokens [B, steps], scores [B, steps, V]) of PAINT on the eager copy."""
+def paint_reference(eager, family, batch, alpha=ALPHA, beta=BETA, start=2, steps=STEPS, probs=None):
+    """(prefill last-token logits, greedy tokens [B, steps], scores [B, steps, V]) of PAINT on the eager copy.
+    ``probs``: a dict filled with {layer: [B, H, Q, T] probabilities of the prefill} (the last row boosted)."""
     sets = paint_sets(eager, family, batch)
     B, T0 = batch["input_ids"].shape
     gain0 = torch.zeros(B, T0)
@@ -146,10 +147,14 @@ def paint_reference(eager, family, batch, alpha=ALPHA, beta=BETA, start=2, steps
             z = z.clone()
             z[:, :, -1] = last + gain[:, None] * last.abs()
         A = z.softmax(-1)
+        if probs is not None and Q > 1:
+            probs[module.layer_idx] = A
         return (A @ v).to(q.dtype).transpose(1, 2).contiguous(), A
 
     with own_attention(eager, attention), torch.no_grad():
         logits = eager(**batch).logits[:, -1]
+        if probs is not None:
+            return logits, None, None, sets
         out = eager.generate(**batch, max_new_tokens=steps, do_sample=False, output_scores=True,
                              return_dict_in_generate=True)
     return logits, out.sequences[:, T0:], torch.stack(out.scores, 1), sets
@@ -206,6 +211,27 @@ def test_plain_tiny_llava_has_an_empty_summary_set(models):
     assert tokens.tolist() == ref_tokens.tolist()
     other, _, _, _ = run(model, batch, PAINT(alpha=ALPHA, beta=0.9), steps=1)
     assert torch.equal(other, logits)
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_output_attentions_under_eager_returns_every_layer_with_the_boosted_probabilities(sharp, family):
+    """Issue 23 item 1: modulated layers are not dropped from ``out.attentions``; ``attentions[i]`` is layer i's
+    probabilities, the last row boosted where PAINT modulates (the reference's A)."""
+    _, eager = sharp(family)
+    batch = batch_of(eager, family, (0, 1))
+    ref = {}
+    paint_reference(eager, family, batch, probs=ref)
+    layers = eager.config.text_config.num_hidden_layers
+    with torch.no_grad():
+        plain = eager(**batch, output_attentions=True).attentions
+        with vtprune.pruned(eager, PAINT(alpha=ALPHA, beta=BETA)):
+            got = eager(**batch, output_attentions=True).attentions
+    assert len(plain) == len(got) == len(ref) == layers
+    for layer in range(layers):
+        torch.testing.assert_close(got[layer], ref[layer], atol=1e-5, rtol=1e-4)
+    for layer in range(2):  # before start: the model's own
+        assert torch.equal(got[layer], plain[layer])
+    assert (got[2][:, :, -1] - plain[2][:, :, -1]).abs().amax() > 1e-3  # the boosted row, not the plain one
 
 
 # --- 5. the model's own rows, pipelines ----------------------------------------------------------------------

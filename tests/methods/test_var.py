@@ -63,10 +63,11 @@ def eager_probs(q, k, mask, scaling):
     return z.softmax(-1)
 
 
-def var_reference(eager, batch, *, sink_dims, tau, rho, min_image_mass, p, layers, steps=0):
+def var_reference(eager, batch, *, sink_dims, tau, rho, min_image_mass, p, layers, steps=0, probs=None):
     """(last-token logits, {layer: what was decided at the prefill}, [what was decided in each decode step],
     greedy tokens [B, steps], scores [B, steps, V]) of VAR on ``eager``, from the spec. Sinks are found at the
-    prefill; generated tokens are never sinks; in a decode step the query is the new token (after the image)."""
+    prefill; generated tokens are never sinks; in a decode step the query is the new token (after the image).
+    ``probs``: a dict filled with {layer: [B, H, Q, T] probabilities of the prefill} (after VAR's edit)."""
     lm = eager.model.language_model
     ids = batch["input_ids"]
     visual = ids == IMAGE_TOKEN
@@ -109,6 +110,8 @@ def var_reference(eager, batch, *, sink_dims, tau, rho, min_image_mass, p, layer
             else:
                 decode.append(d)
             A = out
+        if probs is not None and q.shape[2] > 1:
+            probs[module.layer_idx] = A
         return (A @ v).to(q.dtype).transpose(1, 2).contiguous(), A
 
     handles = [lm.layers[l].register_forward_pre_hook(entering(l), with_kwargs=True) for l in layers]
@@ -217,6 +220,29 @@ def test_unselected_rows_and_layers_before_are_bit_identical(models, eager_copy,
     assert torch.equal(a[~selected], b[~selected])  # every unselected (head, query) row is the model's own
     changed = (a[selected] != b[selected]).any(-1)
     assert changed.all()  # and every selected row was redistributed
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_output_attentions_under_eager_returns_every_layer_with_the_redistributed_probabilities(eager_copy, family):
+    """Issue 23 item 1: modulated layers are not dropped from ``out.attentions``; ``attentions[i]`` is layer i's
+    probabilities, VAR's redistributed ones (the reference's edited A) where it modulates."""
+    eager = eager_copy(family)
+    batch = batch_of(eager, family, (0, 1))
+    ref = {}
+    _, info, _, _, _ = var_reference(eager, batch, **CFG[family], **SELECT, probs=ref)
+    layers = eager.config.text_config.num_hidden_layers
+    with torch.no_grad():
+        plain = eager(**batch, output_attentions=True).attentions
+        with vtprune.pruned(eager, var(family)):
+            got = eager(**batch, output_attentions=True).attentions
+    assert len(plain) == len(got) == len(ref) == layers
+    assert torch.equal(got[0], plain[0])  # before the first modulated layer: the model's own
+    for layer in range(layers):
+        torch.testing.assert_close(got[layer], ref[layer], atol=1e-5, rtol=1e-4)
+    for layer in SELECT["layers"]:  # the modulated layers return their edited rows, not the plain ones
+        rows = info[layer]["selected"]
+        assert rows.any()
+        assert (got[layer][rows] - info[layer]["A"][rows]).abs().amax() > 1e-3
 
 
 def test_p_zero_is_vanilla(models):

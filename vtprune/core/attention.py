@@ -34,6 +34,23 @@ class AttentionCall:
         """(slots [n] of the image's tokens in this layer's layout, their original indices [n])."""
         return self.layout.images[span.image], self.layout.image_index[span.image]
 
+    def to_positions(self, values: torch.Tensor) -> torch.Tensor:
+        """[B, T] values of this layer's slots -> [B, P] per original prompt position (zero where no token is), for
+        scratch kept into decode steps, whose cache may have another layout (``evict_early_kv``)."""
+        orig, valid = self.layout.orig, self.layout.valid
+        out = values.new_zeros(values.shape[0], int(orig.max()) + 1)
+        rows = torch.arange(values.shape[0], device=values.device)[:, None].expand_as(orig)
+        out[rows[valid], orig[valid]] = values[valid]
+        return out
+
+    def from_positions(self, by_position: torch.Tensor) -> torch.Tensor:
+        """[B, P] per original prompt position (``to_positions``) -> [B, T] per key slot of this call: the tokens of
+        the layout this layer's cache really holds, then the generated tokens (zero)."""
+        orig, valid = self.layout.orig, self.layout.valid
+        at = by_position.gather(1, orig.clamp(min=0)).masked_fill(~valid, 0)
+        extra = self.key.shape[2] - at.shape[1]
+        return torch.cat([at, at.new_zeros(at.shape[0], extra)], 1) if extra > 0 else at
+
     def geometry(self, span):
         """The image's token geometry at prefill (``from_patches``, ``token_grid``): a core ImageSlice."""
         if self.view is None:
@@ -88,3 +105,17 @@ class AttentionCall:
             mask = torch.zeros(self.allowed().shape, dtype=dtype, device=q.device).masked_fill(
                 ~self.allowed(), torch.finfo(dtype).min) + bias.to(dtype)
         return self.next(self.module, q, k, v, mask, **self.kwargs)
+
+    def run_rows(self, rows: torch.Tensor, bias: torch.Tensor | None = None, **tensors):
+        """``run(bias=..., ...)`` on the (head, query) ``rows`` ([B|1, H|1, q] bool), the plain ``run()`` on the
+        others, so untouched rows are the model's own. Returns ``(output [B, q, H, d], weights [B, H, q, T])``;
+        weights are what the model's attention gives (eager: the modulated probabilities on ``rows``, SDPA: None),
+        so ``output_attentions`` still returns every layer."""
+        edited, edited_weights = self.run(bias=bias, **tensors)
+        if bool(rows.all()):
+            return edited, edited_weights
+        plain, plain_weights = self.run()
+        output = torch.where(rows.transpose(1, 2)[..., None], edited, plain)
+        if edited_weights is None or plain_weights is None:
+            return output, None
+        return output, torch.where(rows[..., None], edited_weights, plain_weights)

@@ -104,10 +104,6 @@ class PAINT(Method):
             return None
         last = z.new_zeros(z.shape[0], z.shape[1], call.query.shape[2], z.shape[-1])
         last[:, :, -1:] = gain[:, None, None, :] * z.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0)
-        boosted, _ = call.run(bias=last)
-        if call.query.shape[2] == 1:
-            return boosted, None
-        plain, _ = call.run()
-        rows = torch.zeros(call.query.shape[2], dtype=torch.bool, device=z.device)
-        rows[-1] = True
-        return torch.where(rows[None, :, None, None], boosted, plain), None
+        rows = torch.zeros(1, 1, call.query.shape[2], dtype=torch.bool, device=z.device)
+        rows[..., -1] = True
+        return call.run_rows(rows, bias=last)  # eager: the boosted probabilities on the last row

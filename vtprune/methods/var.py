@@ -96,14 +96,13 @@ class VAR(Method):
         return tuple(Residual(l) for l in self.modulated_layers(model))
 
     def sinks(self, call) -> torch.Tensor:
-        """[B, T] sink keys of this layer: found at the prefill, generated tokens never are."""
+        """[B, T] sink keys of this layer: found at the prefill (kept per original position, so decode steps map
+        them onto the layout the layer's cache holds, also after ``evict_early_kv``); generated tokens never are."""
         key = ("sinks", call.layer)
         if key not in call.shared:
-            hidden, layout = call.records[Residual(call.layer)]
-            call.shared[key] = (sink_ratio(hidden, self._dims) > self.tau) & layout.valid
-        found = call.shared[key]
-        T = call.key.shape[2]
-        return torch.cat([found, found.new_zeros(found.shape[0], T - found.shape[1])], 1) if T > found.shape[1] else found
+            hidden, layout = call.records[Residual(call.layer)]  # layout: this layer's, as call.layout here
+            call.shared[key] = call.to_positions((sink_ratio(hidden, self._dims) > self.tau) & layout.valid)
+        return call.from_positions(call.shared[key])
 
     def modulate(self, call):
         if call.visual is None or self.p == 0.0:
@@ -126,9 +125,7 @@ class VAR(Method):
         grow = torch.log1p(self.p * s / a.clamp_min(1e-30))[..., None]
         bias = torch.where(sink, math.log(1.0 - self.p), torch.where(rest, grow, torch.zeros_like(grow)))
         bias = torch.where(selected[..., None], bias, torch.zeros_like(bias))
-        moved, _ = call.run(bias=bias)
-        plain, _ = call.run()
-        return torch.where(selected.transpose(1, 2)[..., None], moved, plain), None  # weights: mixed rows, not given
+        return call.run_rows(selected, bias=bias)  # eager: the redistributed probabilities on selected rows
 
 
 def find_sink_dims(model, batches, tau: float = 20.0, top: int = 4, min_share: float = 0.5) -> list[int]:

@@ -114,6 +114,31 @@ def test_unknown_keyword_in_a_pipeline_entry_names_its_line(tmp_path, text, line
         load_config(path)
 
 
+@pytest.mark.parametrize("text, key, line, entry", [
+    ("pipeline:\n  - method: visionzip\n    keep: 16\n  - method: fastv\n    ratio: 0.5\n    evict_early_kv: true\n",
+     "evict_early_kv", 6, 2),
+    ("- method: fastv\n  evict_early_kv: false\n  ratio: 0.5\n", "evict_early_kv", 2, 1),
+    ("pipeline:\n  - {method: visionzip, keep: 16}\n  - {method: fastv, model: llava-hf/llava-1.5-7b-hf, ratio: 0.5}\n",
+     "model", 3, 2),
+])
+def test_a_pipeline_level_key_inside_a_pipeline_entry_names_its_line(models, tmp_path, text, key, line, entry):
+    """``evict_early_kv:`` (and ``model:``) apply to the whole pipeline: inside an entry they were silently ignored;
+    now an error naming the line and where the key belongs, before a model is touched."""
+    path = tmp_path / "pipe.yaml"
+    path.write_text(text)
+    match = (rf"config {re.escape(str(path))} line {line}: '{key}:' is set inside pipeline entry {entry} "
+             r"\(\w+\), but it applies to the whole pipeline; write it once beside 'pipeline:'")
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+    model = models("llava")
+    with pytest.raises(ConfigError, match=match):
+        vtprune.prune(model, config=path)
+    assert not hasattr(model, "vtprune")
+    fixed = tmp_path / "fixed.yaml"  # the same option beside pipeline: is read
+    fixed.write_text("evict_early_kv: true\npipeline:\n  - {method: fastv, ratio: 0.5}\n")
+    assert load_config(fixed)["evict_early_kv"] is True
+
+
 def test_a_layer_beyond_the_model_in_a_config_names_the_file(models, tmp_path):
     path = tmp_path / "deep.yaml"
     path.write_text("method: fastv\nratio: 0.5\nlayer: 9\n")

@@ -149,6 +149,8 @@ def _check_entry(path: Path, data, entry: int | None = None) -> None:
         cls = method_class(data["method"])
     except ConfigError as err:
         raise ConfigError(f"{err} (config {os.fspath(path)}{_key_line(path, 'method', entry)})") from None
+    if entry is not None:
+        _check_entry_options(path, data, entry)
     keys = set(data) - {"method", "model", *PIPELINE_OPTIONS}
     try:
         check_keywords(cls, keys)
@@ -157,11 +159,23 @@ def _check_entry(path: Path, data, entry: int | None = None) -> None:
         raise UnknownFieldError(f"{err} (config {os.fspath(path)}{_key_line(path, first, entry)})") from None
 
 
+def _check_entry_options(path: Path, data: dict, entry: int) -> None:
+    """``model:`` and the pipeline options belong to the whole pipeline: inside an entry they would be ignored."""
+    for key in ("model", *PIPELINE_OPTIONS):
+        if key in data:
+            raise ConfigError(
+                f"vtprune: config {os.fspath(path)}{_key_line(path, key, entry)}: '{key}:' is set inside pipeline entry "
+                f"{entry + 1} ({data['method']}), but it applies to the whole pipeline; write it once beside "
+                f"'pipeline:' at the top level (a bare list becomes 'pipeline:' with the list under it)"
+            )
+
+
 def load_config(path_or_name) -> dict:
     """Read a config: a YAML path or a shipped ``"<method>/<model>"`` name (see :func:`list_configs`).
 
     Returns the mapping (``method``, optional ``model`` and keyword entries; a pipeline: ``pipeline``, a list of
-    such mappings; either may carry the pipeline option ``evict_early_kv: true``). Checked without a model:
+    such mappings; either may carry the pipeline option ``evict_early_kv: true``, beside ``method:`` or
+    ``pipeline:``: inside a pipeline entry it, like ``model:``, is an error naming the line). Checked without a model:
     valid YAML (the error names the file and line), known methods and only their keywords, a boolean
     ``evict_early_kv``; method values are checked by ``prune``.
     Raises ConfigError (a ValueError) naming the file.

@@ -10,6 +10,8 @@ threshold. The tiny LLMs have L = 4 layers and d = 64: decisions after layers 0.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ from vtprune.methods.dyvte import Routers, save_routers
 
 from ..conftest import FAMILIES, IMAGE_TOKEN, Prompt, build_model, collate, make_prompt
 from ..helpers import kept_sequence_positions, merged_embeds, slow_multi_cut_generate
+from ..test_api import hook_snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -397,6 +400,66 @@ def test_router_files_for_another_model_or_missing_are_refused(models, tmp_path)
         a = model(**batch).logits
         b = build_model("llava")(**batch).logits
     assert torch.equal(a, b)
+
+
+def _rewrite_card(path, **changes):
+    card = path.with_suffix(".json")
+    card.write_text(json.dumps({**json.loads(card.read_text()), **changes}))
+
+
+def _drop_tensor(path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(path))
+    weights.pop("layers.2.2.weight")
+    save_file(weights, str(path))
+
+
+def _nan_tensor(path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(path))
+    weights["layers.1.0.weight"][3, 5] = float("nan")
+    save_file(weights, str(path))
+
+
+NOISE = bytes(torch.randint(0, 256, (512,), generator=torch.Generator().manual_seed(0)).tolist())
+CORRUPT = [  # (what, damage to the files of good routers, the file named, what the message says is wrong)
+    ("truncated", lambda p: p.write_bytes(p.read_bytes()[:100]), ".safetensors", "not a readable safetensors file"),
+    ("random bytes", lambda p: p.write_bytes(NOISE), ".safetensors", "not a readable safetensors file"),
+    ("empty", lambda p: p.write_bytes(b""), ".safetensors", "not a readable safetensors file"),
+    ("card not JSON", lambda p: p.with_suffix(".json").write_text('{"hidden_size": 64,'), ".json",
+     "is not valid JSON (line 1"),
+    ("card a list", lambda p: p.with_suffix(".json").write_text("[64, 4]"), ".json", "holds a JSON list, not an object"),
+    ("card misses layers", lambda p: p.with_suffix(".json").write_text('{"hidden_size": 64}'), ".json", "misses layers"),
+    ("card width a string", lambda p: _rewrite_card(p, width="wide"), ".json", "width='wide' is not a positive integer"),
+    ("card hidden size a float", lambda p: _rewrite_card(p, hidden_size=64.0), ".json",
+     "hidden_size=64.0 is not a positive integer"),
+    ("card width not the weights'", lambda p: _rewrite_card(p, width=16), ".safetensors",
+     "layers.0.0.weight has shape [32, 128], expected [16, 128] from dyvte_routers.json"),
+    ("a router missing", _drop_tensor, ".safetensors", "missing layers.2.2.weight"),
+    ("NaN weights", _nan_tensor, ".safetensors", "layers.1.0.weight holds NaN or inf"),
+]
+
+
+@pytest.mark.parametrize("what, damage, named, problem", CORRUPT, ids=[c[0] for c in CORRUPT])
+def test_corrupt_router_files_are_a_config_error_naming_the_file(models, tmp_path, what, damage, named, problem):
+    """A router file or card that cannot be read (truncated, random bytes, bad JSON) or does not describe the
+    routers it holds: a ConfigError from prune() naming the file and what is wrong, the model untouched (it used to
+    be a SafetensorError, JSONDecodeError, AttributeError or a load_state_dict RuntimeError)."""
+    model = models("llava")
+    path = tmp_path / "dyvte_routers.safetensors"
+    save_routers(Routers(D, L), path, {"model_id": "tiny"})
+    damage(path)
+    batch = collate([make_prompt(model, "llava", 3, 0)])
+    with torch.no_grad():
+        ref = model(**batch).logits
+    before = hook_snapshot(model)
+    message = _refused(model, ConfigError, "dyvte", routers=str(path), match=(problem,))
+    assert str(path.with_suffix(named)) in message and "vtprune train-dyvte" in message
+    assert hook_snapshot(model) == before
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, ref)
 
 
 def test_default_routers_come_from_the_model_folder(tmp_path):

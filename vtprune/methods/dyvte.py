@@ -74,9 +74,8 @@ def save_routers(routers: Routers, path, meta: dict) -> None:
 
 
 def load_routers(path, hidden_size: int, layers: int, model_name: str = "") -> tuple[Routers, dict]:
-    """(routers, card) from ``path``, after checking they were trained for a model of this shape."""
-    from safetensors.torch import load_file
-
+    """(routers, card) from ``path``, after checking they were trained for a model of this shape. A card or weight
+    file that cannot be read, or that does not describe the routers it holds, is a ConfigError naming the file."""
     path = Path(path)
     if path.is_dir():
         path = path / ROUTER_FILE
@@ -84,16 +83,62 @@ def load_routers(path, hidden_size: int, layers: int, model_name: str = "") -> t
     if not path.is_file() or not card_path.is_file():
         raise PruneError(f"vtprune: dyvte routers {path} (and its {card_path.name}) not found; train them with "
                          "`vtprune train-dyvte --model ...` or pass routers=<file>")
-    card = json.loads(card_path.read_text())
-    if (card.get("hidden_size"), card.get("layers")) != (hidden_size, layers):
+    card = read_card(card_path)
+    if (card["hidden_size"], card["layers"]) != (hidden_size, layers):
         raise PruneError(
             f"vtprune: dyvte routers {path} were trained for {card.get('model_id', 'another model')!r} with hidden "
-            f"size {card.get('hidden_size')} x {card.get('layers')} layers; this model{f' ({model_name})' if model_name else ''} "
+            f"size {card['hidden_size']} x {card['layers']} layers; this model{f' ({model_name})' if model_name else ''} "
             f"has hidden size {hidden_size} x {layers} layers. Train routers for it with `vtprune train-dyvte`"
         )
     routers = Routers(hidden_size, layers, card.get("width"))
-    routers.load_state_dict(load_file(str(path)))
+    routers.load_state_dict(read_weights(path, routers.state_dict(), card_path.name))
     return routers.eval().requires_grad_(False), card
+
+
+def read_card(card_path: Path) -> dict:
+    """The router card: a JSON object with positive integers ``hidden_size``, ``layers`` (and ``width`` if given)."""
+    redo = "write it again with `vtprune train-dyvte` (or restore it)"
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"vtprune: dyvte router card {card_path} is not valid JSON (line {err.lineno}, column "
+                          f"{err.colno}: {err.msg}); {redo}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"vtprune: dyvte router card {card_path} cannot be read ({err}); {redo}") from None
+    if not isinstance(card, dict):
+        raise ConfigError(f"vtprune: dyvte router card {card_path} holds a JSON {type(card).__name__}, not an object "
+                          f"with hidden_size, layers and width; {redo}")
+    missing = [k for k in ("hidden_size", "layers") if k not in card]
+    if missing:
+        raise ConfigError(f"vtprune: dyvte router card {card_path} misses {', '.join(missing)} (the LLM shape the "
+                          f"routers were trained for); {redo}")
+    for key in ("hidden_size", "layers", "width"):
+        value = card.get(key)
+        if (key != "width" or value is not None) and (type(value) is not int or value < 1):
+            raise ConfigError(f"vtprune: dyvte router card {card_path}: {key}={value!r} is not a positive integer; {redo}")
+    return card
+
+
+def read_weights(path: Path, expected: dict, card_name: str) -> dict:
+    """The router tensors of ``path``, checked against ``expected`` (names and shapes of the card's routers)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    redo = "train them again with `vtprune train-dyvte` (or restore the file)"
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"vtprune: dyvte routers {path} are not a readable safetensors file ({err}); {redo}") from None
+    problems = [f"missing {k}" for k in expected if k not in weights]
+    problems += [f"unexpected {k}" for k in weights if k not in expected]
+    problems += [f"{k} has shape {list(v.shape)}, expected {list(expected[k].shape)} from {card_name}"
+                 for k, v in weights.items() if k in expected and v.shape != expected[k].shape]
+    problems += [f"{k} holds NaN or inf" for k, v in weights.items()
+                 if k in expected and not (v.is_floating_point() and bool(torch.isfinite(v).all()))]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ConfigError(f"vtprune: dyvte routers {path} do not hold the routers {card_name} describes: {shown}; {redo}")
+    return weights
 
 
 @register

@@ -11,6 +11,7 @@ threshold. The tiny LLMs have L = 4 layers and d = 64: decisions after layers 0.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -231,6 +232,52 @@ def test_one_instruction_token_uses_it_for_both_halves(models, tmp_path):
     assert exit_layers(stats) == [0]
     T, N = prompt.input_ids.numel(), stats.images[0].n_tokens
     assert cache_lengths(out) == [T, T - N, T - N, T - N]
+
+
+def _image_last(model, family: str, text_len: int, seed: int, n_images: int = 1) -> Prompt:
+    """A prompt that ends with its last image's tokens (make_prompt's 3 trailing tokens and InternVL's </img> cut)."""
+    base = make_prompt(model, family, text_len, seed, n_images)
+    last = int(torch.nonzero(base.input_ids == IMAGE_TOKEN).max())
+    return Prompt(base.input_ids[:last + 1], base.pixel_values, base.image_sizes)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_token_after_the_last_image_never_exits(models, tmp_path, family):
+    """The image as the last prompt tokens: the routers have no text to read, so that sample never exits (as the
+    official code's NaN feature) instead of an IndexError: no router call for it, its logits alone equal the
+    unpruned model's, its images keep every token with one note at the first cut. In a padded batch the other
+    sample still exits after layer 0, with the router call of its own features."""
+    model = models(family)
+    last = _image_last(model, family, 4, 0, n_images=2 if family == "llava" else 1)
+    other = make_prompt(model, family, 6, 1)
+    routers = zero_routers()
+    set_always_exit(routers, 0)
+    method = DyVTE(routers=write(routers, tmp_path))
+    calls = spy(method)
+    with torch.no_grad():
+        ref = model(**collate([last])).logits
+        ref_other = layer_features(model, other)[0]
+    with vtprune.pruned(model, method), torch.no_grad():
+        alone = model(**collate([last]), use_cache=True)
+        stats_alone = model.vtprune.stats
+        assert calls == []
+        model(**collate([last, other]))
+        stats = model.vtprune.stats
+        gen = model.generate(**collate([last]), max_new_tokens=3, do_sample=False)
+    assert torch.equal(alone.logits, ref)
+    T = last.input_ids.numel()
+    assert cache_lengths(alone) == [T] * L
+    note = "no prompt token after the image: the routers have no text to read, every visual token stays"
+    for images in (stats_alone.images, stats.images[:-1]):
+        for img in images:
+            (st,) = img.stages
+            assert (st.layer, st.tokens_in, st.tokens_out, st.note) == (1, img.n_tokens, img.n_tokens, note)
+            assert img.kept == img.n_tokens
+    assert exit_layers(SimpleNamespace(images=stats.images[-1:])) == [0]
+    ((layer, f),) = calls
+    assert layer == 0
+    torch.testing.assert_close(f, ref_other, atol=1e-4, rtol=1e-4)
+    assert gen.shape[1] == T + 3
 
 
 def test_two_images_of_a_sample_exit_together(models, tmp_path):

@@ -178,6 +178,24 @@ def test_model_family_from_the_config_model_name(name, family):
     assert _model_family(name) == family
 
 
+@pytest.mark.parametrize("text, message", [
+    ("pipeline:\n  - method: random\n    keep: 32\n  - method: random\n    keep: 99\n",
+     "random keep=99 is more than the 64 visual tokens.*\\(config {path} line 5, pipeline entry 2 of 2\\)$"),
+    ("- {method: random, keep: 0}\n- {method: fastv, ratio: 0.5}\n",
+     "random keep must be a positive integer.*\\(config {path} line 1, pipeline entry 1 of 2\\)$"),
+    ("model: llava-hf/llava-1.5-7b-hf\nmethod: random\nkeep: 99\n",
+     "random keep=99 is more than the 64 visual tokens.*\\(config {path} line 3\\)$"),
+], ids=["second-of-two-randoms", "bad-keep-in-a-list", "one-method"])
+def test_a_budget_error_in_a_config_names_the_method_its_entry_and_line(models, tmp_path, text, message):
+    """Two entries of one method are told apart by their entry and line."""
+    path = tmp_path / "budget.yaml"
+    path.write_text(text)
+    model = models("llava")
+    with pytest.raises(ConfigError, match=message.format(path=re.escape(str(path)))):
+        vtprune.prune(model, config=path)
+    assert not hasattr(model, "vtprune")
+
+
 def test_a_config_budget_the_model_cannot_satisfy_errors(models, tmp_path):
     path = tmp_path / "big.yaml"
     path.write_text("method: random\nmodel: llava-hf/llava-1.5-7b-hf\nkeep: 128\n")

@@ -140,7 +140,7 @@ class VFlowOpt(Method):
         if self.ratio is not None:
             return image.n_received * (1.0 - self.ratio)
         if self.keep is not None:
-            return float(tokens_to_keep(image.n_tokens, None, self.keep, image.nominal))
+            return float(tokens_to_keep(image.n_tokens, None, self.keep, image.nominal, self.name))
         return None
 
     def setting(self, fraction: float | None, grid_side: int) -> tuple[float, float, float, float]:

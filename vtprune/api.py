@@ -166,8 +166,8 @@ def _check_entry_options(path: Path, data: dict, entry: int) -> None:
     for key in ("model", *PIPELINE_OPTIONS):
         if key in data:
             raise ConfigError(
-                f"vtprune: config {os.fspath(path)}{_key_line(path, key, entry)}: '{key}:' is set inside pipeline entry "
-                f"{entry + 1} ({data['method']}), but it applies to the whole pipeline; write it once beside "
+                f"vtprune: config {os.fspath(path)}{_key_line(path, key, entry)}: '{key}:' is set inside pipeline "
+                f"entry {entry + 1} ({data['method']}), but it applies to the whole pipeline; write it once beside "
                 f"'pipeline:' at the top level (a bare list becomes 'pipeline:' with the list under it)"
             )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,9 @@ import yaml
 
 import vtprune
 from vtprune import PruneError
+from vtprune.budget import tokens_to_keep
+from vtprune.errors import ConfigError
+from vtprune.methods import FastV, RandomPrune
 
 from .conftest import FAMILIES, collate, make_prompt
 
@@ -95,6 +100,29 @@ def test_bad_arguments_raise_and_leave_model_untouched(models, kwargs, match):
         vtprune.prune(model, method, **kwargs)
     assert not hasattr(model, "vtprune")
     assert torch.equal(_logits(model, batch), ref)
+
+
+TOO_MANY = "keep={} is more than the 64 visual tokens an image has for this model; use keep <= 64 (or ratio=...)"
+
+
+@pytest.mark.parametrize("pipeline, message", [
+    (lambda: FastV(keep=65), re.escape(f"vtprune: fastv {TOO_MANY.format(65)}") + "$"),
+    (lambda: [RandomPrune(keep=32), FastV(keep=65)],
+     re.escape(f"vtprune: fastv {TOO_MANY.format(65)} (pipeline entry 2 of 2)")),
+    (lambda: [RandomPrune(keep=99), RandomPrune(keep=8), FastV(ratio=0.5)],
+     re.escape(f"vtprune: random {TOO_MANY.format(99)} (pipeline entry 1 of 3)")),
+    (lambda: [RandomPrune(keep=8), "fastv"], r"fastv give exactly one budget: .* \(pipeline entry 'fastv' \(2 of 2\)"),
+])
+def test_budget_errors_name_the_method_and_its_pipeline_entry(models, pipeline, message):
+    """A keep larger than the image names the method and, in a pipeline, which entry (two entries of one method
+    are told apart); the model is untouched."""
+    model = models("llava")
+    before = hook_snapshot(model)
+    with pytest.raises(ConfigError, match=message):
+        vtprune.prune(model, pipeline())
+    assert not hasattr(model, "vtprune") and hook_snapshot(model) == before
+    with pytest.raises(ConfigError, match=re.escape(f"vtprune: visionzip {TOO_MANY.format(65)}")):
+        tokens_to_keep(64, None, 65, 64, "visionzip")  # the shared helper names the method too
 
 
 def test_numpy_budget_and_hyperparameters_are_accepted(models):

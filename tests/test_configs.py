@@ -114,6 +114,31 @@ def test_unknown_keyword_in_a_pipeline_entry_names_its_line(tmp_path, text, line
         load_config(path)
 
 
+@pytest.mark.parametrize("text, key, line, entry", [
+    ("pipeline:\n  - method: visionzip\n    keep: 16\n  - method: fastv\n    ratio: 0.5\n    evict_early_kv: true\n",
+     "evict_early_kv", 6, 2),
+    ("- method: fastv\n  evict_early_kv: false\n  ratio: 0.5\n", "evict_early_kv", 2, 1),
+    ("pipeline:\n  - {method: visionzip, keep: 16}\n  - {method: fastv, model: llava-hf/llava-1.5-7b-hf, ratio: 0.5}\n",
+     "model", 3, 2),
+])
+def test_a_pipeline_level_key_inside_a_pipeline_entry_names_its_line(models, tmp_path, text, key, line, entry):
+    """``evict_early_kv:`` (and ``model:``) apply to the whole pipeline: inside an entry they were silently ignored;
+    now an error naming the line and where the key belongs, before a model is touched."""
+    path = tmp_path / "pipe.yaml"
+    path.write_text(text)
+    match = (rf"config {re.escape(str(path))} line {line}: '{key}:' is set inside pipeline entry {entry} "
+             r"\(\w+\), but it applies to the whole pipeline; write it once beside 'pipeline:'")
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+    model = models("llava")
+    with pytest.raises(ConfigError, match=match):
+        vtprune.prune(model, config=path)
+    assert not hasattr(model, "vtprune")
+    fixed = tmp_path / "fixed.yaml"  # the same option beside pipeline: is read
+    fixed.write_text("evict_early_kv: true\npipeline:\n  - {method: fastv, ratio: 0.5}\n")
+    assert load_config(fixed)["evict_early_kv"] is True
+
+
 def test_a_layer_beyond_the_model_in_a_config_names_the_file(models, tmp_path):
     path = tmp_path / "deep.yaml"
     path.write_text("method: fastv\nratio: 0.5\nlayer: 9\n")
@@ -151,6 +176,24 @@ def test_model_family_from_the_config_model_name(name, family):
     from vtprune.api import _model_family
 
     assert _model_family(name) == family
+
+
+@pytest.mark.parametrize("text, message", [
+    ("pipeline:\n  - method: random\n    keep: 32\n  - method: random\n    keep: 99\n",
+     "random keep=99 is more than the 64 visual tokens.*\\(config {path} line 5, pipeline entry 2 of 2\\)$"),
+    ("- {method: random, keep: 0}\n- {method: fastv, ratio: 0.5}\n",
+     "random keep must be a positive integer.*\\(config {path} line 1, pipeline entry 1 of 2\\)$"),
+    ("model: llava-hf/llava-1.5-7b-hf\nmethod: random\nkeep: 99\n",
+     "random keep=99 is more than the 64 visual tokens.*\\(config {path} line 3\\)$"),
+], ids=["second-of-two-randoms", "bad-keep-in-a-list", "one-method"])
+def test_a_budget_error_in_a_config_names_the_method_its_entry_and_line(models, tmp_path, text, message):
+    """Two entries of one method are told apart by their entry and line."""
+    path = tmp_path / "budget.yaml"
+    path.write_text(text)
+    model = models("llava")
+    with pytest.raises(ConfigError, match=message.format(path=re.escape(str(path)))):
+        vtprune.prune(model, config=path)
+    assert not hasattr(model, "vtprune")
 
 
 def test_a_config_budget_the_model_cannot_satisfy_errors(models, tmp_path):

@@ -12,12 +12,13 @@ import torch
 
 import vtprune
 from vtprune.errors import ConfigError, PruneError
-from vtprune.methods import FastV, FlowCut, RandomPrune, VisionZip
+from vtprune.core.probes import FeatureLayer
+from vtprune.methods import PAINT, VAR, FastV, FlowCut, RandomPrune, VisionZip
 from vtprune.methods.base import Cut, Method, Selection
 from vtprune.registry import register
 from vtprune.stages import cut as cut_stage
 
-from .conftest import build_model, collate, make_prompt
+from .conftest import FAMILIES, build_model, collate, make_prompt
 from .helpers import kept_sequence_positions, merged_embeds
 from .test_api import hook_snapshot as _snapshot
 
@@ -80,6 +81,81 @@ def test_a_plan_that_cannot_work_is_refused_at_prune_time(models, pipeline, mess
     with pytest.raises(PruneError, match=message):
         vtprune.prune(model, pipeline())
     assert not hasattr(model, "vtprune") and _snapshot(model) == before
+
+
+@register
+@dataclass
+class _GridModulator(Method):
+    """Test-only: a modulator that declares the feature-layer view (the full patch grid) and changes nothing."""
+
+    name: ClassVar[str] = "_test_grid_modulator"
+    description: ClassVar[str] = "test: reads the full grid in the LLM"
+    has_budget: ClassVar[bool] = False
+    prunes: ClassVar[bool] = False
+
+    def cuts(self, model):
+        return ()
+
+    def probes(self, model):
+        return (FeatureLayer(),)
+
+    def modulated_layers(self, model):
+        return (1,)
+
+
+@register
+@dataclass
+class _TowerCut(Method):
+    """Test-only: cuts patches before vision layer 1 only, keeping the first ones."""
+
+    name: ClassVar[str] = "_test_tower_cut"
+    description: ClassVar[str] = "test: a cut inside the vision tower"
+
+    def cuts(self, model):
+        return (Cut("vision", 1),)
+
+    def score(self, image):
+        return -image.index.float()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pipeline, reader, cutter", [
+    (lambda: [PAINT(), FlowCut(ratio=0.5)], "paint", "flowcut"),
+    (lambda: [PAINT(spatial_ratio=0.1), FlowCut(keep=8)], "paint", "flowcut"),
+    (lambda: [_GridModulator(), FlowCut(ratio=0.5)], "_test_grid_modulator", "flowcut"),
+    (lambda: [PAINT(), _TowerCut(ratio=0.5)], "paint", "_test_tower_cut"),
+])
+def test_a_cut_inside_the_tower_after_a_full_grid_modulator_is_refused(models, family, pipeline, reader, cutter):
+    """A modulator acts in the LLM, after every vision cut, wherever it is listed: [PAINT, FlowCut] is refused at
+    prune() like [FlowCut, PAINT] (it used to fail with a KeyError in the first forward); the model is untouched."""
+    model = models(family)
+    before = _snapshot(model)
+    try:
+        with pytest.raises(PruneError, match=rf"{cutter} cuts patches inside the vision tower, but {reader}, listed "
+                                             rf"before it, reads the tower's full patch grid"):
+            vtprune.prune(model, pipeline())
+        with pytest.raises(PruneError, match=rf"{reader} reads the vision tower's full patch grid.*{cutter} already"):
+            vtprune.prune(model, pipeline()[::-1])
+        assert not hasattr(model, "vtprune") and _snapshot(model) == before
+    finally:  # the shared model stays usable for the next test whatever happened
+        if hasattr(model, "vtprune"):
+            vtprune.unprune(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tower_cuts_run_beside_methods_that_do_not_read_the_full_grid(models, family):
+    """The rule is about the grid, not the names: a ratio-0 FlowCut after PAINT, VAR (residual stream) on either
+    side of FlowCut and FastV after FlowCut prune and run; every stage is FlowCut's or FastV's."""
+    model = models(family)
+    batch = collate([make_prompt(model, family, 5, 0), make_prompt(model, family, 8, 1)])
+    var = dict(sink_dims=(1,), tau=2.0)
+    for pipeline in ([PAINT(), FlowCut(ratio=0.0)], [VAR(**var), FlowCut(ratio=0.5)], [FlowCut(ratio=0.5), VAR(**var)],
+                     [FlowCut(ratio=0.5), FastV(ratio=0.5, layer=3)]):
+        with vtprune.pruned(model, pipeline), torch.no_grad():
+            logits = model(**batch).logits
+            stages = {s.method for img in model.vtprune.stats.images for s in img.stages}
+        assert torch.isfinite(logits).all()
+        assert stages == {m.name for m in pipeline if m.prunes and not m.is_noop}
 
 
 def test_pipeline_input_errors_are_clear(models, tmp_path):

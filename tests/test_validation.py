@@ -12,9 +12,10 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+import torch
 
 import vtprune
-from vtprune.errors import ConfigError, UnknownFieldError
+from vtprune.errors import ConfigError, PruneError, UnknownFieldError
 from vtprune.registry import make_method, method_class
 
 NUMPY = {int: np.int64, float: np.float32, bool: np.bool_}
@@ -91,8 +92,8 @@ def test_keep_as_numpy_int_and_int_for_float_fields():
         ("flowcut", dict(cumulative_weight=1.5), "a number in [0, 1]"),
         ("flowcut", dict(semantic_scaling="sqrt"), "'none' (official code) or 'sqrt_d'"),
         ("flowcut", dict(llm_layer=0), "an LLM layer >= 1"),
-        ("paint", dict(alpha=-0.1), "a boost factor >= 0"),
-        ("paint", dict(beta=-1.0), "a boost factor >= 0"),
+        ("paint", dict(alpha=-0.1), "a boost factor in [0, 100]"),
+        ("paint", dict(beta=-1.0), "a boost factor in [0, 100]"),
     ],
 )
 def test_range_checks(method, kwargs, expected):
@@ -146,6 +147,93 @@ def test_flowcut_and_fastv_range_edges_are_valid():
     make_method("flowcut", ratio=0.5, vit_share=1.0, cumulative_weight=0.0, llm_layer=1, semantic_scaling="sqrt_d")
     make_method("fastv", ratio=0.5, layer=1)
     make_method("random", ratio=0.5, seed=2**32 - 1)
+
+
+# Finite but absurd values that overflowed, divided by zero or gave NaN logits; each bound is the range named.
+ABSURD = [
+    ("paint", "alpha", 1e39, "a boost factor in [0, 100]"),  # NaN logits / overflow inside the forward
+    ("paint", "alpha", 1e38, "a boost factor in [0, 100]"),
+    ("paint", "alpha", 100.5, "a boost factor in [0, 100]"),
+    ("paint", "beta", 1e300, "a boost factor in [0, 100]"),
+    ("vflowopt", "entropy_weight", 1e300, "a weight in [-1000, 1000]"),  # NaN logits
+    ("vflowopt", "entropy_weight", -1e39, "a weight in [-1000, 1000]"),
+    ("vflowopt", "entropy_weight", 1000.5, "a weight in [-1000, 1000]"),
+    ("vflowopt", "cell", 1e-200, "a cell size in [0.01, 10000]"),  # ZeroDivisionError at prune()
+    ("vflowopt", "cell", 1e300, "a cell size in [0.01, 10000]"),  # OverflowError at prune()
+    ("vflowopt", "cell", 0.009, "a cell size in [0.01, 10000]"),
+    ("vflowopt", "cell", 0.0, "a cell size in [0.01, 10000]"),
+]
+
+
+@pytest.mark.parametrize("method, field, value, expected", ABSURD, ids=lambda v: str(v))
+def test_finite_but_absurd_values_are_refused_at_construction(method, field, value, expected):
+    match = re.escape(f"vtprune: {method} {field}={value!r} is out of range; expected {expected}")
+    with pytest.raises(ConfigError, match=match):
+        make_method(method, **{field: value})
+
+
+# the paper defaults (left out), the bounds' edges and values just inside them
+EDGES = [("paint", dict(alpha=100.0, beta=100.0)), ("paint", dict(alpha=0.0, beta=0.0)),
+         ("vflowopt", dict(ratio=0.5, entropy_weight=1000.0, cell=0.01)),
+         ("vflowopt", dict(keep=16, entropy_weight=-1000.0, cell=10000.0)),
+         ("vflowopt", dict(ratio=0.5, recycle=True, cell=1.0, entropy_weight=0.5))]
+
+
+@pytest.mark.parametrize("method, kwargs", EDGES)
+def test_the_bounds_edges_build_and_give_finite_logits(models, method, kwargs):
+    """The edges are safe, not only accepted: pruned with them, a forward of the tiny LLaVA is finite."""
+    from .conftest import collate, make_prompt
+
+    make_method(method)  # the paper defaults
+    model = models("llava")
+    batch = collate([make_prompt(model, "llava", 5, 0), make_prompt(model, "llava", 8, 1)])
+    with vtprune.pruned(model, make_method(method, **kwargs)), torch.no_grad():
+        logits = model(**batch).logits
+    assert torch.isfinite(logits).all()
+
+
+def _numeric(hint) -> set:
+    """int / float in a field's annotation, also as a tuple's items."""
+    kinds = {k for t in _types(hint) for k in (typing.get_args(t) if typing.get_origin(t) is tuple else (t,))}
+    return kinds & {int, float}
+
+
+def _extreme(method: str, f, value):
+    """``value`` in field ``f``'s shape: a tuple of the length the method expects, else the value itself."""
+    if not any(typing.get_origin(t) is tuple for t in _types(typing.get_type_hints(method_class(method))[f.name])):
+        return value
+    lengths = {("vflowopt", "llm_layers"): 2, ("transprune", "layers"): 3}
+    n = len(f.default) if isinstance(f.default, tuple) else lengths.get((method, f.name), 1)
+    return (value,) * n
+
+
+@pytest.mark.filterwarnings("ignore:vtprune. vflowopt cannot average")  # tiny llm_ratios: the budget is missed
+@pytest.mark.parametrize("method, f, hint", [p for p in FIELDS if _numeric(p.values[2])
+                                             and p.values[1].name not in ("ratio", "keep")])
+def test_every_numeric_field_refuses_or_survives_finite_extremes(models, dyvte_routers, method, f, hint):
+    """The audit behind the bounds: in every int / float field a finite extreme (+-1e300, +-1e38, 1e-200; 2**62,
+    -2**62) is refused with a ConfigError / PruneError at construction or prune(), or the pruned forward is
+    finite. Never a crash of another type, an error inside the forward or NaN logits."""
+    from .conftest import collate, make_prompt
+
+    model = models("llava")
+    batch = collate([make_prompt(model, "llava", 5, 0)])
+    base = {"var": dict(sink_dims=(1,)), "dyvte": dict(routers=dyvte_routers("llava"))}.get(method, {})
+    values = [1e300, -1e300, 1e38, -1e38, 1e-200] if float in _numeric(hint) else []
+    values += [2**62, -2**62] if int in _numeric(hint) else []
+    for value in values:
+        kwargs = {**_budget(method, f.name), **base, f.name: _extreme(method, f, value)}
+        try:
+            vtprune.prune(model, make_method(method, **kwargs))
+        except PruneError:  # ConfigError is one too
+            assert not hasattr(model, "vtprune")
+            continue
+        try:
+            with torch.no_grad():
+                assert torch.isfinite(model(**batch).logits).all(), f"{method} {f.name}={value!r}: non-finite logits"
+        finally:
+            if hasattr(model, "vtprune"):
+                vtprune.unprune(model)
 
 
 def test_unknown_keyword_is_a_value_error_naming_valid_fields():

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 from .adapters import get_adapter
+from .budget import check_keep
 from .errors import ConfigError, ConfigNotFoundError, PruneError, UnknownFieldError
 from .methods.base import Method
 from .registry import check_keywords, list_methods, make_method, method_class, method_fields
@@ -52,8 +53,9 @@ def _key_line(path: Path, key: str, entry: int | None = None) -> str:
     node = yaml.compose(path.read_text())
     if entry is not None:
         if isinstance(node, yaml.MappingNode):  # 'pipeline:' beside other keys, or a top-level list
-            node = next((v for k, v in node.value if k.value == "pipeline"), None)
-        node = node.value[entry] if isinstance(node, yaml.SequenceNode) and entry < len(node.value) else None
+            pipeline = next((v for k, v in node.value if k.value == "pipeline"), None)
+            node = pipeline if pipeline is not None or entry else node  # one method: it is entry 0
+        node = node.value[entry] if isinstance(node, yaml.SequenceNode) and entry < len(node.value) else node
     pairs = node.value if isinstance(node, yaml.MappingNode) else ()
     lines = {k.value: k.start_mark.line + 1 for k, _ in pairs}
     return f" line {lines[key]}" if key in lines else ""
@@ -149,6 +151,8 @@ def _check_entry(path: Path, data, entry: int | None = None) -> None:
         cls = method_class(data["method"])
     except ConfigError as err:
         raise ConfigError(f"{err} (config {os.fspath(path)}{_key_line(path, 'method', entry)})") from None
+    if entry is not None:
+        _check_entry_options(path, data, entry)
     keys = set(data) - {"method", "model", *PIPELINE_OPTIONS}
     try:
         check_keywords(cls, keys)
@@ -157,11 +161,23 @@ def _check_entry(path: Path, data, entry: int | None = None) -> None:
         raise UnknownFieldError(f"{err} (config {os.fspath(path)}{_key_line(path, first, entry)})") from None
 
 
+def _check_entry_options(path: Path, data: dict, entry: int) -> None:
+    """``model:`` and the pipeline options belong to the whole pipeline: inside an entry they would be ignored."""
+    for key in ("model", *PIPELINE_OPTIONS):
+        if key in data:
+            raise ConfigError(
+                f"vtprune: config {os.fspath(path)}{_key_line(path, key, entry)}: '{key}:' is set inside pipeline "
+                f"entry {entry + 1} ({data['method']}), but it applies to the whole pipeline; write it once beside "
+                f"'pipeline:' at the top level (a bare list becomes 'pipeline:' with the list under it)"
+            )
+
+
 def load_config(path_or_name) -> dict:
     """Read a config: a YAML path or a shipped ``"<method>/<model>"`` name (see :func:`list_configs`).
 
     Returns the mapping (``method``, optional ``model`` and keyword entries; a pipeline: ``pipeline``, a list of
-    such mappings; either may carry the pipeline option ``evict_early_kv: true``). Checked without a model:
+    such mappings; either may carry the pipeline option ``evict_early_kv: true``, beside ``method:`` or
+    ``pipeline:``: inside a pipeline entry it, like ``model:``, is an error naming the line). Checked without a model:
     valid YAML (the error names the file and line), known methods and only their keywords, a boolean
     ``evict_early_kv``; method values are checked by ``prune``.
     Raises ConfigError (a ValueError) naming the file.
@@ -202,13 +218,14 @@ def _methods_from_config(config, method, kwargs) -> tuple[list, Path, dict]:
     if method is not None and method_class(method).name != method_class(entries[0]["method"]).name:
         raise ConfigError(f"vtprune: method {method!r} conflicts with {entries[0]['method']!r} in config {os.fspath(path)}")
     methods = []
-    for entry in entries:
+    for i, entry in enumerate(entries):
         own = {k: v for k, v in entry.items() if k not in ("method", "model", *PIPELINE_OPTIONS)}
         fields = {**own, **kwargs}
         try:
             methods.append(make_method(entry["method"], **fields))
         except ConfigError as err:
-            raise type(err)(f"{err} (config {os.fspath(path)})") from None
+            # the field at fault is not known here: in a pipeline the entry's method: line tells it from the others
+            raise type(err)(f"{err}{_entry(i, len(entries), path, 'method' if len(entries) > 1 else None)}") from None
     return methods, path, data
 
 
@@ -222,7 +239,7 @@ def _methods(method, kwargs) -> list[Method]:
                 "vtprune: a pipeline is a non-empty list of method objects or names, with no keywords beside it, "
                 "e.g. prune(model, [VisionZip(keep=192), FastV(ratio=0.5)])"
             )
-        return [m if isinstance(m, Method) else _pipeline_entry(m) for m in method]
+        return [m if isinstance(m, Method) else _pipeline_entry(m, i, len(method)) for i, m in enumerate(method)]
     if isinstance(method, Method):
         if kwargs:
             raise ConfigError(f"vtprune: set {', '.join(sorted(kwargs))} on the {method.name} object, not beside it")
@@ -230,13 +247,23 @@ def _methods(method, kwargs) -> list[Method]:
     return [make_method(method, **kwargs)]
 
 
-def _pipeline_entry(name) -> Method:
+def _pipeline_entry(name, i: int, n: int) -> Method:
     try:
         return make_method(name)
     except ConfigError as err:
         raise type(err)(
-            f"{err} (pipeline entry {name!r}: give it its fields as an object, e.g. vtprune.method({name!r}, keep=64))"
+            f"{err} (pipeline entry {name!r} ({i + 1} of {n}): give it its fields as an object, e.g. "
+            f"vtprune.method({name!r}, keep=64))"
         ) from None
+
+
+def _entry(i: int, n: int, path: Path | None = None, key: str | None = None) -> str:
+    """Where method ``i`` of ``n`` comes from, for its errors: ' (pipeline entry 2 of 3)' (only in a pipeline),
+    plus the config file and ``key``'s line in that entry when it was read from one."""
+    where = [f"pipeline entry {i + 1} of {n}"] if n > 1 else []
+    if path is not None:
+        where.insert(0, f"config {os.fspath(path)}{_key_line(path, key, i) if key else ''}")
+    return f" ({', '.join(where)})" if where else ""
 
 
 def prune(model, method=None, *, config=None, evict_early_kv: bool | None = None, **kwargs):
@@ -281,12 +308,8 @@ def prune(model, method=None, *, config=None, evict_early_kv: bool | None = None
     source = f" (config {os.fspath(path)})" if path is not None else ""
     if data is not None:
         _warn_family(path, data, adapter, model)
-    for m in methods:
-        if m.keep is not None and m.keep > adapter.nominal_tokens:
-            raise ConfigError(
-                f"vtprune: keep={m.keep} is more than the {adapter.nominal_tokens} visual tokens an image has "
-                f"for this model; use keep <= {adapter.nominal_tokens}{source}"
-            )
+    for i, m in enumerate(methods):
+        check_keep(m.keep, adapter.nominal_tokens, m.name, _entry(i, len(methods), path, "keep"))
     session = Session(model, adapter, tuple(methods), evict_early_kv=bool(evict_early_kv))
     try:
         session.install()  # checks every method against the model (layers, probes)

@@ -34,21 +34,30 @@ def validate_budget(ratio: float | None, keep: int | None, method: str = "") -> 
             raise ConfigError(f"{who}keep must be a positive integer (visual tokens kept per image), got {keep!r}")
 
 
-def tokens_to_keep(n_tokens: int, ratio: float | None, keep: int | None, reference: int | None = None) -> int:
+def check_keep(keep: int | None, nominal: int, method: str = "", where: str = "") -> None:
+    """Raise ConfigError when ``keep`` (per standard image) is more than the ``nominal`` tokens it has; the message
+    names ``method`` and ``where`` (e.g. its pipeline entry)."""
+    if keep is not None and keep > nominal:
+        who = f"{method} " if method else ""
+        raise ConfigError(
+            f"vtprune: {who}keep={keep} is more than the {nominal} visual tokens an image has for this model; "
+            f"use keep <= {nominal} (or ratio=...){where}"
+        )
+
+
+def tokens_to_keep(n_tokens: int, ratio: float | None, keep: int | None, reference: int | None = None,
+                   method: str = "") -> int:
     """Visual tokens to keep for one image of ``n_tokens`` tokens.
 
     ``keep`` is an absolute count for a ``reference``-token image (the model's nominal count, e.g. 576 for
     LLaVA-1.5); images with a different count (LLaVA-NeXT anyres) get the same fraction. ``ratio`` keeps
-    ``round(n_tokens * (1 - ratio))``, at least 1.
+    ``round(n_tokens * (1 - ratio))``, at least 1. ``method`` names the method in the error for a ``keep`` above
+    ``reference``.
     """
     if ratio is not None:
         return max(1, min(n_tokens, int(round(n_tokens * (1.0 - float(ratio))))))
     reference = reference or n_tokens
-    if keep > reference:
-        raise ValueError(
-            f"vtprune: keep={keep} is more than the {reference} visual tokens an image has for this model; "
-            f"use keep <= {reference} (or ratio=...)"
-        )
+    check_keep(keep, reference, method)
     if n_tokens == reference:
         return keep
     return max(1, min(n_tokens, int(math.floor(n_tokens * keep / reference + 0.5))))

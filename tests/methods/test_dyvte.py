@@ -2,7 +2,8 @@
 says "exit". The routers are built here by hand (so every decision is known) and the outputs are checked against
 references written from the model's own layers (never vtprune's code): never exit = vanilla, bit for bit; exit
 after layer 0 = layers 1..3 on text only at the original positions; per-sample exits in a batch; the KV cache per
-layer; generate() against a slow no-cache reference; refused router files; composition after FastV.
+layer; generate() against a slow no-cache reference; a prompt ending with its image; composition after FastV
+(router files: test_dyvte_routers.py).
 
 Router l reads f = concat(mean of the instruction tokens but the last, the last prompt token) of layer l's output
 (instruction = every prompt token after the sample's last image token) and exits when logit[1] - logit[0] >
@@ -10,15 +11,16 @@ threshold. The tiny LLMs have L = 4 layers and d = 64: decisions after layers 0.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import vtprune
-from vtprune.errors import ConfigError, PruneError
 from vtprune.methods import DyVTE, FastV
 from vtprune.methods.dyvte import Routers, save_routers
 
-from ..conftest import FAMILIES, IMAGE_TOKEN, Prompt, build_model, collate, make_prompt
+from ..conftest import FAMILIES, IMAGE_TOKEN, Prompt, collate, make_prompt
 from ..helpers import kept_sequence_positions, merged_embeds, slow_multi_cut_generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -230,6 +232,52 @@ def test_one_instruction_token_uses_it_for_both_halves(models, tmp_path):
     assert cache_lengths(out) == [T, T - N, T - N, T - N]
 
 
+def _image_last(model, family: str, text_len: int, seed: int, n_images: int = 1) -> Prompt:
+    """A prompt that ends with its last image's tokens (make_prompt's 3 trailing tokens and InternVL's </img> cut)."""
+    base = make_prompt(model, family, text_len, seed, n_images)
+    last = int(torch.nonzero(base.input_ids == IMAGE_TOKEN).max())
+    return Prompt(base.input_ids[:last + 1], base.pixel_values, base.image_sizes)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_token_after_the_last_image_never_exits(models, tmp_path, family):
+    """The image as the last prompt tokens: the routers have no text to read, so that sample never exits (as the
+    official code's NaN feature) instead of an IndexError: no router call for it, its logits alone equal the
+    unpruned model's, its images keep every token with one note at the first cut. In a padded batch the other
+    sample still exits after layer 0, with the router call of its own features."""
+    model = models(family)
+    last = _image_last(model, family, 4, 0, n_images=2 if family == "llava" else 1)
+    other = make_prompt(model, family, 6, 1)
+    routers = zero_routers()
+    set_always_exit(routers, 0)
+    method = DyVTE(routers=write(routers, tmp_path))
+    calls = spy(method)
+    with torch.no_grad():
+        ref = model(**collate([last])).logits
+        ref_other = layer_features(model, other)[0]
+    with vtprune.pruned(model, method), torch.no_grad():
+        alone = model(**collate([last]), use_cache=True)
+        stats_alone = model.vtprune.stats
+        assert calls == []
+        model(**collate([last, other]))
+        stats = model.vtprune.stats
+        gen = model.generate(**collate([last]), max_new_tokens=3, do_sample=False)
+    assert torch.equal(alone.logits, ref)
+    T = last.input_ids.numel()
+    assert cache_lengths(alone) == [T] * L
+    note = "no prompt token after the image: the routers have no text to read, every visual token stays"
+    for images in (stats_alone.images, stats.images[:-1]):
+        for img in images:
+            (st,) = img.stages
+            assert (st.layer, st.tokens_in, st.tokens_out, st.note) == (1, img.n_tokens, img.n_tokens, note)
+            assert img.kept == img.n_tokens
+    assert exit_layers(SimpleNamespace(images=stats.images[-1:])) == [0]
+    ((layer, f),) = calls
+    assert layer == 0
+    torch.testing.assert_close(f, ref_other, atol=1e-4, rtol=1e-4)
+    assert gen.shape[1] == T + 3
+
+
 def test_two_images_of_a_sample_exit_together(models, tmp_path):
     """Two images in one llava prompt: both leave after the same layer (one decision per sample) and the cache
     of the later layers holds neither."""
@@ -355,63 +403,6 @@ def test_generate_equals_slow_reference_exit_after_layer1(models, tmp_path, fami
     ref_tokens, ref_logits = slow_multi_cut_generate(model, merged_embeds(model, batch), kept, STEPS, renumber=False)
     assert out.sequences[0, -STEPS:].tolist() == ref_tokens
     torch.testing.assert_close(out.logits[0], ref_logits, atol=1e-5, rtol=0)
-
-
-# --- 5. refused router files --------------------------------------------------------------------------------
-def _refused(model, error, *args, match=(), **kwargs):
-    with pytest.raises(error) as info:
-        vtprune.prune(model, *args, **kwargs)
-    for text in match:
-        assert text in str(info.value), str(info.value)
-    assert not hasattr(model, "vtprune")
-    return str(info.value)
-
-
-def test_router_files_for_another_model_or_missing_are_refused(models, tmp_path):
-    model = models("llava")
-    # trained for hidden 32 x 4 layers / 64 x 6 layers: both shapes named
-    small = write(Routers(32, 4), tmp_path / "small", model_id="other-32")
-    _refused(model, PruneError, "dyvte", routers=small,
-             match=("hidden size 32 x 4 layers", "hidden size 64 x 4 layers", "other-32"))
-    deep = write(Routers(64, 6), tmp_path / "deep")
-    _refused(model, PruneError, "dyvte", routers=deep, match=("64 x 6 layers", "64 x 4 layers"))
-    # a folder of the right routers works, the same folder read as routers= works too
-    good = write(zero_routers(), tmp_path / "good")
-    with vtprune.pruned(model, "dyvte", routers=str(tmp_path / "good")), torch.no_grad():
-        model(**collate([make_prompt(model, "llava", 3, 0)]))
-    with vtprune.pruned(model, "dyvte", routers=good):
-        pass
-    # missing: a path that does not exist, a folder without the file, a file without its card, no default file
-    _refused(model, ConfigError, "dyvte", routers=str(tmp_path / "nope.safetensors"), match=("does not exist",))
-    (tmp_path / "empty").mkdir()
-    _refused(model, PruneError, "dyvte", routers=str(tmp_path / "empty"), match=("not found", "train-dyvte"))
-    (tmp_path / "good" / "dyvte_routers.json").unlink()
-    _refused(model, PruneError, "dyvte", routers=good, match=("dyvte_routers.json", "not found"))
-    _refused(model, PruneError, "dyvte", match=("routers",))  # a model built from a config: no folder to look in
-    # no budget
-    _refused(model, ConfigError, "dyvte", ratio=0.5, routers=small)
-    _refused(model, ConfigError, "dyvte", keep=10, routers=small)
-    # still the vanilla model
-    batch = collate([make_prompt(model, "llava", 3, 0)])
-    with torch.no_grad():
-        a = model(**batch).logits
-        b = build_model("llava")(**batch).logits
-    assert torch.equal(a, b)
-
-
-def test_default_routers_come_from_the_model_folder(tmp_path):
-    """routers=None: ``dyvte_routers.safetensors`` in the model's own folder (config._name_or_path);
-    ``available_for`` says whether a folder has one."""
-    model = build_model("llava")
-    folder = tmp_path / "tiny-llava"
-    write(zero_routers(), folder, model_id="tiny-llava-here")
-    assert DyVTE.available_for(str(folder))
-    assert not DyVTE.available_for(str(tmp_path)) and not DyVTE.available_for(None)
-    model.config._name_or_path = str(folder)
-    with vtprune.pruned(model, "dyvte"):
-        assert model.vtprune.method.card["model_id"] == "tiny-llava-here"
-    model.config._name_or_path = str(tmp_path)  # a folder without routers
-    _refused(model, PruneError, "dyvte", match=("not found", "train-dyvte"))
 
 
 # --- 6. after FastV -------------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ def build_plan(methods: tuple[Method, ...], info: ModelInfo) -> Plan:
     """Validate every method against the model (also at ratio 0) and merge what they declare."""
     plan = Plan(info=info, methods=methods)
     previous: tuple[Method, Cut] | None = None  # the latest cut of the methods so far
+    readers: list[tuple[Method, Probe]] = []  # methods so far that read the full patch grid outside the tower
     for slot, method in enumerate(methods):
         try:
             cuts, probes, layers = _declared(method, info)
@@ -76,7 +77,10 @@ def build_plan(methods: tuple[Method, ...], info: ModelInfo) -> Plan:
                 f"{previous[1]} listed ahead of it; each method must cut at or after the methods before it "
                 f"(the forward runs vision -> LLM input -> LLM layers), so list {method.name} earlier"
             )
-        _check_full_grid(plan, method, probes)
+        reads = _full_grid_probe(cuts, probes, layers)
+        _check_full_grid(plan, method, reads, cuts, readers)
+        if reads is not None:
+            readers.append((method, reads))
         method.setup(info)
         if cuts:
             previous = (method, max(cuts, key=lambda c: c.order))
@@ -133,14 +137,27 @@ def _check_cut(method: Method, cut: Cut, info: ModelInfo) -> None:
         )
 
 
-def _check_full_grid(plan: Plan, method: Method, probes) -> None:
-    """Feature-layer views map the full patch grid onto tokens: they cannot follow a cut inside the vision tower."""
+def _full_grid_probe(cuts, probes, layers) -> Probe | None:
+    """The first probe that maps the tower's full patch grid onto tokens, when the method reads it outside the
+    tower (an LLM-input or LLM-layer cut, or a modulated LLM layer); None otherwise."""
     reads_grid = [p for p in probes if isinstance(p, (FeatureLayer, VisionCLS, VisionAttentionMap))]
-    cuts = method.cuts(plan.info)
-    in_tower_only = bool(cuts) and all(c.where == "vision" for c in cuts)
-    if reads_grid and plan.vision and not in_tower_only:
+    outside = bool(layers) or any(c.where != "vision" for c in cuts)
+    return reads_grid[0] if reads_grid and outside else None
+
+
+def _check_full_grid(plan: Plan, method: Method, reads: Probe | None, cuts, readers) -> None:
+    """Full-grid views and cuts inside the vision tower exclude each other whatever the list order: a reader acts
+    after every vision cut (a modulator's LLM layers run after the tower even when it is listed first)."""
+    if reads is not None and plan.vision:
         cutter = plan.vision_step.method.name
         raise PruneError(
-            f"vtprune: {method.name} reads the vision tower's full patch grid ({reads_grid[0]}), but {cutter} "
+            f"vtprune: {method.name} reads the vision tower's full patch grid ({reads}), but {cutter} "
             f"already cuts patches inside the tower, so the grid is gone by then; run {method.name} without it"
+        )
+    if readers and not method.is_noop and any(c.where == "vision" for c in cuts):
+        reader, probe = readers[0]
+        raise PruneError(
+            f"vtprune: {method.name} cuts patches inside the vision tower, but {reader.name}, listed before it, reads "
+            f"the tower's full patch grid ({probe}) after the tower has run, when the cut patches are gone (its "
+            f"place in the list does not change that); run {reader.name} without {method.name}"
         )

@@ -283,7 +283,7 @@ class Method:
             return None
         if self.ratio is not None:
             return min(image.n, tokens_to_keep(image.n_received, self.ratio, None))
-        return min(image.n, tokens_to_keep(image.n_tokens, None, self.keep, image.nominal))
+        return min(image.n, tokens_to_keep(image.n_tokens, None, self.keep, image.nominal, self.name))
 
     def score(self, image: ImageView) -> torch.Tensor:
         """[n] importance of the image's current tokens; higher is kept."""

@@ -9,14 +9,18 @@ l + 1 on that sample's visual tokens are gone from the sequence and from the KV 
 kept tokens keep their original positions. Samples of a batch exit at different layers; decode steps never
 re-evaluate the routers; a layer where nobody exits costs one router call per sample and builds nothing.
 No ratio / keep budget. Stats: an exiting image has one stage (before layer l + 1, 0 tokens out, note
-"exit after layer l"); an image that never exits has none.
+"exit after layer l"); an image that never exits has none, unless no prompt token follows its sample's last image
+(one stage before layer 1, every token kept, a note saying the routers had no text to read).
 
 ``routers``: a router file (``*.safetensors`` with a ``*.json`` beside it: model id, hidden size, layers,
 router width, prompt style) or a folder holding ``dyvte_routers.safetensors``; default: that file in the
-model's own folder (the shipped tiny LLaVA has one). Files for another model are refused, naming both shapes.
+model's own folder (the shipped tiny LLaVA has one). Files for another model are refused, naming both shapes;
+files that cannot be read or do not match their card are a ConfigError naming the file.
 Where we differ from the code: h = d // 2 by default (the official 2048 is for d = 4096 / 5120); an empty
 instruction mean (only the last prompt token after the image) uses the last token (the code gives NaN and
-never exits); batches and several images per sample work (the code is batch 1, one image, offset 35).
+never exits); a sample with no prompt token after its last image never exits (nothing for the routers to read;
+the code's NaN feature never exits either); batches and several images per sample work (the code is batch 1,
+one image, offset 35).
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class Routers(nn.Module):
 
 def router_features(instruction: torch.Tensor) -> torch.Tensor:
     """[q, D] instruction rows (last prompt token last) -> [2D]: concat(mean of all but the last, the last)."""
+    if instruction.shape[0] == 0:
+        raise ValueError("vtprune: dyvte router features need at least one prompt token after the last image")
     body = instruction[:-1] if instruction.shape[0] > 1 else instruction
     return torch.cat([body.float().mean(0), instruction[-1].float()])
 
@@ -74,9 +80,8 @@ def save_routers(routers: Routers, path, meta: dict) -> None:
 
 
 def load_routers(path, hidden_size: int, layers: int, model_name: str = "") -> tuple[Routers, dict]:
-    """(routers, card) from ``path``, after checking they were trained for a model of this shape."""
-    from safetensors.torch import load_file
-
+    """(routers, card) from ``path``, after checking they were trained for a model of this shape. A card or weight
+    file that cannot be read, or that does not describe the routers it holds, is a ConfigError naming the file."""
     path = Path(path)
     if path.is_dir():
         path = path / ROUTER_FILE
@@ -84,16 +89,65 @@ def load_routers(path, hidden_size: int, layers: int, model_name: str = "") -> t
     if not path.is_file() or not card_path.is_file():
         raise PruneError(f"vtprune: dyvte routers {path} (and its {card_path.name}) not found; train them with "
                          "`vtprune train-dyvte --model ...` or pass routers=<file>")
-    card = json.loads(card_path.read_text())
-    if (card.get("hidden_size"), card.get("layers")) != (hidden_size, layers):
+    card = read_card(card_path)
+    if (card["hidden_size"], card["layers"]) != (hidden_size, layers):
         raise PruneError(
             f"vtprune: dyvte routers {path} were trained for {card.get('model_id', 'another model')!r} with hidden "
-            f"size {card.get('hidden_size')} x {card.get('layers')} layers; this model{f' ({model_name})' if model_name else ''} "
+            f"size {card['hidden_size']} x {card['layers']} layers; this model{f' ({model_name})' if model_name else ''} "
             f"has hidden size {hidden_size} x {layers} layers. Train routers for it with `vtprune train-dyvte`"
         )
     routers = Routers(hidden_size, layers, card.get("width"))
-    routers.load_state_dict(load_file(str(path)))
+    routers.load_state_dict(read_weights(path, routers.state_dict(), card_path.name))
     return routers.eval().requires_grad_(False), card
+
+
+def read_card(card_path: Path) -> dict:
+    """The router card: a JSON object with positive integers ``hidden_size``, ``layers`` (and ``width`` if given)."""
+    redo = "write it again with `vtprune train-dyvte` (or restore it)"
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"vtprune: dyvte router card {card_path} is not valid JSON (line {err.lineno}, column "
+                          f"{err.colno}: {err.msg}); {redo}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"vtprune: dyvte router card {card_path} cannot be read ({err}); {redo}") from None
+    if not isinstance(card, dict):
+        raise ConfigError(f"vtprune: dyvte router card {card_path} holds a JSON {type(card).__name__}, not an object "
+                          f"with hidden_size, layers and width; {redo}")
+    missing = [k for k in ("hidden_size", "layers") if k not in card]
+    if missing:
+        raise ConfigError(f"vtprune: dyvte router card {card_path} misses {', '.join(missing)} (the LLM shape the "
+                          f"routers were trained for); {redo}")
+    for key in ("hidden_size", "layers", "width"):
+        value = card.get(key)
+        if (key != "width" or value is not None) and (type(value) is not int or value < 1):
+            raise ConfigError(f"vtprune: dyvte router card {card_path}: {key}={value!r} is not a positive integer; "
+                              f"{redo}")
+    return card
+
+
+def read_weights(path: Path, expected: dict, card_name: str) -> dict:
+    """The router tensors of ``path``, checked against ``expected`` (names and shapes of the card's routers)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    redo = "train them again with `vtprune train-dyvte` (or restore the file)"
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"vtprune: dyvte routers {path} are not a readable safetensors file ({err}); "
+                          f"{redo}") from None
+    problems = [f"missing {k}" for k in expected if k not in weights]
+    problems += [f"unexpected {k}" for k in weights if k not in expected]
+    problems += [f"{k} has shape {list(v.shape)}, expected {list(expected[k].shape)} from {card_name}"
+                 for k, v in weights.items() if k in expected and v.shape != expected[k].shape]
+    problems += [f"{k} holds NaN or inf" for k, v in weights.items()
+                 if k in expected and not (v.is_floating_point() and bool(torch.isfinite(v).all()))]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ConfigError(f"vtprune: dyvte routers {path} do not hold the routers {card_name} describes: {shown}; "
+                          f"{redo}")
+    return weights
 
 
 @register
@@ -135,13 +189,30 @@ class DyVTE(Method):
         for image in images:
             layer = image.layer - 1
             if image.sample not in exits:
-                logits = self.router_logits(layer, router_features(image[LayerOutput(layer)]))
-                exits[image.sample] = float(logits[1] - logits[0]) > self.threshold
+                instruction = image[LayerOutput(layer)]
+                # no prompt token after the image: nothing for the routers to read, so nothing exits (the official
+                # feature is a mean of nothing, NaN, which never exits)
+                exits[image.sample] = instruction.shape[0] > 0 and self.exits(layer, instruction)
             if exits[image.sample]:
                 out.append(Selection(keep=image.index[:0], note=f"exit after layer {layer}"))
             else:
-                out.append(Selection(keep=torch.arange(image.n, device=image.index.device)))
+                out.append(Selection(keep=torch.arange(image.n, device=image.index.device), note=self.unrouted(image)))
         return out
+
+    def exits(self, layer: int, instruction: torch.Tensor) -> bool:
+        """Router ``layer``'s decision for one sample's [q, D] instruction rows (q >= 1): logit[exit] - logit[keep]
+        above ``threshold``."""
+        logits = self.router_logits(layer, router_features(instruction))
+        return float(logits[1] - logits[0]) > self.threshold
+
+    @staticmethod
+    def unrouted(image: ImageView) -> str | None:
+        """The stats note, once per image and forward, of an image whose sample has no prompt token after its
+        last image: its visual tokens stay in every layer."""
+        if image[LayerOutput(image.layer - 1)].shape[0] or image.state.get("unrouted"):
+            return None
+        image.state["unrouted"] = True
+        return "no prompt token after the image: the routers have no text to read, every visual token stays"
 
     def router_logits(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         router = self._routers.layers[layer]

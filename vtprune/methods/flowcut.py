@@ -98,7 +98,7 @@ class FlowCut(Method):
     def _crop_target(self, view: ImageView) -> int:
         """Units (patches, or pooled groups) a crop keeps at the end of the ViT."""
         n_units = view.n_tokens // view.patches_per_unit
-        target = tokens_to_keep(n_units, self.ratio, self.keep, n_units)
+        target = tokens_to_keep(n_units, self.ratio, self.keep, n_units, self.name)
         if view.crops_in_image > 1:  # anyres: floor(N/2) per crop in the ViT (N = the image's budget), then the LLM cut
             target = int(math.floor(target * view.crops_in_image * self.vit_share))
         return max(1, min(n_units, target))

@@ -26,6 +26,7 @@ from ..registry import register
 from ..search.space import Float, Int, tuned
 from .base import Method
 
+MAX_BOOST = 100.0  # alpha / beta: see check_fields
 
 @register
 @dataclass
@@ -44,8 +45,11 @@ class PAINT(Method):
 
     def check_fields(self) -> None:
         for name in ("alpha", "beta"):
-            if getattr(self, name) < 0.0:
-                raise self.field_error(name, "a boost factor >= 0 (paper: alpha 0.7, beta 0.4)")
+            # A boost multiplies a logit's magnitude by up to 1 + alpha: at 100 a token with |z| = 1 already gains
+            # e^100 in the softmax, so more changes nothing but overflow: alpha |z| is a float32 bias (1e39 is inf,
+            # 1e38 gives NaN logits) cast to the model's dtype (fp16 holds it for |z| < 655 at 100).
+            if not 0.0 <= getattr(self, name) <= MAX_BOOST:
+                raise self.field_error(name, f"a boost factor in [0, {MAX_BOOST:g}] (paper: alpha 0.7, beta 0.4)")
         for name in ("local_ratio", "spatial_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise self.field_error(name, "a fraction in [0, 1] of the image's tokens")

@@ -51,6 +51,7 @@ RELEASED = ((0.10, 39.265, 17.387, 0.11662, 1.0), (0.25, 34.760, 15.581, 0.26510
             (0.50, 28.683, 11.757, 0.72332, 0.74875))
 NO_BUDGET = (0.98334, 0.87733)  # the released 25 % (r1, r2)
 REFERENCE_LAYERS, REFERENCE_DEPTH, REFERENCE_GRID = (9, 18), 28, 27
+MIN_CELL, MAX_CELL, MAX_ENTROPY_WEIGHT = 0.01, 1e4, 1e3  # field bounds: see check_fields
 
 
 def released_setting(budget: float) -> tuple[float, float, float, float]:
@@ -113,8 +114,16 @@ class VFlowOpt(Method):
     def check_fields(self) -> None:
         if self.retention is not None and not 0.0 < self.retention <= 1.0:
             raise self.field_error("retention", "a fraction in (0, 1] kept at the LLM input")
-        if self.cell is not None and not self.cell > 0.0:
-            raise self.field_error("cell", "a cell size > 0 (tokens per side of a recycling cell)")
+        # Every cell <= 1 token holds one token (all act as 1) and every cell wider than the grid holds the whole
+        # grid; past the bounds N / cell^2 divides by zero (1e-200 squared is 0) or cell^2 overflows (1e300).
+        if self.cell is not None and not MIN_CELL <= self.cell <= MAX_CELL:
+            raise self.field_error("cell", f"a cell size in [{MIN_CELL:g}, {MAX_CELL:g}] (tokens per side of a "
+                                           "recycling cell; the released box is [3, 24] of a 27-token grid)")
+        # The prior softmax(entropy) and the map c are both in [0, 1]: at 1e3 the map only breaks near-ties, and
+        # cell sums of the scores stay far inside float32 (1e39 is inf and the recycled rows turn NaN).
+        if not abs(self.entropy_weight) <= MAX_ENTROPY_WEIGHT:
+            raise self.field_error("entropy_weight", f"a weight in [-{MAX_ENTROPY_WEIGHT:g}, {MAX_ENTROPY_WEIGHT:g}] "
+                                                     "of the entropy prior (released: 0, search box [-1, 1])")
         if self.threshold is not None and self.threshold < 0.0:
             raise self.field_error("threshold", "a number >= 0 (global tokens: r_j > threshold * mean(r))")
         if self.llm_layers is not None and not 1 <= self.llm_layers[0] < self.llm_layers[1]:
@@ -131,7 +140,7 @@ class VFlowOpt(Method):
         if self.ratio is not None:
             return image.n_received * (1.0 - self.ratio)
         if self.keep is not None:
-            return float(tokens_to_keep(image.n_tokens, None, self.keep, image.nominal))
+            return float(tokens_to_keep(image.n_tokens, None, self.keep, image.nominal, self.name))
         return None
 
     def setting(self, fraction: float | None, grid_side: int) -> tuple[float, float, float, float]:

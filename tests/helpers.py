@@ -28,10 +28,15 @@ def image_positions(input_ids_row: torch.Tensor, image_token_id: int) -> torch.T
     return torch.nonzero(input_ids_row == image_token_id).flatten()
 
 
-def kept_sequence_positions(input_ids_row, image_token_id, kept_per_image: list[list[int]], lengths: list[int]):
-    """Original positions of the tokens that survive: all text plus each image's kept indices."""
+def kept_sequence_positions(input_ids_row, image_token_id, kept_per_image: list[list[int]], lengths: list[int],
+                            attention_mask_row=None):
+    """Original positions of the tokens that survive: all text plus each image's kept indices. With the row's
+    attention mask, its left padding is left out too (a cut drops padding: the batch is rebuilt as wide as its
+    longest remaining sample)."""
     img_pos = image_positions(input_ids_row, image_token_id)
     keep = torch.ones(input_ids_row.numel(), dtype=torch.bool)
+    if attention_mask_row is not None:
+        keep &= attention_mask_row.bool()
     keep[img_pos] = False
     offset = 0
     for kept, n in zip(kept_per_image, lengths):

@@ -43,15 +43,16 @@ class _CaptureVisual(Method):
 
 
 def _expected(batch, stats, image_token: int, after_cut: bool) -> torch.Tensor:
-    """[B, T] visual slots: the padded prompt before the cut; after it, each row's surviving tokens (padding,
-    text, kept visual) right-aligned in their original order."""
+    """[B, T] visual slots: the padded prompt before the cut; after it, each row's surviving tokens (text and kept
+    visual; padding is dropped) right-aligned in their original order, as wide as the longest row."""
     ids = batch["input_ids"]
     if not after_cut:
         return ids == image_token
     rows = []
     for b in range(ids.shape[0]):
         imgs = [i for i in stats.images if i.sample == b]
-        seq = kept_sequence_positions(ids[b], image_token, [i.kept_index for i in imgs], [i.n_tokens for i in imgs])
+        seq = kept_sequence_positions(ids[b], image_token, [i.kept_index for i in imgs], [i.n_tokens for i in imgs],
+                                      batch["attention_mask"][b])
         rows.append(ids[b, seq] == image_token)
     T = max(r.numel() for r in rows)
     return torch.stack([torch.cat([torch.zeros(T - r.numel(), dtype=torch.bool), r]) for r in rows])

@@ -347,8 +347,9 @@ def test_fastv_then_paint_batched_boosts_the_kept_tokens_of_each_set(sharp, fami
     ids = batch["input_ids"]
     images = sorted(stats.images, key=lambda i: i.sample)
     assert [i.sample for i in images] == [0, 1] and all(i.kept < i.n_tokens for i in images)  # FastV did cut
-    seqs = [kept_sequence_positions(ids[b], IMAGE_TOKEN, [img.kept_index], [img.n_tokens]) for b, img in enumerate(images)]
-    T = max(s.numel() for s in seqs)  # the prompt after the cut (left-padded, right-aligned)
+    seqs = [kept_sequence_positions(ids[b], IMAGE_TOKEN, [img.kept_index], [img.n_tokens], batch["attention_mask"][b])
+            for b, img in enumerate(images)]
+    T = max(s.numel() for s in seqs)  # the prompt after the cut (padding dropped, left-padded again, right-aligned)
     expected = []
     for b, (img, seq) in enumerate(zip(images, seqs)):
         pos = torch.nonzero(ids[b] == IMAGE_TOKEN).flatten()

@@ -102,7 +102,7 @@ class TransPrune(Method):
         n = max(1, int(image.n_received * self.keep_ratios[stage]))
         if self.ratio is not None or self.keep is not None:
             final = (tokens_to_keep(image.n_received, self.ratio, None) if self.ratio is not None
-                     else tokens_to_keep(image.n_tokens, None, self.keep, image.nominal))
+                     else tokens_to_keep(image.n_tokens, None, self.keep, image.nominal, self.name))
             n = final if stage == len(self.keep_ratios) - 1 else max(n, final)
         return min(n, image.n)
 

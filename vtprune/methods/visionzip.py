@@ -75,7 +75,7 @@ class VisionZip(Method):
         if not self._per_crop(v):
             return super().budget(image)
         crops, patches = v.crop_cls.shape
-        per_crop = tokens_to_keep(patches, self.ratio, self.keep, image.nominal)
+        per_crop = tokens_to_keep(patches, self.ratio, self.keep, image.nominal, self.name)
         return min(image.n, crops * max(1, min(per_crop, image.n_tokens // crops)))
 
     def select(self, image: ImageView, n_keep: int) -> Selection:

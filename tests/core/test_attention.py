@@ -21,13 +21,9 @@ from ..helpers import kept_sequence_positions
 SEEN: list[tuple[int, int, torch.Tensor]] = []
 
 
-@register
-@dataclass
-class _CaptureVisual(Method):
-    """Test-only modulator on every LLM layer: remembers (layer, query length, visual key mask), changes nothing."""
+class _EveryLayerObserver(Method):
+    """Base of the test-only modulators below: on every LLM layer, no budget, no cut, changes nothing."""
 
-    name: ClassVar[str] = "_test_capture_visual"
-    description: ClassVar[str] = "test: capture AttentionCall.visual"
     has_budget: ClassVar[bool] = False
     prunes: ClassVar[bool] = False
 
@@ -36,6 +32,15 @@ class _CaptureVisual(Method):
 
     def modulated_layers(self, model):
         return tuple(range(model.llm_layers))
+
+
+@register
+@dataclass
+class _CaptureVisual(_EveryLayerObserver):
+    """Remembers (layer, query length, visual key mask) of every call."""
+
+    name: ClassVar[str] = "_test_capture_visual"
+    description: ClassVar[str] = "test: capture AttentionCall.visual"
 
     def modulate(self, call):
         SEEN.append((call.layer, call.query.shape[2], call.visual.clone()))
@@ -130,21 +135,12 @@ KEYS: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
 @register
 @dataclass
-class _KeysByPosition(Method):
-    """Test-only modulator on every LLM layer: keeps the prefill's keys per original position (``to_positions``)
-    and, in each decode step, remembers them mapped onto the step's key slots (``from_positions``) with the keys
-    the step really attends to; changes nothing."""
+class _KeysByPosition(_EveryLayerObserver):
+    """Keeps the prefill's keys per original position (``to_positions``) and, in each decode step, remembers them
+    mapped onto the step's key slots (``from_positions``) with the keys the step really attends to."""
 
     name: ClassVar[str] = "_test_keys_by_position"
     description: ClassVar[str] = "test: AttentionCall.to_positions / from_positions"
-    has_budget: ClassVar[bool] = False
-    prunes: ClassVar[bool] = False
-
-    def cuts(self, model):
-        return ()
-
-    def modulated_layers(self, model):
-        return tuple(range(model.llm_layers))
 
     def modulate(self, call):
         first = call.key[:, 0, :, 0]  # [B, T] one feature of each key slot

@@ -299,3 +299,14 @@ def test_perf_draws_no_progress_bar_when_stdout_is_not_a_terminal(tmp_path, caps
     assert "\r" not in err and "cfg/s" not in err
     assert [line for line in err.splitlines() if "round" in line] == [f"vtprune perf: round {i} of 4" for i in
                                                                       range(1, 5)]
+
+
+def test_perf_cli_default_rounds_are_the_suite_s():
+    """The CLI keeps its own literal (``vtprune -h`` imports no torch); both say the same number of rounds."""
+    import argparse
+
+    from vtprune.benchmarks import perf_cli
+
+    p = argparse.ArgumentParser()
+    perf_cli.add_arguments(p)
+    assert p.parse_args([]).rounds == perf_suite.DEFAULT_ROUNDS >= 8

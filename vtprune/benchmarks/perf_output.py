@@ -69,7 +69,7 @@ def noise_lines(noise: dict | None) -> list[str]:
     lines = [f"machine noise: vanilla prefill varies {100 * noise['iqr']:.1f} % between rounds (interquartile range "
              f"/ median over {noise['rounds']} rounds; max - min: {100 * noise['range']:.1f} %)"]
     if noise["rounds"] < 4:
-        lines.append(f"warning: {noise['rounds']} round(s) cannot show how noisy this machine is; use --rounds 10 "
+        lines.append(f"warning: {noise['rounds']} round(s) cannot show how noisy this machine is; use --rounds 8 "
                      "or more")
     if noise["warning"]:
         lines.append(f"warning: machine noise {100 * noise['iqr']:.1f} % > {100 * noise['threshold']:.0f} %: this "

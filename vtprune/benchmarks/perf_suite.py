@@ -45,9 +45,11 @@ from .runner import BenchConfig
 __all__ = ["Setup", "Timing", "plan_setups", "run_perf", "round_order", "records", "derive", "machine_noise",
            "DEFAULT_ROUNDS", "NOISE_WARNING"]
 
-# 10 recorded rounds: as many forward as reversed rounds, and the median of 10 paired ratios moves by about
-# 1.25 * sigma / sqrt(10) = 0.4 sigma; with a quiet CPU's per-round ratio noise (sigma 2-4 %) that is 1-2 %
-DEFAULT_ROUNDS = 10
+# 8 recorded rounds: as many forward as reversed ones; the median of n paired ratios moves by about
+# 1.25 * sigma / sqrt(n) = 0.44 sigma, so with a quiet CPU's per-round ratio noise (sigma 2-4 %) two runs agree
+# within a few percent, and within 10 points up to sigma ~8 %; more rounds buy little (1 / sqrt(n)) and each costs
+# a full round (vanilla is half of it)
+DEFAULT_ROUNDS = 8
 NOISE_WARNING = 0.10  # vanilla IQR / median above which the table warns
 
 

@@ -240,7 +240,10 @@ def test_perf_ratios_are_medians_of_paired_per_round_ratios(tmp_path, capsys, ti
     for row, ms in ((v, NOISY), (o, ORACLE_MS), (m, METHOD_MS)):
         assert row["prefill_ms_rounds"] == pytest.approx(ms)
     fraction = [b / a for a, b in zip(METHOD_MS, ORACLE_MS)]
+    total = lambda r: r["flops"]["vision"] + r["flops"]["projector"] + r["flops"]["llm_prefill"]  # noqa: E731
+    ideal = total(v) / total(m)
     expected = {
+        "ideal_fraction": [b / a / ideal for a, b in zip(METHOD_MS, NOISY)],
         "oracle_fraction": fraction,
         "speedup": [b / a for a, b in zip(METHOD_MS, NOISY)],
         "overhead": [(a - b) / c for a, b, c in zip(METHOD_MS, ORACLE_MS, NOISY)],

@@ -16,8 +16,8 @@ a ratio of medians; ``<key>_rounds`` keeps the per-round values and ``<key>_q1``
                     that cut inside the vision tower or the LLM; for LLM-input methods the oracle is that replay)
     peer_ratio      peer_ms / ms, with peer_ms the configuration under eager attention with attention outputs
                     requested: what the official code of attention-scored methods pays
-    ideal_speedup   vanilla prefill FLOPs / this configuration's prefill FLOPs (:mod:`.flops`); ideal_fraction =
-                    speedup / ideal_speedup
+    ideal_fraction  speedup / ideal_speedup, with ideal_speedup = vanilla prefill FLOPs / this configuration's
+                    prefill FLOPs (:mod:`.flops`, one number)
 Machine noise (:func:`machine_noise`): vanilla's own round-to-round spread, interquartile range / median.
 KV bytes are measured on the cache tensors after the run (less the D decode positions every layer appended)
 and computed from the per-layer token counts (``kv_bytes_analytic``); peak memory is CUDA's max allocated, or
@@ -372,9 +372,6 @@ def _record(model, inputs, shape, label, kind, setup, t: Timing) -> dict:
     }
 
 
-RATIOS = ("speedup", "oracle_fraction", "overhead", "replay_fraction", "scoring_overhead", "peer_ratio")
-
-
 def _derive(r: dict, vanilla: dict | None, by_label: dict) -> None:
     """Each ratio of ``r`` from its per-round values, each computed from one round's paired prefill ms."""
     budget = f"@{r['keep']}" if r["keep"] is not None else f"@r{r['ratio']:g}" if r["ratio"] is not None else None
@@ -382,8 +379,11 @@ def _derive(r: dict, vanilla: dict | None, by_label: dict) -> None:
     replay = by_label.get(f"replay[{r['label'].removesuffix('+evict')}]")  # an evicting twin: same prefill
     sched = replay if replay else keep_oracle if r["kind"] == "method" else None
     ms, v, o, s = (_rounds(x) for x in (r, vanilla, keep_oracle, sched))
+    flops_total, base_flops = _prefill_flops(r), _prefill_flops(vanilla)
+    r["ideal_speedup"] = ideal = base_flops / flops_total if flops_total and base_flops else None
     per_round = {
         "speedup": _paired(lambda m, b: b / m, ms, v),
+        "ideal_fraction": _paired(lambda m, b: b / m / ideal, ms, v) if ideal else [],
         "oracle_fraction": _paired(lambda m, x: x / m, ms, o),
         "overhead": _paired(lambda m, x, b: (m - x) / b, ms, o, v),
         "replay_fraction": _paired(lambda m, x: x / m, ms, s),
@@ -393,9 +393,6 @@ def _derive(r: dict, vanilla: dict | None, by_label: dict) -> None:
     for key, values in per_round.items():
         q1, q3 = _quartiles(values)
         r.update({key: _median(values), f"{key}_q1": q1, f"{key}_q3": q3, f"{key}_rounds": values})
-    flops_total, base_flops = _prefill_flops(r), _prefill_flops(vanilla)
-    r["ideal_speedup"] = base_flops / flops_total if flops_total and base_flops else None
-    r["ideal_fraction"] = r["speedup"] / r["ideal_speedup"] if r["speedup"] and r["ideal_speedup"] else None
 
 
 def _rounds(r: dict | None) -> list:

@@ -23,6 +23,7 @@ KV bytes are measured on the cache tensors after the run (less the D decode posi
 and computed from the per-layer token counts (``kv_bytes_analytic``); peak memory is CUDA's max allocated, or
 on CPU the process's peak-RSS rise during the configuration's generate.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 import pytest
 import torch
@@ -183,3 +184,132 @@ def test_perf_cli_a_failing_configuration_exits_1_with_its_traceback(tmp_path, c
     assert "1 configuration(s) failed: _test_broken@16" in err
     rows = {r["label"]: r for r in json.loads((out / "results.json").read_text())["results"]}
     assert "boom" in rows["_test_broken@16"]["error"] and rows["random@16"]["error"] is None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# paired rounds, machine noise, every round kept (a scripted clock: no timing is measured or asserted)
+ORACLE_MS = [50.0, 60.0, 40.0, 55.0]
+METHOD_MS = [52.0, 70.0, 38.0, 80.0]  # median of the per-round ratios != ratio of the medians
+QUIET, NOISY = [100.0, 101.0, 99.0, 100.0], [100.0, 80.0, 130.0, 100.0]
+
+
+@pytest.fixture
+def scripted_clock(monkeypatch):
+    """Every timed generate of ``vtprune perf`` runs for real, then reports the next prefill ms scripted for the
+    configuration being timed; returns (script: label -> ms per round, calls: labels in running order)."""
+    from vtprune.benchmarks import perf
+
+    script, calls, current = {}, [], {}
+    run_once, timed_generate = perf_suite._run_once, perf.timed_generate
+
+    def fake_run_once(model, inputs, setup, *args):
+        current["label"] = setup.label
+        calls.append(setup.label)
+        return run_once(model, inputs, setup, *args)
+
+    def fake_timed_generate(*args, **kwargs):
+        clock, out = timed_generate(*args, **kwargs)
+        ms = script[current["label"]][calls.count(current["label"]) - 1]
+        clock.start = clock.stamps[0] - ms / 1000.0  # the first token ms after the start; later gaps unchanged
+        return clock, out
+
+    monkeypatch.setattr(perf_suite, "_run_once", fake_run_once)
+    monkeypatch.setattr(perf, "timed_generate", fake_timed_generate)
+    return script, calls
+
+
+def _scripted_run(tmp_path, script, vanilla, rounds=4, extra=()):
+    script.update({"vanilla": vanilla, "oracle@16": ORACLE_MS, "random@16": METHOD_MS})
+    out = tmp_path / "perf"
+    status = main(["perf", "--methods", "random", "--keep", "16", "--rounds", str(rounds), "--warmup", "0",
+                   "--decode-tokens", "1", "--no-peer", "--no-replay", "--threads", "1", "--out", str(out), *extra])
+    assert status == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def _q(xs):
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q3
+
+
+def test_perf_ratios_are_medians_of_paired_per_round_ratios(tmp_path, capsys, tiny_model, scripted_clock):
+    script, _ = scripted_clock
+    data = _scripted_run(tmp_path, script, NOISY)
+    by = {r["label"]: r for r in data["results"]}
+    m, o, v = by["random@16"], by["oracle@16"], by["vanilla"]
+    for row, ms in ((v, NOISY), (o, ORACLE_MS), (m, METHOD_MS)):
+        assert row["prefill_ms_rounds"] == pytest.approx(ms)
+    fraction = [b / a for a, b in zip(METHOD_MS, ORACLE_MS)]
+    total = lambda r: r["flops"]["vision"] + r["flops"]["projector"] + r["flops"]["llm_prefill"]  # noqa: E731
+    ideal = total(v) / total(m)
+    expected = {
+        "ideal_fraction": [b / a / ideal for a, b in zip(METHOD_MS, NOISY)],
+        "oracle_fraction": fraction,
+        "speedup": [b / a for a, b in zip(METHOD_MS, NOISY)],
+        "overhead": [(a - b) / c for a, b, c in zip(METHOD_MS, ORACLE_MS, NOISY)],
+        "replay_fraction": fraction,  # an LLM-input method: its schedule's floor is the oracle
+    }
+    for key, per_round in expected.items():
+        assert m[key] == pytest.approx(statistics.median(per_round)), key
+        assert m[f"{key}_rounds"] == pytest.approx(per_round), key
+        assert (m[f"{key}_q1"], m[f"{key}_q3"]) == pytest.approx(_q(per_round)), key
+    ratio_of_medians = statistics.median(ORACLE_MS) / statistics.median(METHOD_MS)
+    assert abs(m["oracle_fraction"] - ratio_of_medians) > 0.03  # the case tells the two apart
+    table = capsys.readouterr().out
+    assert f"{100 * statistics.median(fraction):.1f} ±" in table
+
+
+@pytest.mark.parametrize("vanilla,warned", [(QUIET, False), (NOISY, True)])
+def test_perf_prints_the_machine_noise_and_warns_above_10_percent(tmp_path, capsys, tiny_model, scripted_clock,
+                                                                  vanilla, warned):
+    script, _ = scripted_clock
+    data = _scripted_run(tmp_path, script, vanilla)
+    q1, q3 = _q(vanilla)
+    iqr = (q3 - q1) / statistics.median(vanilla)
+    noise = data["meta"]["noise"]
+    assert noise["iqr"] == pytest.approx(iqr) and noise["warning"] is warned
+    assert noise["range"] == pytest.approx((max(vanilla) - min(vanilla)) / statistics.median(vanilla))
+    lines = capsys.readouterr().out.splitlines()
+    noise_lines = [line for line in lines if line.startswith("machine noise:")]
+    assert len(noise_lines) == 1 and f"{100 * iqr:.1f} %" in noise_lines[0]
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == warned and (not warned or "machine noise" in warnings[0])
+
+
+def test_perf_alternates_the_round_order_and_keeps_every_round(tmp_path, capsys, tiny_model, scripted_clock):
+    """Odd rounds run in reverse, so a method is not always timed right after its oracle; results.json keeps
+    every round's ms, ratios and running position; results.csv stays one scalar per cell."""
+    script, calls = scripted_clock
+    data = _scripted_run(tmp_path, script, QUIET)
+    forward = ["vanilla", "oracle@16", "random@16"]
+    assert calls == (forward + forward[::-1]) * 2
+    by = {r["label"]: r for r in data["results"]}
+    assert by["vanilla"]["round_positions"] == [0, 2, 0, 2] and by["random@16"]["round_positions"] == [2, 0, 2, 0]
+    assert len(by["random@16"]["decode_ms_rounds"]) == len(by["random@16"]["vision_ms_rounds"]) == 4
+    header = (tmp_path / "perf" / "results.csv").read_text().splitlines()[0].split(",")
+    assert "oracle_fraction_q1" in header and not any(k.endswith("_rounds") for k in header)
+
+
+def test_perf_draws_no_progress_bar_when_stdout_is_not_a_terminal(tmp_path, capsys, monkeypatch, tiny_model,
+                                                                   scripted_clock):
+    """A CI log (stdout redirected, stderr still a terminal) gets one line per round, never a redrawn bar."""
+    import sys
+
+    script, _ = scripted_clock
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    _scripted_run(tmp_path, script, QUIET)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "cfg/s" not in err
+    assert [line for line in err.splitlines() if "round" in line] == [f"vtprune perf: round {i} of 4" for i in
+                                                                      range(1, 5)]
+
+
+def test_perf_cli_default_rounds_are_the_suite_s():
+    """The CLI keeps its own literal (``vtprune -h`` imports no torch); both say the same number of rounds."""
+    import argparse
+
+    from vtprune.benchmarks import perf_cli
+
+    p = argparse.ArgumentParser()
+    perf_cli.add_arguments(p)
+    assert p.parse_args([]).rounds == perf_suite.DEFAULT_ROUNDS >= 8

@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", help="comma-separated fractions of visual tokens removed")
     p.add_argument("--config", action="append", default=[], help="a method / pipeline config file (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method field for every method")
-    p.add_argument("--rounds", type=int, default=5, help="recorded interleaved rounds (default 5)")
+    p.add_argument("--rounds", type=int, default=8, help="recorded interleaved rounds (default 8)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not recorded (default 1)")
     p.add_argument("--decode-tokens", type=int, default=8, help="decode steps timed per round (default 8)")
     p.add_argument("--text-tokens", type=int, default=56, help="text tokens of the prompt (default 56)")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..cli import UsageError
+from ..progress import progress_bar
 from ..registry import list_methods, method_class
 from . import perf_output, perf_suite, runner
 
@@ -98,6 +99,8 @@ def run(args, checked: dict, prog: str) -> int:
         rows = perf_suite.records(model, inputs, setups, timings)
     meta = {"model": model_desc, "device": str(device), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "threads": args.threads or torch.get_num_threads(), "rounds": args.rounds, "warmup": args.warmup,
+            "order": "every configuration once per round, back to back; even rounds in setup order, odd reversed",
+            "noise": perf_suite.machine_noise(rows),
             "decode_tokens": args.decode_tokens, "text_tokens": args.text_tokens, "visual_tokens": n_visual,
             "prompt_tokens": int(inputs["input_ids"].shape[1]), "command": " ".join(sys.argv), "skipped": skipped,
             "torch": torch.__version__}
@@ -112,24 +115,26 @@ def run(args, checked: dict, prog: str) -> int:
 
 
 def _timed(model, inputs, setups, args, prog):
-    from tqdm import tqdm
-
-    per_round = len(setups)
-    bar = tqdm(total=(args.warmup + args.rounds) * per_round, desc=prog, unit="cfg", file=sys.stderr,
-               disable=not sys.stderr.isatty())
-
+    """run_perf with a progress bar in a terminal; elsewhere (CI logs) one line per round started, no bar."""
+    total = args.warmup + args.rounds
+    bar = progress_bar(total * len(setups), prog, "cfg")
     seen = set()
 
     def step(rnd, label):
-        bar.set_postfix_str(f"round {rnd + 1}: {label}", refresh=False)
-        bar.update(1)
-        if bar.disable and rnd not in seen:  # no terminal: one line per round started
+        if bar is not None:
+            if rnd == 1 and 1 not in seen:  # round 0 added the replays: the rounds are that long
+                bar.total = total * bar.n
             seen.add(rnd)
-            print(f"{prog}: round {rnd + 1} of {args.warmup + args.rounds}", file=sys.stderr, flush=True)
+            bar.set_postfix_str(f"round {rnd + 1}: {label}", refresh=False)
+            bar.update(1)
+        elif rnd not in seen:
+            seen.add(rnd)
+            print(f"{prog}: round {rnd + 1} of {total}", file=sys.stderr, flush=True)
 
     try:
         return perf_suite.run_perf(model, inputs, setups, rounds=args.rounds, warmup=args.warmup,
                                    decode_tokens=args.decode_tokens, peer=not args.no_peer,
                                    replays=not args.no_replay, on_step=step)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()

@@ -2,19 +2,23 @@
 
 Each configuration is timed as one greedy ``generate`` of 1 + D tokens per round (a logits processor stamps
 every token): prefill = time to the first token, decode ms/token = median gap between later tokens, vision ms =
-the vision tower's share of the prefill. Every round runs every configuration once, in the same order (the
-first ``warmup`` rounds are not kept); the record holds the median and the spread over rounds.
+the vision tower's share of the prefill. Every round runs every configuration once, back to back; even rounds in
+setup order, odd rounds reversed (so a method is timed after its oracle in one round and before it in the next,
+and a slow drift of the machine cancels out). The first ``warmup`` rounds are not kept.
 
-Derived per configuration (ms are prefill medians):
+Derived per configuration, each the median over rounds of the value computed from that round's paired timings
+(ms = prefill ms of this configuration in the round, vanilla / oracle(keep) / replay from the same round), never
+a ratio of medians; ``<key>_rounds`` keeps the per-round values and ``<key>_q1`` / ``<key>_q3`` their quartiles:
     speedup         vanilla / ms
     oracle_fraction oracle(keep) / ms: the share of the oracle's speed-up reached (:mod:`.oracle`)
-    ideal_speedup   vanilla prefill FLOPs / this configuration's prefill FLOPs (:mod:`.flops`)
-    ideal_fraction  speedup / ideal_speedup
     overhead        (ms - oracle(keep)) / vanilla
     replay_fraction, scoring_overhead   the same against the replay of the method's own token schedule (methods
                     that cut inside the vision tower or the LLM; for LLM-input methods the oracle is that replay)
-    peer_ms         the configuration under eager attention with attention outputs requested: what the official
-                    code of attention-scored methods pays (``peer_ratio`` = peer_ms / ms)
+    peer_ratio      peer_ms / ms, with peer_ms the configuration under eager attention with attention outputs
+                    requested: what the official code of attention-scored methods pays
+    ideal_fraction  speedup / ideal_speedup, with ideal_speedup = vanilla prefill FLOPs / this configuration's
+                    prefill FLOPs (:mod:`.flops`, one number)
+Machine noise (:func:`machine_noise`): vanilla's own round-to-round spread, interquartile range / median.
 KV bytes are measured on the cache tensors after the run (less the D decode positions every layer appended)
 and computed from the per-layer token counts (``kv_bytes_analytic``); peak memory is CUDA's max allocated, or
 on CPU the process's peak-RSS rise during the configuration's generate.
@@ -39,7 +43,15 @@ from . import flops, perf
 from .oracle import even_keep, oracle, replay_of
 from .runner import BenchConfig
 
-__all__ = ["Setup", "Timing", "plan_setups", "run_perf", "records", "derive"]
+__all__ = ["Setup", "Timing", "plan_setups", "run_perf", "round_order", "records", "derive", "machine_noise",
+           "DEFAULT_ROUNDS", "NOISE_WARNING"]
+
+# 8 recorded rounds: as many forward as reversed ones; the median of n paired ratios moves by about
+# 1.25 * sigma / sqrt(n) = 0.44 sigma, so with a quiet CPU's per-round ratio noise (sigma 2-4 %) two runs agree
+# within a few percent, and within 10 points up to sigma ~8 %; more rounds buy little (1 / sqrt(n)) and each costs
+# a full round (vanilla is half of it)
+DEFAULT_ROUNDS = 8
+NOISE_WARNING = 0.10  # vanilla IQR / median above which the table warns
 
 
 @dataclass
@@ -93,12 +105,13 @@ def _methods_of(config: BenchConfig) -> list:
 
 @dataclass
 class Timing:
-    """What the rounds measured for one setup."""
+    """What the rounds measured for one setup: one entry per recorded round it ran, in round order."""
 
     prefill: list = field(default_factory=list)
     decode: list = field(default_factory=list)
     vision: list = field(default_factory=list)
     peer: list = field(default_factory=list)
+    positions: list = field(default_factory=list)  # its place in each recorded round's running order
     peak: int | None = None
     kv_bytes: int | None = None
     stats: PruneStats | None = None
@@ -220,41 +233,58 @@ def _element_bytes(model) -> int:
     return next(p for p in get_adapter(model).language_model.parameters()).element_size()
 
 
-def run_perf(model, inputs: dict, setups: list[Setup], *, rounds: int = 5, warmup: int = 1, decode_tokens: int = 8,
-             peer: bool = True, replays: bool = True, on_step=None) -> dict[str, Timing]:
+def run_perf(model, inputs: dict, setups: list[Setup], *, rounds: int = DEFAULT_ROUNDS, warmup: int = 1,
+             decode_tokens: int = 8, peer: bool = True, replays: bool = True, on_step=None) -> dict[str, Timing]:
     """Time every setup (plus, with ``replays``, the replay of each method's token schedule, built from its
-    first run) over ``warmup + rounds`` interleaved rounds. Returns label -> :class:`Timing`; a setup that fails
-    is recorded with its error and left out of later rounds."""
+    first run and timed right after it) over ``warmup + rounds`` rounds in :func:`round_order`. Returns label ->
+    :class:`Timing`; a setup that fails is recorded with its error and left out of later rounds."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     timings = {s.label: Timing() for s in setups}
     setups = list(setups)
     for rnd in range(warmup + rounds):
-        record = rnd >= warmup
-        for setup in list(setups):
-            timing = timings[setup.label]
-            if timing.error:
-                continue
-            try:
-                _run_once(model, inputs, setup, timing, decode_tokens, record)
-                if peer and setup.kind != "replay":
-                    _run_peer(model, inputs, setup, timing, record)
-            except Exception as err:  # noqa: BLE001 - one failing method must not stop the run
-                timing.error = f"{type(err).__name__}: {err}"
-                traceback.print_exception(err, file=sys.stderr)  # the row's note is short; the cause keeps its trace
-            if rnd == 0 and replays and setup.kind == "method" and not setup.evict and not timing.error:
-                replay = _replay_setup(setup, timing, model)
-                if replay is not None:
-                    setups.insert(setups.index(setup) + 1, replay)
+        record, ran = rnd >= warmup, 0
+        for setup in round_order(setups, rnd):
+            todo = [setup]
+            while todo:
+                current = todo.pop()
+                if not timings[current.label].error:
+                    _time_setup(model, inputs, current, timings[current.label], decode_tokens, record, peer, ran)
+                    ran += 1
+                if on_step is not None:
+                    on_step(rnd, current.label)
+                replay = _replay_setup(current, timings[current.label], model) if rnd == 0 and replays else None
+                if replay is not None:  # timed right after its method from the first round on
+                    setups.insert(setups.index(current) + 1, replay)
                     timings[replay.label] = Timing()
-                    _run_once(model, inputs, replay, timings[replay.label], decode_tokens, record)
-            if on_step is not None:
-                on_step(rnd, setup.label)
+                    todo.append(replay)
     return timings
 
 
+def round_order(setups: list[Setup], rnd: int) -> list[Setup]:
+    """Round ``rnd``'s running order: even rounds in setup order, odd rounds reversed (every pair of
+    configurations is timed in both orders, and a linear drift of the machine hits both sides alike)."""
+    return list(setups) if rnd % 2 == 0 else list(reversed(setups))
+
+
+def _time_setup(model, inputs: dict, setup: Setup, timing: Timing, decode_tokens: int, record: bool, peer: bool,
+                position: int) -> None:
+    try:
+        _run_once(model, inputs, setup, timing, decode_tokens, record)
+        if peer and setup.kind != "replay":
+            _run_peer(model, inputs, setup, timing, record)
+    except Exception as err:  # noqa: BLE001 - one failing method must not stop the run
+        timing.error = f"{type(err).__name__}: {err}"
+        traceback.print_exception(err, file=sys.stderr)  # the row's note is short; the cause keeps its trace
+    if record and not timing.error:
+        timing.positions.append(position)
+
+
 def _replay_setup(setup: Setup, timing: Timing, model) -> Setup | None:
-    """The replay of a method that cuts inside the vision tower or the LLM (pre-LLM-only methods: the oracle is it)."""
+    """The replay of a method that cuts inside the vision tower or the LLM (pre-LLM-only methods: the oracle is it;
+    evicting twins: the replay of their configuration)."""
+    if setup.kind != "method" or setup.evict or timing.error:
+        return None
     stats = timing.stats
     if stats is None or all(st.stage == "pre_llm" for img in stats.images for st in img.stages):
         return None
@@ -268,6 +298,14 @@ def _replay_setup(setup: Setup, timing: Timing, model) -> Setup | None:
 # records
 def _median(xs):
     return statistics.median(xs) if xs else None
+
+
+def _quartiles(xs: list) -> tuple:
+    """(q1, q3) of ``xs`` (inclusive method: within the observed values); (None, None) when empty."""
+    if len(xs) < 2:
+        return (xs[0], xs[0]) if xs else (None, None)
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q3
 
 
 def derive(rows: list[dict]) -> list[dict]:
@@ -303,6 +341,7 @@ def _record(model, inputs, shape, label, kind, setup, t: Timing) -> dict:
     fl = flops.breakdown(model, inputs, t.stats) if t.stats is not None or kind == "vanilla" else None
     tokens = flops.cache_tokens_per_layer(model, inputs, t.stats) if fl is not None else None
     prefill = t.prefill
+    q1, q3 = _quartiles(prefill)
     return {
         "label": label,
         "name": "replay" if kind == "replay" else setup.name,
@@ -316,10 +355,16 @@ def _record(model, inputs, shape, label, kind, setup, t: Timing) -> dict:
         "prefill_ms": _median(prefill),
         "prefill_ms_min": min(prefill) if prefill else None,
         "prefill_ms_max": max(prefill) if prefill else None,
+        "prefill_ms_q1": q1,
+        "prefill_ms_q3": q3,
         "prefill_ms_rounds": prefill,
+        "round_positions": t.positions,
         "vision_ms": _median(t.vision),
+        "vision_ms_rounds": t.vision,
         "decode_ms_per_token": _median(t.decode),
+        "decode_ms_rounds": t.decode,
         "peer_ms": _median(t.peer),
+        "peer_ms_rounds": t.peer,
         "peak_memory_bytes": t.peak,
         "kv_bytes": t.kv_bytes,
         "kv_bytes_analytic": None if tokens is None else flops.kv_bytes(shape, tokens, _element_bytes(model)),
@@ -329,22 +374,54 @@ def _record(model, inputs, shape, label, kind, setup, t: Timing) -> dict:
 
 
 def _derive(r: dict, vanilla: dict | None, by_label: dict) -> None:
-    ms, base = r["prefill_ms"], vanilla and vanilla["prefill_ms"]
+    """Each ratio of ``r`` from its per-round values, each computed from one round's paired prefill ms."""
     budget = f"@{r['keep']}" if r["keep"] is not None else f"@r{r['ratio']:g}" if r["ratio"] is not None else None
     keep_oracle = by_label.get(f"oracle{budget}") if budget else None
     replay = by_label.get(f"replay[{r['label'].removesuffix('+evict')}]")  # an evicting twin: same prefill
-    ok = ms is not None and base
-    r["speedup"] = base / ms if ok else None
+    sched = replay if replay else keep_oracle if r["kind"] == "method" else None
+    ms, v, o, s = (_rounds(x) for x in (r, vanilla, keep_oracle, sched))
     flops_total, base_flops = _prefill_flops(r), _prefill_flops(vanilla)
-    r["ideal_speedup"] = base_flops / flops_total if flops_total and base_flops else None
-    r["ideal_fraction"] = r["speedup"] / r["ideal_speedup"] if r["speedup"] and r["ideal_speedup"] else None
-    oracle_ms = keep_oracle["prefill_ms"] if keep_oracle else None
-    r["oracle_fraction"] = oracle_ms / ms if ok and oracle_ms else None
-    r["overhead"] = (ms - oracle_ms) / base if ok and oracle_ms else None
-    sched_ms = replay["prefill_ms"] if replay else oracle_ms if r["kind"] == "method" else None
-    r["replay_fraction"] = sched_ms / ms if ok and sched_ms else None
-    r["scoring_overhead"] = (ms - sched_ms) / base if ok and sched_ms else None
-    r["peer_ratio"] = r["peer_ms"] / ms if ok and r["peer_ms"] else None
+    r["ideal_speedup"] = ideal = base_flops / flops_total if flops_total and base_flops else None
+    per_round = {
+        "speedup": _paired(lambda m, b: b / m, ms, v),
+        "ideal_fraction": _paired(lambda m, b: b / m / ideal, ms, v) if ideal else [],
+        "oracle_fraction": _paired(lambda m, x: x / m, ms, o),
+        "overhead": _paired(lambda m, x, b: (m - x) / b, ms, o, v),
+        "replay_fraction": _paired(lambda m, x: x / m, ms, s),
+        "scoring_overhead": _paired(lambda m, x, b: (m - x) / b, ms, s, v),
+        "peer_ratio": _paired(lambda p, m: p / m, r.get("peer_ms_rounds") or [], ms),
+    }
+    for key, values in per_round.items():
+        q1, q3 = _quartiles(values)
+        r.update({key: _median(values), f"{key}_q1": q1, f"{key}_q3": q3, f"{key}_rounds": values})
+
+
+def _rounds(r: dict | None) -> list:
+    """A record's per-round prefill ms; none for a missing or failed configuration (no ratio against it)."""
+    return [] if r is None or r.get("error") else list(r.get("prefill_ms_rounds") or [])
+
+
+def _paired(fn, *series) -> list:
+    """``fn`` of each round's values (round i of every series: all start at the first recorded round, a failed
+    setup's stop early); empty when a series is."""
+    if not all(series):
+        return []
+    return [fn(*xs) for xs in zip(*series)]
+
+
+def machine_noise(rows: list[dict]) -> dict | None:
+    """Vanilla's own round-to-round prefill spread: ``iqr`` = interquartile range / median (the warning's
+    measure: one slow round moves no paired median, a busy machine moves many) and ``range`` = (max - min) /
+    median. None without a vanilla record that has rounds."""
+    vanilla = next((r for r in rows if r["kind"] == "vanilla"), None)
+    ms = _rounds(vanilla)
+    if not ms:
+        return None
+    mid, (q1, q3) = statistics.median(ms), _quartiles(ms)
+    iqr = (q3 - q1) / mid
+    return {"measure": "vanilla prefill ms, interquartile range / median over rounds", "iqr": iqr,
+            "range": (max(ms) - min(ms)) / mid, "rounds": len(ms), "threshold": NOISE_WARNING,
+            "warning": iqr > NOISE_WARNING}
 
 
 def _prefill_flops(r: dict | None) -> float | None:

@@ -45,6 +45,7 @@ USAGE = {
     "bench keep abc": (["bench", "--keep", "abc"], 2),
     "bench keep 0": (["bench", "--keep", "0"], 2),
     "bench ratio 1.5": (["bench", "--ratio", "1.5"], 2),
+    "bench decode-tokens -1": (["bench", "--decode-tokens", "-1"], 2),
     "bench missing model": (["bench", "--model", "./no-such-model"], 2),
     "bench missing data": (["bench", "--data", "gqa=./no-such-folder"], 2),
     "bench unknown task": (["bench", "--task", "vqa"], 2),

@@ -232,6 +232,22 @@ def budget_errors(keeps: Sequence, ratios: Sequence) -> str | None:
     return None
 
 
+# every count flag: (field, flag, lowest value); None (not given) is fine for limit and threads
+COUNT_FLAGS = (("limit", "--limit", 1), ("batch_size", "--batch-size", 1),
+               ("max_new_tokens", "--max-new-tokens", 1), ("threads", "--threads", 1),
+               ("timing_samples", "--timing-samples", 0), ("timing_repeats", "--timing-repeats", 1),
+               ("decode_tokens", "--decode-tokens", 0))
+
+
+def check_counts(settings) -> None:
+    """Every count of ``settings`` (parsed flags or BenchSettings: the same names) is a whole number >= its flag's
+    lowest value: a negative one is a :class:`UsageError` naming the flag, never clamped to 0."""
+    from ..cli import check_count
+
+    for name, flag, low in COUNT_FLAGS:
+        check_count(getattr(settings, name), flag, low)
+
+
 def _check_light(args) -> None:
     """The flags checked without torch, so that a mistake in them is reported at once (the runner checks the
     rest: device, methods, config files)."""
@@ -240,6 +256,7 @@ def _check_light(args) -> None:
     problem = budget_errors(args.keep or (), args.ratio or ())
     if problem:
         raise UsageError(problem)
+    check_counts(args)
     check_model_spec(args.model)
     check_out_dir(args.out)
 

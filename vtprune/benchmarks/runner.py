@@ -46,6 +46,7 @@ from . import mme as mme_mod
 from . import perf, synthetic
 from . import pope as pope_mod
 from .cli import budget_errors as _budget_errors
+from .cli import check_counts
 from .prompts import PROMPT_STYLES, build_prompt
 from .tasks import DEFAULT_TASKS, TASKS
 
@@ -283,22 +284,6 @@ def check_settings(settings: BenchSettings) -> list:
         raise UsageError(f"--config: two configs give {', '.join(twice)} (same method and file name); "
                          "drop the repeated one or rename a file")
     return files
-
-
-# every count of BenchSettings: (field, flag, lowest value); None (not given) is fine for limit and threads
-COUNT_FLAGS = (("limit", "--limit", 1), ("batch_size", "--batch-size", 1),
-               ("max_new_tokens", "--max-new-tokens", 1), ("threads", "--threads", 1),
-               ("timing_samples", "--timing-samples", 0), ("timing_repeats", "--timing-repeats", 1),
-               ("decode_tokens", "--decode-tokens", 0))
-
-
-def check_counts(settings: BenchSettings) -> None:
-    """Every count of ``settings`` is a whole number >= its flag's lowest value: a negative one is a
-    :class:`UsageError` naming the flag, never clamped to 0."""
-    from ..cli import check_count
-
-    for name, flag, low in COUNT_FLAGS:
-        check_count(getattr(settings, name), flag, low)
 
 
 def check_configs(methods: Sequence[str], files: Sequence, hyper: dict, keeps=None, ratios=None,

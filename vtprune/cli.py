@@ -20,16 +20,22 @@ User errors (bad flags, files, folders, devices, methods) are one ``<prog>: erro
 exit status 2, found before any model is loaded: argparse's through :class:`OneLineParser`, later checks by
 raising :class:`UsageError` (caught by the handler and printed with :func:`report`). What only the model can
 tell (a layer beyond its depth) is checked right after loading it, before any forward (:func:`check_prune`).
+These and the ``check_*`` helpers live in :mod:`vtprune.cliargs` (re-exported here): a command's module imports
+them from there, never from this module.
 Ctrl-C is one ``<prog>: interrupted`` line and exit status 130. Other exceptions keep their traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
 from pathlib import Path
+
+# re-exported for existing importers: the checks live in cliargs.py, below every command, so that the commands'
+# modules import them without importing this module (which imports them: a circle)
+from .cliargs import (OneLineParser, UsageError, check_count, check_data_dir, check_method,  # noqa: F401
+                      check_model_spec, check_out_dir, check_out_file, check_out_image, check_positive, check_prune,
+                      parse_set, report)
 
 __all__ = ["build_parser", "main", "COMMANDS", "UsageError", "report", "parse_set", "OneLineParser"]
 
@@ -58,157 +64,6 @@ def _run_methods(args) -> int:
 def _add_methods(subparsers) -> None:
     p = subparsers.add_parser("methods", help="list the registered pruning methods")
     p.set_defaults(handler=_run_methods)
-
-
-class UsageError(ValueError):
-    """Bad command-line input (a flag value, file or folder): printed as one ``<prog>: error:`` line, exit 2."""
-
-
-def report(prog: str, err) -> int:
-    """Print ``err`` as the single line ``<prog>: error: <message>`` on stderr; returns exit status 2."""
-    message = " ".join(str(err).split()).removeprefix(f"{prog}: ").removeprefix("vtprune bench: ")
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block), like the checks run after parsing."""
-
-    def error(self, message):
-        raise SystemExit(report(self.prog, f"{message} (see {self.prog} -h)"))
-
-
-def _parse_value(text: str):
-    """A ``--set`` value as YAML reads it (ints, floats, booleans, strings); ``1e-3`` is a float too."""
-    import yaml
-
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def parse_set(items, reserved=("keep", "ratio")) -> dict:
-    """``--set KEY=VALUE`` entries -> {key: value}; the budget keys have their own flags."""
-    out = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UsageError(f"--set expects KEY=VALUE with a method field as KEY (e.g. --set layer=3), got {item!r}")
-        if key in reserved:
-            raise UsageError(f"--set {key}=...: give the budget with --{key} instead")
-        out[key] = _parse_value(value.strip())
-    return out
-
-
-def check_data_dir(data, flag: str = "--data") -> None:
-    """A data folder flag (None: not given) names an existing folder."""
-    if data is not None and not Path(data).is_dir():
-        raise UsageError(f"{flag} {data}: not a folder (a GQA- or MME-format folder)")
-
-
-def check_method(name: str, **kwargs):
-    """The method ``name`` built with ``kwargs`` (fields and budget checked without a model)."""
-    from . import methods as _methods  # noqa: F401  (registers the built-in methods)
-    from .registry import make_method
-
-    try:
-        return make_method(name, **kwargs)
-    except (TypeError, ValueError) as err:  # unknown method or field, bad value, bad budget
-        raise UsageError(str(err)) from err
-
-
-def check_prune(model, method, **kwargs) -> None:
-    """Prune ``model`` as ``vtprune.prune(model, method, **kwargs)`` would and unprune it at once, with no forward
-    run: what this model refuses (a layer beyond its depth, missing routers) is a UsageError (prune's message).
-    The model is left unpruned either way."""
-    from .api import prune, unprune
-    from .errors import PruneError
-
-    try:
-        prune(model, method, **kwargs)
-    except PruneError as err:  # ConfigError included; a refused prune leaves no session on the model
-        raise UsageError(str(err)) from None
-    unprune(model)
-
-
-def check_count(value, flag: str, low: int = 1) -> None:
-    """A whole-number flag (None: not given) is at least ``low``; else a UsageError."""
-    if value is not None and value < low:
-        raise UsageError(f"{flag} {value}: must be >= {low}")
-
-
-def check_positive(value, flag: str, fix: str = "") -> None:
-    """A number flag (None: not given) is finite and > 0; else a UsageError (``fix`` is appended to it)."""
-    if value is not None and not (math.isfinite(value) and value > 0):  # nan compares false, so it fails too
-        raise UsageError(f"{flag} {value:g}: must be a finite number > 0{fix}")
-
-
-def _probe_writable(path: Path, flag: str, what: str, shown: Path | None = None) -> None:
-    """``path`` (not yet existing parts allowed: they get created) can be written; else a UsageError naming
-    ``shown`` (default ``path``: the flag's value)."""
-    import tempfile
-
-    shown = path if shown is None else shown
-    ancestor = path
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UsageError(f"{flag} {shown}: {ancestor} is a file, so no {what} can be created under it; "
-                         "choose another path")
-    try:
-        tempfile.TemporaryFile(dir=ancestor).close()
-    except OSError as err:
-        raise UsageError(f"{flag} {shown}: cannot write in {ancestor} ({err.strerror or err}); "
-                         "choose a writable location") from None
-
-
-def check_out_dir(out, flag: str = "--out") -> Path:
-    """An output folder that exists or can be created, and can be written."""
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {path}: is a file; give a folder (it is created if missing)")
-    _probe_writable(path, flag, "folder")
-    return path
-
-
-def check_out_file(out, flag: str = "--out", example: str = "out.yaml") -> Path:
-    """An output file path: not a folder, in a folder that exists or can be created, and can be written."""
-    path = Path(out).expanduser()
-    if path.is_dir():
-        raise UsageError(f"{flag} {path}: is a folder; give a file name such as {path / example}")
-    _probe_writable(path.parent, flag, "file", shown=path)
-    return path
-
-
-def check_out_image(out, flag: str = "--out") -> Path:
-    """An output image path: :func:`check_out_file` with a suffix PIL can save."""
-    from PIL import Image
-
-    path = Path(out).expanduser()
-    if not path.is_dir() and path.suffix.lower() not in Image.registered_extensions():
-        raise UsageError(f"{flag} {path}: unknown image type {path.suffix or '(no extension)'!r}; use .png or .jpg")
-    return check_out_file(path, flag, example="kept.png")
-
-
-def check_model_spec(spec) -> None:
-    """``--model``: None, an existing folder or something shaped like a hub id (``org/name``)."""
-    if spec is None:
-        return
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return
-    if path.exists():
-        raise UsageError(f"--model {spec}: is a file; give the model folder (with config.json)")
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1 or os.sep != "/" and os.sep in spec:
-        raise UsageError(f"--model {spec}: no such folder (and not a hub id like org/name)")
 
 
 def load_image(image, flag: str = "--image"):

@@ -155,7 +155,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser(prog: str = "vtprune-bench") -> argparse.ArgumentParser:
-    from ..cli import OneLineParser
+    from ..cliargs import OneLineParser
 
     p = OneLineParser(prog=prog, description=DESCRIPTION,
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,7 +242,7 @@ COUNT_FLAGS = (("limit", "--limit", 1), ("batch_size", "--batch-size", 1),
 def check_counts(settings) -> None:
     """Every count of ``settings`` (parsed flags or BenchSettings: the same names) is a whole number >= its flag's
     lowest value: a negative one is a :class:`UsageError` naming the flag, never clamped to 0."""
-    from ..cli import check_count
+    from ..cliargs import check_count
 
     for name, flag, low in COUNT_FLAGS:
         check_count(getattr(settings, name), flag, low)
@@ -251,7 +251,7 @@ def check_counts(settings) -> None:
 def _check_light(args) -> None:
     """The flags checked without torch, so that a mistake in them is reported at once (the runner checks the
     rest: device, methods, config files)."""
-    from ..cli import UsageError, check_model_spec, check_out_dir
+    from ..cliargs import UsageError, check_model_spec, check_out_dir
 
     problem = budget_errors(args.keep or (), args.ratio or ())
     if problem:
@@ -263,7 +263,7 @@ def _check_light(args) -> None:
 
 def settings_from_args(args):
     """BenchSettings from parsed flags; a bad value is a :class:`~vtprune.cli.UsageError`."""
-    from ..cli import UsageError, parse_set
+    from ..cliargs import UsageError, parse_set
 
     hyper = parse_set(args.set)
     try:
@@ -315,7 +315,7 @@ def _print_methods() -> None:
 def run_from_args(args, prog: str = "vtprune bench") -> int:
     """Run a parsed bench command line; returns the exit status (2 for bad input, with a one-line error).
     Only :class:`~vtprune.cli.UsageError` is shortened to one line: anything else keeps its traceback."""
-    from ..cli import UsageError, report
+    from ..cliargs import UsageError, report
 
     if args.list_methods:
         _print_methods()

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import UsageError, check_count, check_model_spec, check_out_dir, parse_set, report
+from ..cliargs import UsageError, check_count, check_model_spec, check_out_dir, parse_set, report
 
 DESCRIPTION = """\
 Speed, memory and FLOPs of pruning methods against vanilla, the oracle (the same model fed the already-pruned
@@ -150,7 +150,7 @@ def _run_kernel(args, checked) -> int:
 
 
 def main(argv=None) -> int:
-    from ..cli import OneLineParser
+    from ..cliargs import OneLineParser
 
     p = OneLineParser(prog="vtprune perf", description=DESCRIPTION, epilog=EPILOG,
                       formatter_class=argparse.RawDescriptionHelpFormatter)

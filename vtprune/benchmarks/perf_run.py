@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import UsageError
+from ..cliargs import UsageError
 from ..progress import progress_bar
 from ..registry import list_methods, method_class
 from . import perf_output, perf_suite, runner

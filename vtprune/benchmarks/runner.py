@@ -39,7 +39,7 @@ import torch
 from .. import methods as _methods  # noqa: F401  (registers the built-in methods)
 from ..adapters import get_adapter
 from ..api import PIPELINE_OPTIONS, prune, unprune
-from ..cli import UsageError, check_method, check_model_spec, check_out_dir, check_prune
+from ..cliargs import UsageError, check_method, check_model_spec, check_out_dir, check_prune
 from ..registry import list_methods, make_method, method_class
 from . import gqa as gqa_mod
 from . import mme as mme_mod

@@ -34,6 +34,7 @@ import torch
 
 from ..errors import PruneError
 from .layout import instruction_slots, mask_4d, slots_of
+from .vision_view import vision_view
 
 QUERY_SETS = ("last", "instruction")
 
@@ -261,7 +262,7 @@ class ProjectorInput(Probe):
 
 @dataclass(frozen=True)
 class FeatureLayer(Probe):
-    """The :class:`~vtprune.methods.base.VisionView` of an image at the feature layer the model reads: CLS
+    """The :class:`~vtprune.core.vision_view.VisionView` of an image at the feature layer the model reads: CLS
     attention and keys mapped onto its tokens, projector inputs, the CLS vector, per-crop views on anyres."""
 
     scope: ClassVar[str] = "vision"
@@ -286,9 +287,7 @@ class FeatureLayer(Probe):
         ProjectorInput().attach(host)
 
     def for_image(self, record, where):
-        from .vision_view import vision_view  # the view's construction is model geometry, kept in one place
-
-        return vision_view(record, where)
+        return vision_view(record, where, ProjectorInput())  # model geometry: built in core/vision_view.py
 
 
 @dataclass(frozen=True)

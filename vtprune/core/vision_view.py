@@ -3,16 +3,49 @@ from the adapter, never from a method)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from ..errors import PruneError
-from ..methods.base import VisionView
-from .probes import ProjectorInput
 
 
-def vision_view(record: dict, where) -> VisionView:
+@dataclass
+class VisionView:
+    """What the vision tower saw for one image, mapped onto that image's N LLM-side tokens.
+
+    cls_attention: [N] attention the CLS query gives each token at the feature layer, summed over heads
+        (and over the vision patches pooled into one token). keys: [N, d] head-averaged keys of that layer.
+    pre_projector: [N, D_in] projector inputs (None where a token has none, e.g. newline tokens).
+    cls_pre_projector: [D_in] the CLS vector in projector-input space, when the model allows it.
+    project: maps [k, D_in] projector inputs to [k, D] LLM embeddings.
+
+    Per-crop view, only for anyres models (LLaVA-NeXT; None elsewhere). C crops of P patches, crop 0 is the
+    base (global) image, then the high-res grid crops row-major, as in the model's pixel batch:
+    crop_cls: [C, P] CLS attention to each patch at the feature layer, summed over heads. crop_keys: [C, P, d]
+    head-averaged patch keys of that layer. crop_features: [C, 1+P, D_in] projector inputs, CLS row first.
+    crop_order: [C, P] rank of each patch in the model's packing with nothing unpadded and no newline tokens
+    (base crop first, then the grid raster over all grid crops). crop_tokens: [C, P] the patch's token index
+    (0..N-1) in the image, -1 where the model's unpadding dropped it.
+    """
+
+    cls_attention: torch.Tensor
+    keys: torch.Tensor
+    pre_projector: torch.Tensor | None
+    cls_pre_projector: torch.Tensor | None
+    project: Callable[[torch.Tensor], torch.Tensor] | None
+    crop_cls: torch.Tensor | None = None
+    crop_keys: torch.Tensor | None = None
+    crop_features: torch.Tensor | None = None
+    crop_order: torch.Tensor | None = None
+    crop_tokens: torch.Tensor | None = None
+
+
+def vision_view(record: dict, where, projector) -> VisionView:
     """``record``: the FeatureLayer record of the run (cls [crops, S], keys [crops, S, d], n_crops, hidden_cls
-    [crops, D_v]); ``where``: the image's ImageSlice."""
+    [crops, D_v]); ``where``: the image's ImageSlice; ``projector``: the ``ProjectorInput()`` probe (handed in by
+    ``FeatureLayer``, so this module does not import core/probes.py, which imports it)."""
     a, fwd = where.adapter, where.forward
     if "cls" not in record:
         raise PruneError("vtprune: the vision tower's attention was not recorded (was pixel_values given?)")
@@ -29,11 +62,11 @@ def vision_view(record: dict, where) -> VisionView:
     has, safe = src >= 0, src.clamp(min=0)
     cls_tok = (cls.reshape(-1)[safe] * has).sum(1)
     keys_tok = (keys.reshape(n_crops * seq, -1)[safe] * has[..., None]).sum(1) / has.sum(1, keepdim=True).clamp(min=1)
-    projector_in = fwd.vision.records.get(ProjectorInput())
+    projector_in = fwd.vision.records.get(projector)
     hidden_cls = record.get("hidden_cls")
     pre = project = cls_pre = None
     if projector_in is not None:
-        pre = ProjectorInput().for_image(projector_in, where)
+        pre = projector.for_image(projector_in, where)
         if pre is not None:
             project = a.projector
             if a.cls_in_projector_space and hidden_cls is not None and n_crops == 1:

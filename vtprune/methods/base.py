@@ -31,6 +31,7 @@ import torch
 
 from ..budget import _is_bool, tokens_to_keep, validate_budget
 from ..core.probes import FeatureLayer, Probe
+from ..core.vision_view import VisionView  # defined in core (probes build it); methods import it from here
 from ..errors import ConfigError
 
 CUT_POINTS = ("vision", "pre_llm", "llm")
@@ -74,37 +75,6 @@ class ModelInfo:
     hidden_size: int = 0
     name_or_path: str = ""  # the model's config._name_or_path (a hub id or a local folder)
     backbone: str = ""  # the LLM as "type:hidden x layers x ffn", e.g. "llama:4096x32x11008" (Vicuna-7B)
-
-
-@dataclass
-class VisionView:
-    """What the vision tower saw for one image, mapped onto that image's N LLM-side tokens.
-
-    cls_attention: [N] attention the CLS query gives each token at the feature layer, summed over heads
-        (and over the vision patches pooled into one token). keys: [N, d] head-averaged keys of that layer.
-    pre_projector: [N, D_in] projector inputs (None where a token has none, e.g. newline tokens).
-    cls_pre_projector: [D_in] the CLS vector in projector-input space, when the model allows it.
-    project: maps [k, D_in] projector inputs to [k, D] LLM embeddings.
-
-    Per-crop view, only for anyres models (LLaVA-NeXT; None elsewhere). C crops of P patches, crop 0 is the
-    base (global) image, then the high-res grid crops row-major, as in the model's pixel batch:
-    crop_cls: [C, P] CLS attention to each patch at the feature layer, summed over heads. crop_keys: [C, P, d]
-    head-averaged patch keys of that layer. crop_features: [C, 1+P, D_in] projector inputs, CLS row first.
-    crop_order: [C, P] rank of each patch in the model's packing with nothing unpadded and no newline tokens
-    (base crop first, then the grid raster over all grid crops). crop_tokens: [C, P] the patch's token index
-    (0..N-1) in the image, -1 where the model's unpadding dropped it.
-    """
-
-    cls_attention: torch.Tensor
-    keys: torch.Tensor
-    pre_projector: torch.Tensor | None
-    cls_pre_projector: torch.Tensor | None
-    project: Callable[[torch.Tensor], torch.Tensor] | None
-    crop_cls: torch.Tensor | None = None
-    crop_keys: torch.Tensor | None = None
-    crop_features: torch.Tensor | None = None
-    crop_order: torch.Tensor | None = None
-    crop_tokens: torch.Tensor | None = None
 
 
 @dataclass

@@ -37,7 +37,7 @@ from torch import nn
 from ..core.probes import LayerOutput
 from ..errors import ConfigError, PruneError
 from ..registry import register
-from ..search.space import Float, tuned
+from ..space import Float, tuned
 from .base import Cut, ImageView, Method, Selection
 
 ROUTER_FILE = "dyvte_routers.safetensors"

@@ -15,7 +15,7 @@ import torch
 
 from ..core.probes import LLMAttention
 from ..registry import register
-from ..search.space import Int, tuned
+from ..space import Int, tuned
 from .base import Cut, ImageView, Method
 
 

@@ -30,7 +30,7 @@ import torch
 
 from ..budget import tokens_to_keep
 from ..registry import register
-from ..search.space import Choice, Float, Int, tuned
+from ..space import Choice, Float, Int, tuned
 from ..core.probes import LLMQKV, VisionCLS, VisionValues
 from .base import Cut, ImageView, Method, Selection, top_k_sorted
 

@@ -23,7 +23,7 @@ import torch
 
 from ..core.probes import VisionAttentionMap, VisionCLS
 from ..registry import register
-from ..search.space import Float, Int, tuned
+from ..space import Float, Int, tuned
 from .base import Method
 
 MAX_BOOST = 100.0  # alpha / beta: see check_fields

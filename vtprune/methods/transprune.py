@@ -37,7 +37,7 @@ from ..budget import tokens_to_keep
 from ..core.probes import IncomingAttention, Sublayer, SublayerBatch
 from ..errors import PruneError
 from ..registry import register
-from ..search.space import Choice, Float, Int, Seq, tuned
+from ..space import Choice, Float, Int, Seq, tuned
 from .base import Cut, ImageView, Method, Selection, top_k_sorted
 
 DEFAULT_LAYERS, DEFAULT_DEPTH = (7, 9, 12), 32  # 0-based cut layers of the 32-layer Vicuna-7B

@@ -30,7 +30,7 @@ import torch
 from ..core.probes import Residual
 from ..errors import ConfigError
 from ..registry import register
-from ..search.space import Float, tuned
+from ..space import Float, tuned
 from .base import Method
 
 # LLM backbone "type:hidden x layers x ffn" -> sink dimensions (spec §1.5)

@@ -43,7 +43,7 @@ from ..budget import tokens_to_keep
 from ..core.probes import PatchEntropy, VisionAttentionMap
 from ..errors import PruneError
 from ..registry import register
-from ..search.space import Choice, Float, Seq, tuned
+from ..space import Choice, Float, Seq, tuned
 from .base import Cut, ImageView, Method, Selection, top_k_sorted
 
 # released LLaVA-OV-7B settings by average budget: (budget, threshold t, cell a, retention rho_v, r1)

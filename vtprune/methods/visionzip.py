@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..budget import tokens_to_keep
 from ..core.probes import FeatureLayer
 from ..registry import register
-from ..search.space import Choice, Float, tuned
+from ..space import Choice, Float, tuned
 from .base import ImageView, Method, Selection, VisionView, top_k_sorted
 
 ANYRES_MODES = ("per_crop", "global")

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import register
-from ..search.space import Int, tuned
+from ..space import Int, tuned
 from ..core.probes import VisionCLS
 from .base import ImageView, Method
 

@@ -3,7 +3,8 @@
     result = vtprune.search(method="vflowopt", keep=16, objective="flow", trials=30)
     result.best          # a configs/-format mapping; also written to <out>/best.yaml
 
-Modules: :mod:`.space` (the declarations methods make next to their fields, and sampling them),
+Modules: :mod:`.space` (a study's space and its sampling; the declarations methods make next to their
+fields are :mod:`vtprune.space`, re-exported there),
 :mod:`.plan` (methods, budgets and fixed fields, checked without a model), :mod:`.objectives` (flow,
 accuracy, prefill time, the dev split), :mod:`.study` (the optuna driver: storage, resuming, several workers),
 :mod:`.outputs` (best.yaml, trials.csv, plots), :mod:`.cli` (``vtprune search``).

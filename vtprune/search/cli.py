@@ -115,7 +115,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def settings_from_args(args):
     """SearchSettings from parsed flags; a bad value is a :class:`~vtprune.cli.UsageError`."""
     from ..benchmarks.cli import parse_data
-    from ..cli import UsageError, check_model_spec, parse_set
+    from ..cliargs import UsageError, check_model_spec, parse_set
     from .study import SearchSettings
 
     fixed = parse_set(args.set)
@@ -155,7 +155,7 @@ def _summary(result) -> str:
 def run_from_args(args, prog: str = "vtprune search") -> int:
     """Run a parsed command line; 2 (one line on stderr) for bad input, 130 after Ctrl-C, else 0."""
     from ..benchmarks.cli import _quiet_transformers
-    from ..cli import UsageError, report
+    from ..cliargs import UsageError, report
     from .study import run_search
 
     debug = os.environ.get("VTPRUNE_DEBUG", "") not in ("", "0")

@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..cli import UsageError, check_method
+from ..cliargs import UsageError, check_method
 from ..registry import check_keywords, make_method, method_class
 from . import space as space_mod
 from .space import SearchSpace, Slot

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..cli import UsageError, check_out_dir, check_prune
+from ..cliargs import UsageError, check_out_dir, check_prune
 from ..errors import ConfigError, PruneError
 from .plan import Plan, describe, make_plan
 
@@ -588,8 +588,7 @@ def make_objective(study, settings, checked: Checked, space, objective, model, m
     """The optuna objective: claim, sample, build, evaluate, record."""
     import optuna
 
-    import vtprune
-
+    from ..api import pruned
     from .space import trial_suggest
 
     plan = checked.plan
@@ -614,7 +613,7 @@ def make_objective(study, settings, checked: Checked, space, objective, model, m
                 raise optuna.TrialPruned(f"step {step}: {value:.4f}")
 
         try:
-            result = objective.evaluate(lambda: vtprune.pruned(model, methods), None if settings.pareto else report)
+            result = objective.evaluate(lambda: pruned(model, methods), None if settings.pareto else report)
         except (ConfigError, PruneError) as err:
             trial.set_user_attr("error", _one_line(err))
             raise _TrialError(_one_line(err)) from None

@@ -7,8 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..cli import (UsageError, check_count, check_data_dir, check_model_spec, check_out_dir, check_out_file,
-                   check_positive, report)
+from ..cliargs import (UsageError, check_count, check_data_dir, check_model_spec, check_out_dir, check_out_file,
+                       check_positive, report)
 
 TRAIN_HELP = "train DyVTE's exit routers on a frozen model (the synthetic set by default)"
 TRAIN_DESCRIPTION = ("Train one exit router per LLM layer (spec §2.6); resumes from --out when it holds state.pt "

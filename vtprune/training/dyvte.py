@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .. import compat
 from ..adapters import get_adapter
-from ..cli import UsageError
+from ..cliargs import UsageError
 from ..methods.dyvte import ROUTER_FILE, Routers, router_features, save_routers
 
 AGREEMENT, LOSS_RATIO = 0.99, 1.03

@@ -55,8 +55,8 @@ import numpy as np
 import torch  # noqa: E402
 
 from vtprune.adapters import get_adapter  # noqa: E402
-from vtprune.benchmarks import synthetic  # noqa: E402
-from vtprune.benchmarks import tiny_llava as TL  # noqa: E402
+from vtprune.embedded import synthetic  # noqa: E402
+from vtprune.embedded import tiny_llava as TL  # noqa: E402
 from vtprune.benchmarks.gqa import load_gqa  # noqa: E402
 from vtprune.benchmarks.mme import load_mme  # noqa: E402
 from vtprune.benchmarks.prompts import build_prompt, question_text  # noqa: E402
@@ -820,7 +820,7 @@ def write_card(path: Path, state: dict, results: dict, mme_dir: Path, gqa_dir: P
         "## Use",
         "",
         "```python",
-        "from vtprune.benchmarks.tiny_llava import load_tiny_llava",
+        "from vtprune.embedded.tiny_llava import load_tiny_llava",
         "model, processor = load_tiny_llava()   # this folder, offline",
         "```",
         "",

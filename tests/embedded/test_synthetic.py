@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from vtprune.benchmarks import synthetic as S
+from vtprune.embedded import synthetic as S
 
-ASSETS = Path(S.__file__).resolve().parent.parent / "assets"
+ASSETS = Path(S.__file__).resolve().parents[2] / "assets"  # S is the package vtprune/embedded/synthetic/
 
 
 def _sig(sample):

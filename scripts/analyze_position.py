@@ -60,8 +60,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import vtprune  # noqa: E402
-from vtprune.benchmarks import synthetic  # noqa: E402
-from vtprune.benchmarks import tiny_llava as TL  # noqa: E402
+from vtprune.embedded import synthetic  # noqa: E402
+from vtprune.embedded import tiny_llava as TL  # noqa: E402
 from vtprune.benchmarks.prompts import build_prompt  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

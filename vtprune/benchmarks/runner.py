@@ -43,7 +43,8 @@ from ..cliargs import UsageError, check_method, check_model_spec, check_out_dir,
 from ..registry import list_methods, make_method, method_class
 from . import gqa as gqa_mod
 from . import mme as mme_mod
-from . import perf, synthetic
+from . import perf
+from ..embedded import synthetic
 from . import pope as pope_mod
 from .cli import budget_errors as _budget_errors
 from .cli import check_counts
@@ -181,7 +182,7 @@ def default_methods(model_path: str | None = None) -> list[str]:
 
 
 def tiny_llava_dir():
-    from . import tiny_llava
+    from ..embedded import tiny_llava
 
     return tiny_llava.DEFAULT_ASSET_DIR
 
@@ -407,7 +408,7 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
 def _load(spec: str | None, dt: torch.dtype):
     """(model, processor, description) of :func:`load_model`, on the CPU."""
     if spec is None:
-        from . import tiny_llava
+        from ..embedded import tiny_llava
 
         try:
             model, processor = tiny_llava.load_tiny_llava(dtype=dt)

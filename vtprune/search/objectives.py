@@ -27,7 +27,8 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
-from ..benchmarks import runner, synthetic
+from ..benchmarks import runner
+from ..embedded import synthetic
 from ..benchmarks.prompts import build_prompt
 from ..budget import tokens_to_keep
 

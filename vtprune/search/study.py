@@ -349,7 +349,7 @@ def run_search(settings: SearchSettings, *, model=None, processor=None, prog: st
 
 def loaded_name(model) -> str:
     """A loaded model's name for configs: its folder or hub id (the embedded model: tiny-llava)."""
-    from ..benchmarks.tiny_llava import DEFAULT_ASSET_DIR
+    from ..embedded.tiny_llava import DEFAULT_ASSET_DIR
 
     name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
     return EMBEDDED if Path(name).resolve() == DEFAULT_ASSET_DIR.resolve() else name

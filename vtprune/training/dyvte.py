@@ -54,7 +54,7 @@ class TrainSettings:
 def samples(settings: TrainSettings) -> Iterator[tuple]:
     """Endless (image, question, answer, benchmark) tuples: the synthetic stream or a folder, shuffled."""
     if settings.data is None:
-        from ..benchmarks import synthetic
+        from ..embedded import synthetic
 
         for s in synthetic.training_samples(seed=settings.seed):
             yield s.image, s.question, s.answer, s.style
@@ -76,7 +76,7 @@ def samples(settings: TrainSettings) -> Iterator[tuple]:
 
 def encode(processor, batch: list[tuple], prompt_style: str) -> dict:
     from ..benchmarks.prompts import build_prompt
-    from ..benchmarks.tiny_llava import encode_training_batch
+    from ..embedded.tiny_llava import encode_training_batch
 
     prompts = [build_prompt(q, benchmark=b, style=prompt_style, processor=processor) for _, q, _, b in batch]
     return encode_training_batch(processor, [s[0] for s in batch], prompts, [s[2] for s in batch])

@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from vtprune.benchmarks import synthetic as S
-from vtprune.benchmarks import tiny_llava as TL
+from vtprune.embedded import synthetic as S
+from vtprune.embedded import tiny_llava as TL
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_tiny_llava.py"
 

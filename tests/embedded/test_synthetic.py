@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from vtprune.benchmarks import synthetic as S
+from vtprune.embedded import synthetic as S
 
-ASSETS = Path(S.__file__).resolve().parent.parent / "assets"
+ASSETS = Path(S.__file__).resolve().parents[2] / "assets"  # S is the package vtprune/embedded/synthetic/
 
 
 def _sig(sample):
@@ -328,3 +328,21 @@ def test_label_map_matches_the_rendered_pixels():
             glyph_rgb = np.array(S.GLYPH_COLORS[scene.glyph.color])
             assert np.abs(rgb[ink] - glyph_rgb).max(axis=1).mean() < 64   # hard mask vs anti-aliased ink
         assert (rgb[lab == 0] == scene.background).all(axis=1).mean() > 0.97
+
+
+def test_old_import_paths_are_aliases_of_the_embedded_modules():
+    """vtprune.benchmarks.synthetic / tiny_llava (kept for existing scripts) hand out the embedded objects."""
+    from vtprune.benchmarks import synthetic as old_synthetic
+    from vtprune.benchmarks import tiny_llava as old_tiny_llava
+    from vtprune.embedded import tiny_llava
+
+    for name in S.__all__:
+        assert getattr(old_synthetic, name) is getattr(S, name), name
+    # names outside __all__ that scripts use (scripts/analyze_position.py) come through too
+    assert old_synthetic._scene_for is S._scene_for and old_synthetic._referable is S._referable
+    assert old_synthetic.PLURAL is S.PLURAL
+    for name in tiny_llava.__all__:
+        assert getattr(old_tiny_llava, name) is getattr(tiny_llava, name), name
+    assert old_tiny_llava.EOS_ID == tiny_llava.EOS_ID
+    with pytest.raises(AttributeError):
+        old_synthetic.no_such_name

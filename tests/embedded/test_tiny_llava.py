@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vtprune.benchmarks import synthetic as S
-from vtprune.benchmarks import tiny_llava as TL
+from vtprune.embedded import synthetic as S
+from vtprune.embedded import tiny_llava as TL
 from vtprune.benchmarks.prompts import build_prompt
 
 ASSETS = Path(TL.__file__).resolve().parent.parent / "assets"

@@ -21,7 +21,7 @@ LAYERS = (
     ("stages", ("vtprune.stages",)),
     ("api", ("vtprune.session", "vtprune.api")),
     ("tool-args", ("vtprune.cliargs",)),  # Layout v3: vtprune/cli/args.py (then the only one not at the top)
-    ("tool-libs", ("vtprune.benchmarks", "vtprune.embedded")),  # Layout v3: eval/, perf/, loading.py next
+    ("tool-libs", ("vtprune.benchmarks", "vtprune.embedded", "vtprune.perf")),  # Layout v3: eval/, loading.py next
     ("tools", ("vtprune.search", "vtprune.training", "vtprune.viz")),
     ("entry", ("vtprune", "vtprune.cli", "vtprune.demo",
                # the sub-command modules; Layout v3 moves each into the vtprune/cli/ package

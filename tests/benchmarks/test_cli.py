@@ -16,11 +16,12 @@ import vtprune
 from vtprune import cli as top_cli
 from vtprune import registry
 from vtprune.benchmarks import cli as bench_cli
-from vtprune.benchmarks import perf, runner, synthetic
+from vtprune.benchmarks import runner, synthetic
 from vtprune.benchmarks.gqa import load_gqa, score_gqa
 from vtprune.benchmarks.mme import load_mme, score_mme
 from vtprune.benchmarks.prompts import build_prompt
 from vtprune.methods.base import Method
+from vtprune.perf import timing as perf
 
 FAST = ["--max-new-tokens", "2", "--timing-samples", "1", "--timing-repeats", "1", "--decode-tokens", "1",
         "--threads", "1", "--no-progress"]

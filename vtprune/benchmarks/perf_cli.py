@@ -98,7 +98,7 @@ def check_args(args) -> dict:
     from . import runner
 
     if args.arch:
-        from .archs import ARCHS
+        from ..perf.archs import ARCHS
 
         if args.arch not in ARCHS:
             raise UsageError(f"--arch {args.arch}: unknown architecture; use one of {', '.join(sorted(ARCHS))}")
@@ -126,7 +126,7 @@ def run_from_args(args, prog: str = "vtprune perf") -> int:
         return report(prog, err)
     if args.kernel:
         return _run_kernel(args, checked)
-    from .perf_run import run
+    from ..perf.run import run
 
     try:
         return run(args, checked, prog)
@@ -137,7 +137,8 @@ def run_from_args(args, prog: str = "vtprune perf") -> int:
 def _run_kernel(args, checked) -> int:
     import torch
 
-    from . import kernel_bench, runner
+    from ..perf import kernel_bench
+    from . import runner
 
     device = checked["device"]
     dtype = runner.resolve_dtype(args.dtype, device) if args.dtype != "auto" else torch.float32

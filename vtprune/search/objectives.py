@@ -191,7 +191,7 @@ def mean_cosine(reference: torch.Tensor, states: torch.Tensor) -> float:
 
 def prefill_ms(model, samples: Sequence[dict]) -> float:
     """Mean over ``samples`` of the median prefill time (ms) of the model as it is (pruned or not)."""
-    from ..benchmarks import perf
+    from ..perf import timing as perf
 
     device = next(model.parameters()).device
     times = [perf.time_call(lambda s=s: perf.prefill(model, s), device=device, warmup=1, repeats=TIMING_REPEATS)[0]

@@ -11,9 +11,10 @@ import statistics
 import pytest
 import torch
 
-from vtprune.benchmarks import perf_suite, runner
+from vtprune.benchmarks import runner
 from vtprune.benchmarks.runner import build_configs
 from vtprune.cli import main
+from vtprune.perf import suite as perf_suite
 
 from ..conftest import IMAGE_TOKEN, collate, make_prompt
 
@@ -197,7 +198,7 @@ QUIET, NOISY = [100.0, 101.0, 99.0, 100.0], [100.0, 80.0, 130.0, 100.0]
 def scripted_clock(monkeypatch):
     """Every timed generate of ``vtprune perf`` runs for real, then reports the next prefill ms scripted for the
     configuration being timed; returns (script: label -> ms per round, calls: labels in running order)."""
-    from vtprune.benchmarks import perf
+    from vtprune.perf import timing as perf
 
     script, calls, current = {}, [], {}
     run_once, timed_generate = perf_suite._run_once, perf.timed_generate

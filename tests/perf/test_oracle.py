@@ -10,7 +10,7 @@ import torch
 
 import vtprune
 from vtprune.adapters import get_adapter
-from vtprune.benchmarks.oracle import even_keep, oracle, replay_of
+from vtprune.perf.oracle import even_keep, oracle, replay_of
 
 from ..conftest import FAMILIES, IMAGE_TOKEN, collate, make_prompt
 from ..helpers import greedy_from_embeds, kept_sequence_positions, merged_embeds

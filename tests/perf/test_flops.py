@@ -1,4 +1,4 @@
-"""Analytic FLOPs and KV bytes (vtprune.benchmarks.flops) against counts written out by hand for the tiny models
+"""Analytic FLOPs and KV bytes (vtprune.perf.flops) against counts written out by hand for the tiny models
 of tests/conftest.py, and against the KV cache tensors a prefill actually leaves."""
 
 import contextlib
@@ -10,8 +10,8 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 import vtprune
 from tests.conftest import collate, make_prompt
-from vtprune.benchmarks import flops as F
-from vtprune.benchmarks.perf import kv_cache_bytes
+from vtprune.perf import flops as F
+from vtprune.perf.timing import kv_cache_bytes
 
 # The tiny config of tests/conftest.py, written out. Vision: D=32, M=64, 3 layers, patch 4 on 32 px -> 64 patches
 # + CLS = 65 tokens per crop. LLM: d=64, m=128 (gated), 4 layers, 4 heads x 16 (d_q = 64), 2 KV heads (d_kv = 32),
@@ -97,7 +97,7 @@ def test_shape_of_three_families(models):
 
 
 def test_shape_of_real_archs_on_meta():
-    from vtprune.benchmarks.archs import build_arch
+    from vtprune.perf.archs import build_arch
 
     s = F.shape_of(build_arch("internvl2-8b", device="meta"))
     assert (s.vision_layers, s.vision_hidden, s.vision_mlp, s.patches, s.projector_in, s.projector_pool) == (

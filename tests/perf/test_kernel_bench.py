@@ -1,4 +1,4 @@
-"""The compaction-kernel benchmark harness (vtprune.benchmarks.kernel_bench): fields, formulas, the pre-timing
+"""The compaction-kernel benchmark harness (vtprune.perf.kernel_bench): fields, formulas, the pre-timing
 check and the output files. Tiny sizes, one repeat: no timing is asserted."""
 
 import csv
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from vtprune.benchmarks import kernel_bench as KB
+from vtprune.perf import kernel_bench as KB
 
 CPU_BACKENDS = ["torch", "index_select", "gather", "index_select_new", "copy"]
 HIDDEN = KB.KernelCase("hidden", batch=2, tokens=16, keep=0.5, hidden=8)  # [2, 16, 8], K = 8

@@ -1,4 +1,4 @@
-"""Real architectures with random weights (vtprune.benchmarks.archs): published dimensions, reduced depth, the
+"""Real architectures with random weights (vtprune.perf.archs): published dimensions, reduced depth, the
 model's own image-token counts, prompts that vtprune can prune.
 
 Real widths make every build costly (a 1-layer 7B-width LLM is ~2 GB in fp32), so each model is built once with
@@ -12,7 +12,7 @@ import torch
 
 import vtprune
 from tests.conftest import FAMILIES
-from vtprune.benchmarks.archs import ARCHS, arch_inputs, build_arch
+from vtprune.perf.archs import ARCHS, arch_inputs, build_arch
 
 # the published configs (llava-hf/llava-1.5-7b-hf, llava-1.5-13b-hf, llava-v1.6-vicuna-7b-hf, OpenGVLab/InternVL2-8B)
 CLIP = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, image_size=336, patch_size=14,

@@ -198,12 +198,13 @@ def one_thread():
 
 @pytest.fixture
 def tiny_model(monkeypatch):
-    """The untrained tiny LLaVA as every CLI's model (``runner.load_model`` returns it), and the list its forward
+    """The untrained tiny LLaVA as every CLI's model (``vtprune.loading.load_model`` returns it), and the list its forward
     calls are appended to: CLI tests check that an error came before any forward."""
-    from vtprune.benchmarks import runner, tiny_llava
+    from vtprune import loading
+    from vtprune.benchmarks import tiny_llava
 
     model, processor = tiny_llava.build_untrained_tiny_llava(seed=0)
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: (model, processor, {"name": "tiny"}))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (model, processor, {"name": "tiny"}))
     forwards = []
     model.register_forward_pre_hook(lambda *_: forwards.append(1))
     return model, forwards

@@ -15,11 +15,12 @@ import torch
 from PIL import Image
 
 from vtprune import cli as top_cli
-from vtprune.benchmarks import runner
+from vtprune import loading
+from vtprune.eval import run as runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0  # root writes into read-only folders, not into /proc
-REAL_LOAD_MODEL, REAL_LOAD_TASK = runner.load_model, runner.load_task  # before no_model_load replaces them
+REAL_LOAD_MODEL, REAL_LOAD_TASK = loading.load_model, runner.load_task  # before no_model_load replaces them
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +29,7 @@ def no_model_load(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a model or data set was loaded before the command line was checked")
 
-    monkeypatch.setattr(runner, "load_model", fail)
+    monkeypatch.setattr(loading, "load_model", fail)
     monkeypatch.setattr(runner, "load_task", fail)
 
 
@@ -126,7 +127,7 @@ def test_viz_image_that_does_not_decode(files, capsys, monkeypatch, case):
     image = (_truncated_jpeg(files["dir"] / "cut.jpg") if side is None else
              _png_declaring(files["dir"] / "bomb.png", int((side * limit) ** 0.5) + 1, int((side * limit) ** 0.5) + 1))
     loads = []
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: loads.append(1))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: loads.append(1))
     line = _one_error(capsys, _viz(files, **{"--image": image}), "vtprune viz")
     assert f"--image {image}: " in line and not loads
     assert ("not an image PIL can decode" in line) if side is None else ("decompression bomb" in line and str(limit) in line)
@@ -204,7 +205,7 @@ def test_viz_internal_errors_keep_their_traceback(monkeypatch, files):
     from vtprune.benchmarks import tiny_llava
 
     model, processor = tiny_llava.build_untrained_tiny_llava(seed=0)
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: (model, processor, {}))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (model, processor, {}))
 
     def broken(*args, **kwargs):
         raise ValueError("an internal bug")
@@ -219,7 +220,7 @@ def test_viz_keep_above_the_models_tokens(monkeypatch, files, capsys):
     from vtprune.benchmarks import tiny_llava
 
     model, processor = tiny_llava.build_untrained_tiny_llava(seed=0)
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: (model, processor, {}))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (model, processor, {}))
     line = _one_error(capsys, _viz(files, **{"--keep": "500"}), "vtprune viz")
     assert "--keep 500" in line and "144" in line and not hasattr(model, "vtprune")
 

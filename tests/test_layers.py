@@ -21,7 +21,7 @@ LAYERS = (
     ("stages", ("vtprune.stages",)),
     ("api", ("vtprune.session", "vtprune.api")),
     ("tool-args", ("vtprune.cliargs",)),  # Layout v3: vtprune/cli/args.py (then the only one not at the top)
-    ("tool-libs", ("vtprune.benchmarks", "vtprune.embedded", "vtprune.perf")),  # Layout v3: eval/, loading.py next
+    ("tool-libs", ("vtprune.benchmarks", "vtprune.embedded", "vtprune.eval", "vtprune.loading", "vtprune.perf")),
     ("tools", ("vtprune.search", "vtprune.training", "vtprune.viz")),
     ("entry", ("vtprune", "vtprune.cli", "vtprune.demo",
                # the sub-command modules; Layout v3 moves each into the vtprune/cli/ package
@@ -32,9 +32,6 @@ LAYERS = (
 # importer -> imported: edges that close a circle today; each says which Layout v3 move removes it. The circle
 # check ignores exactly these edges, so any other circle fails, and an entry whose edge is gone fails too.
 ALLOWED_CIRCLE_EDGES = {
-    # runner.py checks sweep settings with the bench CLI's budget_errors / check_counts while benchmarks/cli.py
-    # runs runner.py: removed when Layout v3 moves the bench CLI to vtprune/cli/bench.py and those checks to eval/.
-    ("vtprune.benchmarks.runner", "vtprune.benchmarks.cli"): "Layout v3: cli/bench.py + eval/ sweep checks",
     # outputs.py writes a SearchResult and its counts, both defined in study.py (754 lines), which calls outputs:
     # removed when Layout v3 splits search/study.py (over 500 lines) and the result type leaves it.
     ("vtprune.search.outputs", "vtprune.search.study"): "Layout v3: split search/study.py",
@@ -45,13 +42,12 @@ ALLOWED_CIRCLE_EDGES = {
     # results.json records the version, read lazily from the root package (the facade, which re-exports the
     # search tool): removed when __version__ moves to a foundation module (e.g. vtprune/_version.py) that the root
     # re-exports and eval/ (Layout v3's home of result assembly) imports (not part of Layout v3's list; a follow-up).
-    ("vtprune.benchmarks.runner", "vtprune"): "follow-up: vtprune/_version.py",
+    ("vtprune.eval.results", "vtprune"): "follow-up: vtprune/_version.py",
 }
 
 # importer -> imported: imports that go up the diagram today; each says which Layout v3 move removes it.
 ALLOWED_UP_EDGES = {
-    ("vtprune.benchmarks.runner", "vtprune.benchmarks.cli"): "Layout v3: cli/bench.py + eval/ sweep checks",
-    ("vtprune.benchmarks.runner", "vtprune"): "follow-up: vtprune/_version.py (see ALLOWED_CIRCLE_EDGES)",
+    ("vtprune.eval.results", "vtprune"): "follow-up: vtprune/_version.py (see ALLOWED_CIRCLE_EDGES)",
 }
 
 
@@ -148,7 +144,7 @@ def test_the_parser_sees_relative_lazy_and_type_checking_imports():
     assert "vtprune.methods" in graph["vtprune.registry"]  # lazy, inside _registered(): `from . import methods`
     assert "vtprune.methods.base" in graph["vtprune.core.plan"]  # relative, two dots
     assert "vtprune.compat" in graph["vtprune.stages.llm"]  # `from .. import compat`: the module, not the package
-    assert "vtprune.benchmarks.runner" in graph["vtprune.cli"]  # lazy, inside a function
+    assert "vtprune.loading" in graph["vtprune.cli"]  # lazy, inside a function
 
 
 def test_the_circle_finder_finds_a_circle():

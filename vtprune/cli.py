@@ -111,7 +111,7 @@ def _viz_check(args) -> tuple:
     check_out_image(args.out)
     check_model_spec(args.model)
     hyper = parse_set(args.set)
-    from .benchmarks.runner import resolve_device
+    from .loading import resolve_device
 
     resolve_device(args.device)
     hyper.update(_viz_budget(args))
@@ -124,7 +124,7 @@ def _run_viz(args) -> int:
     try:
         image, hyper = _viz_check(args)
         from .adapters import get_adapter
-        from .benchmarks.runner import load_model
+        from .loading import load_model
 
         model, processor, _ = load_model(args.model, dtype=args.dtype, device=args.device)
         try:

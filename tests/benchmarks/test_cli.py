@@ -16,12 +16,14 @@ import vtprune
 from vtprune import cli as top_cli
 from vtprune import registry
 from vtprune.benchmarks import cli as bench_cli
+from vtprune import loading
 from vtprune.benchmarks import runner, synthetic
-from vtprune.benchmarks.gqa import load_gqa, score_gqa
-from vtprune.benchmarks.mme import load_mme, score_mme
-from vtprune.benchmarks.prompts import build_prompt
-from vtprune.methods.base import Method
+from vtprune.eval import run as eval_run
+from vtprune.eval.tasks.gqa import load_gqa, score_gqa
+from vtprune.eval.tasks.mme import load_mme, score_mme
+from vtprune.eval.tasks.prompts import build_prompt
 from vtprune.perf import timing as perf
+from vtprune.methods.base import Method
 
 FAST = ["--max-new-tokens", "2", "--timing-samples", "1", "--timing-repeats", "1", "--decode-tokens", "1",
         "--threads", "1", "--no-progress"]
@@ -189,7 +191,7 @@ def test_a_broken_or_ambiguous_image_is_one_line_before_the_model_loads(tmp_path
     gqa = synthetic.write_gqa(tmp_path / "gqa", n_questions=6)
     bad = _gqa_images_in_order(gqa)[1]  # used by the second question: inside --limit 2
     _damage(bad, how, monkeypatch)
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     status = top_cli.main(["bench", "--data", str(gqa), "--limit", "2", "--methods", "random", "--keep", "16",
                            "--out", str(tmp_path / "out"), *FAST])
     err = capsys.readouterr().err
@@ -199,7 +201,7 @@ def test_a_broken_or_ambiguous_image_is_one_line_before_the_model_loads(tmp_path
 
 
 def test_ambiguous_data_folders_are_one_line_naming_the_files_or_id(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     mme = synthetic.write_mme(tmp_path / "mme", per_subtask=2, subtasks=("color",))
     png = mme / "color" / "0001.png"
     jpg = png.with_suffix(".jpg")
@@ -237,8 +239,8 @@ def _exit_status(argv) -> int:
 @pytest.mark.parametrize("flag", ["--decode-tokens", "--timing-samples", "--timing-repeats", "--limit",
                                   "--batch-size", "--max-new-tokens", "--threads"])
 def test_every_count_flag_refuses_a_negative_value(tmp_path, monkeypatch, capsys, flag):
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    monkeypatch.setattr(runner, "load_task", lambda *a, **k: pytest.fail("the data was loaded"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(eval_run, "load_task", lambda *a, **k: pytest.fail("the data was loaded"))
     status = _exit_status(["bench", "--out", str(tmp_path / "out"), "--no-progress", flag, "-1"])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and err.startswith("vtprune bench: error: "), err

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.benchmarks.prompts import build_prompt
+from vtprune.eval.tasks.prompts import build_prompt
 from vtprune.benchmarks.synthetic import training_samples
 from vtprune.benchmarks.tiny_llava import build_untrained_tiny_llava, load_tiny_llava
 from vtprune.methods.dyvte import load_routers
@@ -120,7 +120,7 @@ def _one_cli_error(capsys, argv: list[str]) -> str:
 def test_resume_with_another_width_or_model_is_one_line(tmp_path, monkeypatch, capsys):
     """state.pt from a run of one model and width: a resume with another --width or another model is one line
     naming the file, both values and the fix, before any step; the state is left as it was."""
-    from vtprune.benchmarks import runner
+    from vtprune import loading
 
     model, processor = build_untrained_tiny_llava(seed=0)
     d, L = model.config.text_config.hidden_size, model.config.text_config.num_hidden_layers
@@ -130,12 +130,12 @@ def test_resume_with_another_width_or_model_is_one_line(tmp_path, monkeypatch, c
     argv = ["train-dyvte", "--out", str(out), "--steps", "2", "--batch-size", "1", "--no-progress"]
 
     calls, handle = _forwards(model)
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: (model, processor, {}))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (model, processor, {}))
     line = _one_cli_error(capsys, [*argv, "--width", str(d // 2 + 1)])
     assert f"--width {d // 2 + 1}" in line and f"width {d // 2}" in line and "state.pt" in line and "--out" in line
 
     other, _ = build_untrained_tiny_llava(seed=0, text_layers=L + 1)  # same width, one more layer
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: (other, processor, {}))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (other, processor, {}))
     line = _one_cli_error(capsys, argv)
     assert f"{d} x {L} layers" in line and f"{d} x {L + 1} layers" in line and "state.pt" in line and "--out" in line
     handle.remove()

@@ -17,7 +17,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+
+from ..eval.checks import COUNT_FLAGS, budget_errors, check_counts  # noqa: F401  (torch-free; COUNT_FLAGS kept here for scripts)
 
 __all__ = ["add_arguments", "build_parser", "settings_from_args", "parse_data", "run_from_args", "main"]
 
@@ -85,7 +86,7 @@ def _csv_list(kind):
 
 def _task_list(text: str) -> str:
     """``--task``: ``all`` or a comma-separated list of known tasks (returned normalised, e.g. ``mme,pope``)."""
-    from .tasks import TASKS
+    from ..eval.tasks import TASKS
 
     items = list(dict.fromkeys(x.strip().lower() for x in text.split(",") if x.strip()))
     if items == ["all"]:
@@ -109,7 +110,7 @@ def _positive_int(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the bench flags to ``p`` (used by ``vtprune bench`` and the standalone entry points)."""
-    from .prompts import PROMPT_STYLES
+    from ..eval.tasks.prompts import PROMPT_STYLES
 
     g = p.add_argument_group("what to run")
     g.add_argument("--model", default=None,
@@ -165,7 +166,7 @@ def build_parser(prog: str = "vtprune-bench") -> argparse.ArgumentParser:
 def parse_data(task: str, entries: list[str]) -> tuple[list[str], dict]:
     """(tasks to run, task -> folder) from ``--task`` (``all``, a task or a comma-separated list) and the
     ``--data`` entries. ``all`` is every task given a folder, or without --data the default MME and GQA."""
-    from .tasks import DEFAULT_TASKS, TASKS
+    from ..eval.tasks import DEFAULT_TASKS, TASKS
 
     data: dict[str, Path] = {}
     for entry in entries:
@@ -174,7 +175,7 @@ def parse_data(task: str, entries: list[str]) -> tuple[list[str], dict]:
             folder = _data_folder(entry, path)
         else:
             folder = _data_folder(entry, entry)
-            from .runner import detect_task  # torch comes with it: only for a folder whose task is not given
+            from ..eval.data import detect_task  # torch comes with it: only for a folder whose task is not given
 
             try:
                 name = detect_task(folder)
@@ -209,45 +210,6 @@ def _data_folder(entry: str, path: str) -> Path:
     return folder
 
 
-def budget_errors(keeps: Sequence, ratios: Sequence) -> str | None:
-    """The message for the first bad ``--keep`` / ``--ratio`` values by ``vtprune.prune``'s rule
-    (:func:`vtprune.budget.validate_budget`), or None. Shared by the bench runner."""
-    from ..budget import validate_budget
-
-    def bad(**budget) -> bool:
-        try:
-            validate_budget(budget.get("ratio"), budget.get("keep"))
-        except ValueError:
-            return True
-        return False
-
-    bad_keep = [k for k in keeps if bad(keep=k)]
-    if bad_keep:
-        return (f"--keep {','.join(map(str, bad_keep))}: must be positive whole numbers "
-                "(visual tokens kept per image)")
-    bad_ratio = [r for r in ratios if bad(ratio=r)]  # nan fails too
-    if bad_ratio:
-        return (f"--ratio {','.join(map(str, bad_ratio))}: must be in [0, 1) (the fraction of visual tokens "
-                "removed; 0 = no pruning)")
-    return None
-
-
-# every count flag: (field, flag, lowest value); None (not given) is fine for limit and threads
-COUNT_FLAGS = (("limit", "--limit", 1), ("batch_size", "--batch-size", 1),
-               ("max_new_tokens", "--max-new-tokens", 1), ("threads", "--threads", 1),
-               ("timing_samples", "--timing-samples", 0), ("timing_repeats", "--timing-repeats", 1),
-               ("decode_tokens", "--decode-tokens", 0))
-
-
-def check_counts(settings) -> None:
-    """Every count of ``settings`` (parsed flags or BenchSettings: the same names) is a whole number >= its flag's
-    lowest value: a negative one is a :class:`UsageError` naming the flag, never clamped to 0."""
-    from ..cliargs import check_count
-
-    for name, flag, low in COUNT_FLAGS:
-        check_count(getattr(settings, name), flag, low)
-
-
 def _check_light(args) -> None:
     """The flags checked without torch, so that a mistake in them is reported at once (the runner checks the
     rest: device, methods, config files)."""
@@ -269,7 +231,7 @@ def settings_from_args(args):
     try:
         tasks, data = parse_data(args.task, args.data)
         _check_light(args)
-        from .runner import BenchSettings, validate_methods
+        from ..eval.sweep import BenchSettings, validate_methods
 
         methods = validate_methods(args.methods) if args.methods is not None else None
         return BenchSettings(
@@ -289,7 +251,7 @@ def _quiet_transformers():
     """No transformers info logs / loading bars and one-line warnings while the bench runs (restored after)."""
     import warnings
 
-    from .runner import quiet_hf_logging
+    from ..loading import quiet_hf_logging
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     old_format = warnings.formatwarning
@@ -302,7 +264,7 @@ def _quiet_transformers():
 
 
 def _print_methods() -> None:
-    from .runner import default_methods
+    from ..eval.sweep import default_methods
     from ..registry import list_methods
 
     default = set(default_methods())
@@ -323,7 +285,7 @@ def run_from_args(args, prog: str = "vtprune bench") -> int:
     debug = os.environ.get("VTPRUNE_DEBUG", "") not in ("", "0")
     try:
         settings = settings_from_args(args)
-        from . import runner  # torch and transformers: after the checks that need neither
+        from ..eval import report as bench_report, run as runner  # torch and transformers: after the checks that need neither
 
         start = time.perf_counter()
         with _quiet_transformers():
@@ -341,7 +303,7 @@ def run_from_args(args, prog: str = "vtprune bench") -> int:
     if results is None:  # a non-zero rank of a torchrun job
         return 0
     out = Path(settings.out)
-    print(runner.format_table(results))
+    print(bench_report.format_table(results))
     print(f"\nwrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.png'} "
           f"({time.perf_counter() - start:.1f} s)")
     failed = [r["label"] for r in results["runs"] if r.get("error")]

@@ -1,4 +1,6 @@
-"""The benchmark task names, in a module without torch: the command-line parsers check ``--task`` with them."""
+"""Alias of :mod:`vtprune.eval.tasks` (the task names), kept so that existing scripts importing
+``vtprune.benchmarks.tasks`` keep working. New code imports ``vtprune.eval.tasks``."""
 
-TASKS = ("mme", "gqa", "pope")
-DEFAULT_TASKS = ("mme", "gqa")  # no --task / --task all without --data (the demo); POPE runs when asked for
+from ..eval.tasks import DEFAULT_TASKS, TASKS
+
+__all__ = ["TASKS", "DEFAULT_TASKS"]

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..benchmarks.prompts import MME_SUFFIX, SHORT_ANSWER, VICUNA_SYSTEM, build_prompt
+from ..eval.tasks.prompts import MME_SUFFIX, SHORT_ANSWER, VICUNA_SYSTEM, build_prompt
 from . import synthetic
 
 __all__ = [
@@ -327,8 +327,8 @@ def evaluate(model, processor, *, mme_questions=None, gqa_questions=None, style:
     Returns ``{"mme": MMEReport, "mme_predictions": [...], "gqa": GQAReport, "gqa_predictions": [...]}``
     for whichever inputs were given.
     """
-    from ..benchmarks.gqa import score_gqa
-    from ..benchmarks.mme import score_mme
+    from ..eval.tasks.gqa import score_gqa
+    from ..eval.tasks.mme import score_mme
 
     res = {}
     if mme_questions:

@@ -42,7 +42,7 @@ from ..registry import make_method, method_class
 from . import flops
 from . import timing as perf
 from .oracle import even_keep, oracle, replay_of
-from ..benchmarks.runner import BenchConfig
+from ..eval.sweep import BenchConfig
 
 __all__ = ["Setup", "Timing", "plan_setups", "run_perf", "round_order", "records", "derive", "machine_noise",
            "DEFAULT_ROUNDS", "NOISE_WARNING"]

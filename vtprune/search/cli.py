@@ -72,7 +72,7 @@ def _budget(kind):
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the search flags to ``p``."""
-    from ..benchmarks.prompts import PROMPT_STYLES
+    from ..eval.tasks.prompts import PROMPT_STYLES
 
     g = p.add_argument_group("what to tune")
     g.add_argument("--model", default=None, help="model folder or hub id (default: the embedded tiny LLaVA)")

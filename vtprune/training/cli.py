@@ -86,7 +86,7 @@ def run_calibrate_sinks(args) -> int:
             check_out_file(args.out, example="var.yaml")
     except UsageError as err:
         return report(prog, err)
-    from ..benchmarks.runner import load_model
+    from ..loading import load_model
     from ..methods.var import find_sink_dims
 
     model, processor, _ = load_model(args.model, "float32", "cpu")

@@ -61,7 +61,7 @@ def samples(settings: TrainSettings) -> Iterator[tuple]:
         return
     from PIL import Image
 
-    from ..benchmarks import gqa, mme
+    from ..eval.tasks import gqa, mme
 
     try:
         items = [(q.image_path, q.question, q.answer, "gqa") for q in gqa.load_gqa(settings.data)]
@@ -75,7 +75,7 @@ def samples(settings: TrainSettings) -> Iterator[tuple]:
 
 
 def encode(processor, batch: list[tuple], prompt_style: str) -> dict:
-    from ..benchmarks.prompts import build_prompt
+    from ..eval.tasks.prompts import build_prompt
     from ..embedded.tiny_llava import encode_training_batch
 
     prompts = [build_prompt(q, benchmark=b, style=prompt_style, processor=processor) for _, q, _, b in batch]
@@ -133,7 +133,7 @@ def train(settings: TrainSettings, model=None, processor=None) -> dict:
     """Train (or resume from ``state.pt`` in ``settings.out``) routers; returns the summary written to the router
     card. A state that does not load is a UsageError before the model loads; one saved for another model or
     ``width`` is one before any step."""
-    from ..benchmarks.runner import load_model
+    from ..loading import load_model
 
     out = Path(settings.out)
     state = read_state(out)

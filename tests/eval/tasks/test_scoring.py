@@ -8,9 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from vtprune.benchmarks import gqa, mme, prompts, synthetic
-from vtprune.benchmarks.gqa import GQAFormatError, exact_match, load_gqa, normalize_answer, score_gqa
-from vtprune.benchmarks.mme import MMEFormatError, load_mme, parse_yes_no, score_mme
+from vtprune.embedded import synthetic
+from vtprune.eval.tasks import gqa, mme, prompts
+from vtprune.eval.tasks.gqa import GQAFormatError, exact_match, load_gqa, normalize_answer, score_gqa
+from vtprune.eval.tasks.mme import MMEFormatError, load_mme, parse_yes_no, score_mme
 
 # --------------------------------------------------------------------------- MME parsing
 

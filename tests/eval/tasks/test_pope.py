@@ -13,9 +13,11 @@ from PIL import Image
 
 from vtprune import cli as top_cli
 from vtprune.benchmarks import cli as bench_cli
-from vtprune.benchmarks import pope, runner, synthetic
-from vtprune.benchmarks.pope import POPEFormatError, load_pope, parse_llava, parse_lmms_eval, score_pope
-from vtprune.benchmarks.prompts import SHORT_ANSWER, build_prompt
+from vtprune.benchmarks import runner
+from vtprune.embedded import synthetic
+from vtprune.eval.tasks import pope
+from vtprune.eval.tasks.pope import POPEFormatError, load_pope, parse_llava, parse_lmms_eval, score_pope
+from vtprune.eval.tasks.prompts import SHORT_ANSWER, build_prompt
 
 FAST = ["--max-new-tokens", "2", "--timing-samples", "1", "--timing-repeats", "1", "--decode-tokens", "0",
         "--threads", "1", "--no-progress"]

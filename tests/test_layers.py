@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vtprune"
 # places a module; the root package ``vtprune`` (the public facade: it re-exports api, methods and the search
 # function) matches only itself. Layout v3 (issue 24) moves the marked entries; tighten this list as it does.
 LAYERS = (
-    ("foundation", ("vtprune._version", "vtprune.errors", "vtprune.compat", "vtprune.progress", "vtprune.images", "vtprune.kernels",
+    ("foundation", ("vtprune._version", "vtprune.errors", "vtprune.compat",
+                    "vtprune.progress", "vtprune.images", "vtprune.kernels",
                     "vtprune.budget", "vtprune.space")),
     ("adapters", ("vtprune.adapters",)),
     ("core", ("vtprune.core", "vtprune.methods", "vtprune.registry")),
@@ -35,9 +36,6 @@ ALLOWED_CIRCLE_EDGES = {
     # runner.py checks sweep settings with the bench CLI's budget_errors / check_counts while benchmarks/cli.py
     # runs runner.py: removed when Layout v3 moves the bench CLI to vtprune/cli/bench.py and those checks to eval/.
     ("vtprune.benchmarks.runner", "vtprune.benchmarks.cli"): "Layout v3: cli/bench.py + eval/ sweep checks",
-    # outputs.py writes a SearchResult and its counts, both defined in study.py (754 lines), which calls outputs:
-    # removed when Layout v3 splits search/study.py (over 500 lines) and the result type leaves it.
-    ("vtprune.search.outputs", "vtprune.search.study"): "Layout v3: split search/study.py",
 }
 
 # importer -> imported: imports that go up the diagram today; each says which Layout v3 move removes it.

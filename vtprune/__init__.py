@@ -12,11 +12,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
+from ._version import __version__  # noqa: F401  (re-exported)
 from .errors import ConfigError, PruneError
-from .registry import register
+from .core.registration import register
 from .search import search  # the function; it shadows the vtprune.search package as an attribute (no optuna yet)
-
-__version__ = "0.1.0"
 
 __all__ = ["prune", "unprune", "pruned", "method", "list_methods", "list_configs", "load_config", "register", "Method", "ImageView",
            "Selection", "PruneError", "ConfigError", "search"]

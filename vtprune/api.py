@@ -289,34 +289,44 @@ def prune(model, method=None, *, config=None, evict_early_kv: bool | None = None
     cut (vision or pre-LLM methods only) it changes nothing. ``stats.evicted_early_kv`` says whether it happened.
     Needs the default ``DynamicCache``. A non-bool value is a ConfigError.
     """
-    path = data = None
-    existing = getattr(model, "vtprune", None)
-    if isinstance(existing, Session):
-        raise PruneError(
-            f"vtprune: this model is already pruned with {existing.plan_name!r}; to stack methods, pass them as one "
-            "pipeline (a list). Call vtprune.unprune(model) first."
-        )
+    _check_not_pruned(model)
     if evict_early_kv is not None:
         _check_evict_early_kv(evict_early_kv)
+    path = data = None
     if config is not None:
         methods, path, data = _methods_from_config(config, method, kwargs)
         if evict_early_kv is None:
             evict_early_kv = data.get("evict_early_kv", False)
     else:
         methods = _methods(method, kwargs)
+    model.vtprune = _install(model, methods, path, data, bool(evict_early_kv))
+    return model
+
+
+def _check_not_pruned(model) -> None:
+    """A model holds one session: stacking is a pipeline, not a second ``prune``."""
+    existing = getattr(model, "vtprune", None)
+    if isinstance(existing, Session):
+        raise PruneError(
+            f"vtprune: this model is already pruned with {existing.plan_name!r}; to stack methods, pass them as one "
+            "pipeline (a list). Call vtprune.unprune(model) first."
+        )
+
+
+def _install(model, methods: list[Method], path: Path | None, data: dict | None, evict_early_kv: bool) -> Session:
+    """Check the methods against ``model``'s adapter and install them; errors name the config file if any."""
     adapter = get_adapter(model)
     source = f" (config {os.fspath(path)})" if path is not None else ""
     if data is not None:
         _warn_family(path, data, adapter, model)
     for i, m in enumerate(methods):
         check_keep(m.keep, adapter.nominal_tokens, m.name, _entry(i, len(methods), path, "keep"))
-    session = Session(model, adapter, tuple(methods), evict_early_kv=bool(evict_early_kv))
+    session = Session(model, adapter, tuple(methods), evict_early_kv=evict_early_kv)
     try:
         session.install()  # checks every method against the model (layers, probes)
     except ConfigError as err:
         raise type(err)(f"{err}{source}") from None
-    model.vtprune = session
-    return model
+    return session
 
 
 def unprune(model):

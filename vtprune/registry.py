@@ -1,4 +1,7 @@
-"""Name -> method class. ``@register`` adds a method; unknown names are answered with close matches."""
+"""Name -> method class. ``@register`` adds a method; unknown names are answered with close matches.
+
+``register`` and the table live in ``vtprune.core.registration`` (below the methods, which register themselves);
+the lookups here import the built-in methods first."""
 
 from __future__ import annotations
 
@@ -6,19 +9,13 @@ import difflib
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
+from .core.registration import _METHODS, register
 from .errors import ConfigError, UnknownFieldError
 
 if TYPE_CHECKING:
     from .methods.base import Method
 
-_METHODS: dict[str, type["Method"]] = {}
-
-
-def register(cls: type["Method"]) -> type["Method"]:
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a class attribute `name`")
-    _METHODS[cls.name] = cls
-    return cls
+__all__ = ["register", "method_class", "method_fields", "check_keywords", "make_method", "list_methods"]
 
 
 def _registered() -> dict[str, type["Method"]]:

@@ -45,7 +45,7 @@ class VisionView:
 def vision_view(record: dict, where, projector) -> VisionView:
     """``record``: the FeatureLayer record of the run (cls [crops, S], keys [crops, S, d], n_crops, hidden_cls
     [crops, D_v]); ``where``: the image's ImageSlice; ``projector``: the ``ProjectorInput()`` probe (handed in by
-    ``FeatureLayer``, so this module does not import core/probes.py, which imports it)."""
+    ``FeatureLayer``, so this module does not import core/vision_probes.py, which imports it)."""
     a, fwd = where.adapter, where.forward
     if "cls" not in record:
         raise PruneError("vtprune: the vision tower's attention was not recorded (was pixel_values given?)")

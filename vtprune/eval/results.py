@@ -88,7 +88,7 @@ def _versions() -> dict:
     import transformers
 
     try:
-        from .. import __version__
+        from .._version import __version__
     except ImportError:  # vtprune imported as a namespace package (stale editable install)
         from importlib.metadata import version
 

@@ -130,6 +130,17 @@ def _check_keep_cpu(idx: np.ndarray, cnt: np.ndarray, T: int) -> None:
 
 def _validate(x, keep_index, dim, counts):
     """Check shapes/ranges; returns (dim >= 1, keep_index on x.device, counts [B] int64 on x.device)."""
+    dim = _check_x(x, dim)
+    B, T = x.shape[0], x.shape[dim]
+    keep_index = _check_keep_index(keep_index, B, T, dim).to(x.device)
+    counts = _check_counts(counts, B, keep_index.shape[1], x.device)
+    if B and keep_index.shape[1]:
+        _check_keep_values(x, keep_index, counts, T)
+    return dim, keep_index, counts
+
+
+def _check_x(x, dim) -> int:
+    """The token axis ``dim`` of ``x`` (>= 1: axis 0 is the batch), whose elements must be distinct in memory."""
     if not isinstance(x, torch.Tensor) or x.ndim < 2:
         raise ValueError(f"x must be a tensor with a batch dim and a token dim, got shape "
                          f"{tuple(getattr(x, 'shape', ()))}")
@@ -142,8 +153,11 @@ def _validate(x, keep_index, dim, counts):
     if any(st == 0 and n > 1 for n, st in zip(x.shape, x.stride())):
         raise ValueError("x has overlapping memory (a stride-0 / expanded dim); "
                          "in-place compaction needs distinct elements")
-    B, T = x.shape[0], x.shape[dim]
+    return dim
 
+
+def _check_keep_index(keep_index, B: int, T: int, dim: int):
+    """keep_index: an int64 / int32 [B, K] tensor with K <= T (its values are checked by _check_keep_values)."""
     if not isinstance(keep_index, torch.Tensor) or keep_index.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"keep_index must be an int64 or int32 tensor, got "
                          f"{getattr(keep_index, 'dtype', type(keep_index).__name__)}")
@@ -152,35 +166,39 @@ def _validate(x, keep_index, dim, counts):
     K = keep_index.shape[1]
     if K > T:
         raise ValueError(f"keep_index keeps K={K} tokens but the token axis (dim {dim}) has only T={T}")
-    keep_index = keep_index.to(x.device)
+    return keep_index
 
+
+def _check_counts(counts, B: int, K: int, device):
+    """counts [B] int64 on ``device``, each in [0, K]; None means every row keeps K."""
     if counts is None:
-        counts = torch.full((B,), K, dtype=torch.int64, device=x.device)
-    else:
-        if not isinstance(counts, torch.Tensor) or counts.dtype.is_floating_point \
-                or counts.dtype == torch.bool or counts.is_complex():
-            raise ValueError("counts must be an integer tensor of shape [B]")
-        if tuple(counts.shape) != (B,):
-            raise ValueError(f"counts must have shape [B]=({B},), got {tuple(counts.shape)}")
-        counts = counts.to(device=x.device, dtype=torch.int64).contiguous()
-        # CPU: check through numpy views (no copy); a dozen torch dispatches cost more than a small compaction.
-        c = counts.numpy() if counts.device.type == "cpu" else counts
-        if B and bool(((c < 0) | (c > K)).any()):
-            raise ValueError(f"counts out of range: every count must be in [0, K={K}], got "
-                             f"{counts.tolist() if B <= 16 else 'values outside'}")
+        return torch.full((B,), K, dtype=torch.int64, device=device)
+    if not isinstance(counts, torch.Tensor) or counts.dtype.is_floating_point \
+            or counts.dtype == torch.bool or counts.is_complex():
+        raise ValueError("counts must be an integer tensor of shape [B]")
+    if tuple(counts.shape) != (B,):
+        raise ValueError(f"counts must have shape [B]=({B},), got {tuple(counts.shape)}")
+    counts = counts.to(device=device, dtype=torch.int64).contiguous()
+    # CPU: check through numpy views (no copy); a dozen torch dispatches cost more than a small compaction.
+    c = counts.numpy() if counts.device.type == "cpu" else counts
+    if B and bool(((c < 0) | (c > K)).any()):
+        raise ValueError(f"counts out of range: every count must be in [0, K={K}], got "
+                         f"{counts.tolist() if B <= 16 else 'values outside'}")
+    return counts
 
-    if B and K:
-        if x.device.type == "cpu":
-            _check_keep_cpu(keep_index.numpy(), counts.numpy(), T)
-        else:
-            # Only the first counts[b] entries of each row are meaningful.
-            valid = torch.arange(K, device=x.device) < counts[:, None]
-            idx = keep_index.long()
-            if bool((valid & ((idx < 0) | (idx >= T))).any()):
-                raise ValueError(_RANGE_ERROR.format(T=T))
-            if K > 1 and bool((valid[:, 1:] & (idx[:, 1:] <= idx[:, :-1])).any()):
-                raise ValueError(_ORDER_ERROR)
-    return dim, keep_index, counts
+
+def _check_keep_values(x, keep_index, counts, T: int) -> None:
+    """The first counts[b] entries of each keep_index row are in [0, T) and strictly increasing."""
+    if x.device.type == "cpu":
+        _check_keep_cpu(keep_index.numpy(), counts.numpy(), T)
+        return
+    K = keep_index.shape[1]
+    valid = torch.arange(K, device=x.device) < counts[:, None]  # only the first counts[b] entries are meaningful
+    idx = keep_index.long()
+    if bool((valid & ((idx < 0) | (idx >= T))).any()):
+        raise ValueError(_RANGE_ERROR.format(T=T))
+    if K > 1 and bool((valid[:, 1:] & (idx[:, 1:] <= idx[:, :-1])).any()):
+        raise ValueError(_ORDER_ERROR)
 
 
 # A chunk moved in place by its own index_select must carry at least this many bytes: each call costs some

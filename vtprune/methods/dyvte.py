@@ -36,7 +36,7 @@ from torch import nn
 
 from ..core.probes import LayerOutput
 from ..errors import ConfigError, PruneError
-from ..registry import register
+from ..core.registration import register
 from ..space import Float, tuned
 from .base import Cut, ImageView, Method, Selection
 

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from ..core.probes import LLMAttention
-from ..registry import register
+from ..core.registration import register
 from ..space import Int, tuned
 from .base import Cut, ImageView, Method
 

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 
 from ..budget import tokens_to_keep
-from ..registry import register
+from ..core.registration import register
 from ..space import Choice, Float, Int, tuned
 from ..core.probes import LLMQKV, VisionCLS, VisionValues
 from .base import Cut, ImageView, Method, Selection, top_k_sorted

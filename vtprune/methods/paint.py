@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 
 from ..core.probes import VisionAttentionMap, VisionCLS
-from ..registry import register
+from ..core.registration import register
 from ..space import Float, Int, tuned
 from .base import Method
 

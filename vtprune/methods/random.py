@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ..registry import register
+from ..core.registration import register
 from .base import ImageView, Method
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..budget import tokens_to_keep
 from ..core.probes import IncomingAttention, Sublayer, SublayerBatch
 from ..errors import PruneError
-from ..registry import register
+from ..core.registration import register
 from ..space import Choice, Float, Int, Seq, tuned
 from .base import Cut, ImageView, Method, Selection, top_k_sorted
 

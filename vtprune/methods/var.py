@@ -29,7 +29,7 @@ import torch
 
 from ..core.probes import Residual
 from ..errors import ConfigError
-from ..registry import register
+from ..core.registration import register
 from ..space import Float, tuned
 from .base import Method
 

@@ -42,7 +42,7 @@ import torch
 from ..budget import tokens_to_keep
 from ..core.probes import PatchEntropy, VisionAttentionMap
 from ..errors import PruneError
-from ..registry import register
+from ..core.registration import register
 from ..space import Choice, Float, Seq, tuned
 from .base import Cut, ImageView, Method, Selection, top_k_sorted
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..budget import tokens_to_keep
 from ..core.probes import FeatureLayer
-from ..registry import register
+from ..core.registration import register
 from ..space import Choice, Float, tuned
 from .base import ImageView, Method, Selection, VisionView, top_k_sorted
 

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError
-from ..registry import register
+from ..core.registration import register
 from ..space import Int, tuned
 from ..core.probes import VisionCLS
 from .base import ImageView, Method

@@ -6,7 +6,8 @@
 Modules: :mod:`.space` (a study's space and its sampling; the declarations methods make next to their
 fields are :mod:`vtprune.space`, re-exported there),
 :mod:`.plan` (methods, budgets and fixed fields, checked without a model), :mod:`.objectives` (flow,
-accuracy, prefill time, the dev split), :mod:`.study` (the optuna driver: storage, resuming, several workers),
+accuracy, prefill time, the dev split), :mod:`.study` (the optuna driver: storage, resuming, several workers;
+its parts are :mod:`.settings`, :mod:`.checks`, :mod:`.storage`, :mod:`.trials` and :mod:`.loop`),
 :mod:`.outputs` (best.yaml, trials.csv, plots), :mod:`.cli` (``vtprune search``).
 
 ``vtprune.search`` is the function (it shadows this package as an attribute of ``vtprune``): import the
@@ -18,10 +19,10 @@ from .space import Choice, Float, Int, Seq, tuned
 
 
 def search(**kwargs):
-    """Run a search; keywords are :class:`~vtprune.search.study.SearchSettings` fields (``method``, ``keep`` /
+    """Run a search; keywords are :class:`~vtprune.search.settings.SearchSettings` fields (``method``, ``keep`` /
     ``ratio``, ``objective``, ``trials``, ``data``, ``study``, ``storage``, ``out``, ``pareto``, ``calib``,
     ``sampler``, ``timeout``, ``fixed``, ``params`` ...) and ``model`` (a folder, hub id, or a loaded model with
-    ``processor=``). Returns a :class:`~vtprune.search.study.SearchResult`; bad input raises
+    ``processor=``). Returns a :class:`~vtprune.search.settings.SearchResult`; bad input raises
     :class:`vtprune.cli.UsageError` (a ValueError) before anything is loaded or written."""
     from .study import search as _search
 

@@ -52,8 +52,9 @@ def defaults_trial(trials):
 
 
 def write_outputs(study, checked, space, settings, model_name: str):
-    """Write best.yaml, trials.csv and the plot; returns the :class:`~.study.SearchResult`."""
-    from .study import SearchResult, counts
+    """Write best.yaml, trials.csv and the plot; returns the :class:`~.settings.SearchResult`."""
+    from .settings import SearchResult
+    from .trials import counts
 
     trials = _shown(study.get_trials(deepcopy=False))
     out = Path(checked.out)
@@ -120,7 +121,7 @@ def _data_text(checked) -> str:
 
 def write_csv(trials: Sequence, path: Path, objective: str, front: set) -> Path:
     """One row per trial: number, state, whether it counts, values, feasibility, parameters, error."""
-    from .study import counts
+    from .trials import counts
 
     params = sorted({p for t in trials for p in t.params})
     multi = any(t.values is not None and len(t.values) > 1 for t in trials)

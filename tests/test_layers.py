@@ -10,6 +10,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "vtprune"
 
+# The old paths of the sub-command modules, now aliases of their vtprune/cli/ modules (Layout v3), and the launchers
+# of a command: the only modules outside vtprune/cli/ that may import vtprune.cli*.
+CLI_ALIASES = ("vtprune.benchmarks.cli", "vtprune.benchmarks.perf_cli", "vtprune.search.cli", "vtprune.training.cli")
+CLI_LAUNCHERS = ("vtprune.benchmarks.__main__", "vtprune.demo")
+
 # Bottom first. A module may import modules of its own layer and of the layers below. The longest matching prefix
 # places a module; the root package ``vtprune`` (the public facade: it re-exports api, methods and the search
 # function) matches only itself. Layout v3 (issue 24) moves the marked entries; tighten this list as it does.
@@ -21,13 +26,11 @@ LAYERS = (
     ("core", ("vtprune.core", "vtprune.methods", "vtprune.registry")),
     ("stages", ("vtprune.stages",)),
     ("api", ("vtprune.session", "vtprune.api")),
-    ("tool-args", ("vtprune.cliargs",)),  # Layout v3: vtprune/cli/args.py (then the only one not at the top)
+    # UsageError and the check_* helpers the tools raise too: below them, so no tool imports vtprune.cli
+    ("tool-args", ("vtprune.cliargs",)),
     ("tool-libs", ("vtprune.benchmarks", "vtprune.embedded", "vtprune.eval", "vtprune.loading", "vtprune.perf")),
     ("tools", ("vtprune.search", "vtprune.training", "vtprune.viz")),
-    ("entry", ("vtprune", "vtprune.cli", "vtprune.demo",
-               # the sub-command modules; Layout v3 moves each into the vtprune/cli/ package
-               "vtprune.benchmarks.cli", "vtprune.benchmarks.__main__", "vtprune.benchmarks.perf_cli",
-               "vtprune.search.cli", "vtprune.training.cli")),
+    ("entry", ("vtprune", "vtprune.cli", "vtprune.demo", "vtprune.benchmarks.__main__") + tuple(CLI_ALIASES)),
 )
 
 # importer -> imported: edges that close a circle today; each says which Layout v3 move removes it. The circle
@@ -131,7 +134,7 @@ def test_the_parser_sees_relative_lazy_and_type_checking_imports():
     assert "vtprune.methods" in graph["vtprune.registry"]  # lazy, inside _registered(): `from . import methods`
     assert "vtprune.methods.base" in graph["vtprune.core.plan"]  # relative, two dots
     assert "vtprune.compat" in graph["vtprune.stages.llm"]  # `from .. import compat`: the module, not the package
-    assert "vtprune.loading" in graph["vtprune.cli"]  # lazy, inside a function
+    assert "vtprune.loading" in graph["vtprune.cli.viz"]  # lazy, inside a function
 
 
 def test_the_circle_finder_finds_a_circle():
@@ -162,3 +165,14 @@ def test_no_import_goes_up_the_diagram():
         f"{a} ({LAYERS[layer_of(a)][0]}) -> {b} ({LAYERS[layer_of(b)][0]})" for a, b in up)
     for importer, imported in ALLOWED_UP_EDGES:
         assert imported in graph.get(importer, ()), f"{importer} no longer imports {imported}: drop its allow entry"
+
+
+def test_nothing_outside_the_cli_package_imports_it():
+    graph = import_graph()
+    in_cli = lambda name: name == "vtprune.cli" or name.startswith("vtprune.cli.")  # noqa: E731
+    found = sorted((a, b) for a, targets in graph.items() for b in targets
+                   if in_cli(b) and not in_cli(a) and a not in CLI_ALIASES + CLI_LAUNCHERS)
+    assert not found, "modules outside vtprune/cli/ importing it (import from vtprune.cliargs instead):\n" + \
+        "\n".join(f"{a} -> {b}" for a, b in found)
+    for name in CLI_ALIASES + CLI_LAUNCHERS:  # an entry whose import is gone fails, so the list stays tight
+        assert any(in_cli(b) for b in graph[name]), f"{name} no longer imports vtprune.cli: drop it from the list"

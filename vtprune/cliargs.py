@@ -1,73 +1,27 @@
-"""Command-line argument checks shared by every ``vtprune`` command (the bottom of the tools: it imports
-no tool and no command). User errors are one ``<prog>: error: <message>`` line on stderr with exit status 2, found
-before any model is loaded: argparse's through :class:`OneLineParser`, later checks by raising
-:class:`UsageError` (caught by the handler and printed with :func:`report`). :func:`check_prune` checks what
-only the model can tell, right after loading it. Re-exported by :mod:`vtprune.cli`, so
-``from vtprune.cli import UsageError`` keeps working. Layout v3 (issue 24) moves this module to
-``vtprune/cli/args.py``.
+"""Command-line argument checks shared by every ``vtprune`` command and by the tools that check their own
+settings (eval, perf, search, training): :class:`UsageError` and the ``check_*`` helpers. It is the bottom of the
+tools: it imports no tool and no command. A ``UsageError`` becomes one ``<prog>: error: <message>`` line on stderr
+with exit status 2, found before any model is loaded; :func:`check_prune` checks what only the model can tell,
+right after loading it. What only the command line needs (``OneLineParser``, ``report``, ``parse_set``) is in
+:mod:`vtprune.cli.args`, which re-exports these, as does :mod:`vtprune.cli` (``from vtprune.cli import
+UsageError`` keeps working).
 
-Only the standard library at import: torch, PIL and yaml are imported inside the checks that need them, so
+Only the standard library at import: torch and PIL are imported inside the checks that need them, so
 ``vtprune -h`` and a bad flag answer at once (``tests/test_cli_imports.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 from pathlib import Path
 
-__all__ = ["UsageError", "report", "OneLineParser", "parse_set", "check_data_dir", "check_method", "check_prune",
-           "check_count", "check_positive", "check_out_dir", "check_out_file", "check_out_image", "check_model_spec"]
+__all__ = ["UsageError", "check_data_dir", "check_method", "check_prune", "check_count", "check_positive",
+           "check_out_dir", "check_out_file", "check_out_image", "check_model_spec"]
 
 
 class UsageError(ValueError):
     """Bad command-line input (a flag value, file or folder): printed as one ``<prog>: error:`` line, exit 2."""
-
-
-def report(prog: str, err) -> int:
-    """Print ``err`` as the single line ``<prog>: error: <message>`` on stderr; returns exit status 2."""
-    message = " ".join(str(err).split()).removeprefix(f"{prog}: ").removeprefix("vtprune bench: ")
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block), like the checks run after parsing."""
-
-    def error(self, message):
-        raise SystemExit(report(self.prog, f"{message} (see {self.prog} -h)"))
-
-
-def _parse_value(text: str):
-    """A ``--set`` value as YAML reads it (ints, floats, booleans, strings); ``1e-3`` is a float too."""
-    import yaml
-
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def parse_set(items, reserved=("keep", "ratio")) -> dict:
-    """``--set KEY=VALUE`` entries -> {key: value}; the budget keys have their own flags."""
-    out = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UsageError(f"--set expects KEY=VALUE with a method field as KEY (e.g. --set layer=3), got {item!r}")
-        if key in reserved:
-            raise UsageError(f"--set {key}=...: give the budget with --{key} instead")
-        out[key] = _parse_value(value.strip())
-    return out
 
 
 def check_data_dir(data, flag: str = "--data") -> None:

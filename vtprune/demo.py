@@ -18,7 +18,7 @@ DEMO_OUT = os.path.join("out", "demo")
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .benchmarks import cli as bench_cli
+    from .cli import bench as bench_cli
     from .embedded import tiny_llava
 
     argv = list(sys.argv[1:] if argv is None else argv)

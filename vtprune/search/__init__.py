@@ -8,7 +8,7 @@ fields are :mod:`vtprune.space`, re-exported there),
 :mod:`.plan` (methods, budgets and fixed fields, checked without a model), :mod:`.objectives` (flow,
 accuracy, prefill time, the dev split), :mod:`.study` (the optuna driver: storage, resuming, several workers;
 its parts are :mod:`.settings`, :mod:`.checks`, :mod:`.storage`, :mod:`.trials` and :mod:`.loop`),
-:mod:`.outputs` (best.yaml, trials.csv, plots), :mod:`.cli` (``vtprune search``).
+:mod:`.outputs` (best.yaml, trials.csv, plots); the command ``vtprune search`` is :mod:`vtprune.cli.search`.
 
 ``vtprune.search`` is the function (it shadows this package as an attribute of ``vtprune``): import the
 modules with ``from vtprune.search import space`` or ``from vtprune.search.space import Float``.

@@ -1,126 +1,16 @@
-"""``vtprune train-dyvte`` and ``vtprune calibrate-sinks``: what a method learns from a model's activations
-(DyVTE's exit routers, VAR's sink dimensions). Flags are checked before torch is imported (see :mod:`vtprune.cli`).
-"""
+"""Alias of :mod:`vtprune.cli.train_dyvte` and :mod:`vtprune.cli.calibrate_sinks` (the two commands this module
+held), kept so that existing scripts importing ``vtprune.training.cli`` keep working. New code imports those."""
 
-from __future__ import annotations
+from ..cli import calibrate_sinks as _sinks, train_dyvte as _train
+from ..cli.calibrate_sinks import *  # noqa: F401,F403
+from ..cli.train_dyvte import *  # noqa: F401,F403
 
-import sys
-from pathlib import Path
-
-from ..cliargs import (UsageError, check_count, check_data_dir, check_model_spec, check_out_dir, check_out_file,
-                       check_positive, report)
-
-TRAIN_HELP = "train DyVTE's exit routers on a frozen model (the synthetic set by default)"
-TRAIN_DESCRIPTION = ("Train one exit router per LLM layer (spec §2.6); resumes from --out when it holds state.pt "
-                     "(for the same model and --width: another is refused).")
-SINKS_HELP = "find the hidden dimensions with massive activations (VAR's sink dims)"
-SINKS_DESCRIPTION = ("Run a few prompts and report the hidden dimensions where |x_d| / RMS(x) exceeds --tau at the "
-                     "residual stream of LLM layers 2..L-1 in at least half of them. When none does, VAR cannot run "
-                     "on the model: that is said on stderr, nothing is written and the exit status is 1.")
+__all__ = _train.__all__ + _sinks.__all__
 
 
-def add_train_arguments(p) -> None:
-    p.add_argument("--model", default=None, help="model folder (default: the shipped tiny LLaVA)")
-    p.add_argument("--data", default=None, help="GQA- or MME-format folder (default: the synthetic generator)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
-    p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
-    p.add_argument("--lr", type=float, default=6e-5, help="peak learning rate, cosine with 3%% warm-up (6e-5)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--width", type=int, default=None,
-                   help="router hidden width (default: d // 2, or the width of the run --out resumes)")
-    p.add_argument("--prompt-style", default="llava_v1", choices=["llava_v1", "chat_template"])
-    p.add_argument("--out", default="out/dyvte", help="output folder (routers, exit curve, state.pt)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-
-
-def run_train(args) -> int:
-    """``vtprune train-dyvte``: 2 (one line) for bad flags or a state.pt that cannot be resumed, 130 on Ctrl-C."""
-    prog = "vtprune train-dyvte"
-    try:
-        check_model_spec(args.model)
-        check_data_dir(args.data)
-        for flag in ("steps", "batch_size", "width"):
-            check_count(getattr(args, flag), f"--{flag.replace('_', '-')}")
-        check_positive(args.lr, "--lr")
-        check_positive(args.minutes, "--minutes", " (or leave the flag out: no time limit)")
-        check_out_dir(args.out)
-        from .dyvte import TrainSettings, train
-
-        # a state.pt in --out that cannot be resumed is a UsageError too, before any step
-        meta = train(TrainSettings(model=args.model, data=args.data, steps=args.steps, minutes=args.minutes,
-                                   lr=args.lr, batch_size=args.batch_size, out=args.out, seed=args.seed,
-                                   width=args.width, prompt_style=args.prompt_style, progress=not args.no_progress))
-    except UsageError as err:
-        return report(prog, err)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; rerun the same command to resume from the last saved step "
-              f"({Path(args.out) / 'state.pt'})", file=sys.stderr)
-        return 130
-    print(f"wrote {Path(args.out) / 'dyvte_routers.safetensors'} ({meta['steps']} steps); safe-to-exit per layer: "
-          + ", ".join(f"{r:.2f}" for r in meta["exit_rate"]))
-    return 0
-
-
-def add_sinks_arguments(p) -> None:
-    p.add_argument("--model", default=None, help="model folder (default: the shipped tiny LLaVA)")
-    p.add_argument("--data", default=None, help="GQA- or MME-format folder (default: the synthetic generator)")
-    p.add_argument("--prompts", type=int, default=16, help="prompts to run (default 16)")
-    p.add_argument("--tau", type=float, default=20.0, help="threshold on |x_d| / RMS(x) (VAR's tau, default 20)")
-    p.add_argument("--out", default=None, help="write a VAR config (.yaml) with the dims found (none found: no file)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def run_calibrate_sinks(args) -> int:
-    """``vtprune calibrate-sinks``: 2 (one line) for bad flags, 1 when no sink dimension is found (nothing is
-    written: VAR refuses empty sink dims at prune(), so such a config could never run), else 0."""
-    prog = "vtprune calibrate-sinks"
-    try:
-        check_model_spec(args.model)
-        check_data_dir(args.data)
-        check_count(args.prompts, "--prompts")
-        check_positive(args.tau, "--tau")
-        if args.out is not None:
-            if Path(args.out).suffix not in (".yaml", ".yml"):
-                raise UsageError(f"--out {args.out}: write the sink dims to a .yaml config")
-            check_out_file(args.out, example="var.yaml")
-    except UsageError as err:
-        return report(prog, err)
-    from ..loading import load_model
-    from ..methods.var import find_sink_dims
-
-    model, processor, _ = load_model(args.model, "float32", "cpu")
-    dims = find_sink_dims(model, _sink_batches(args, processor), tau=args.tau)
-    rule = (f"|x_d| / RMS(x) > {args.tau:g} at the inputs of LLM layers 2..L-1, in at least half of "
-            f"{args.prompts} prompts")
-    if not dims:
-        written = f"; nothing written to {args.out}" if args.out is not None else ""
-        print(f"{prog}: no sink dimension found ({rule}), so VAR cannot run on this model with this --tau; try a "
-              f"lower --tau or more --prompts{written}", file=sys.stderr)
-        return 1
-    print(f"sink dims ({rule}): {dims}")
-    if args.out is not None:
-        _write_sink_config(args.out, model, dims, args.tau)
-        print(f"wrote {args.out}")
-    return 0
-
-
-def _sink_batches(args, processor) -> list[dict]:
-    """``--prompts`` single-prompt model inputs from ``--data`` (default: the synthetic generator)."""
-    from .dyvte import TrainSettings, encode, samples
-
-    settings = TrainSettings(model=args.model, data=args.data, seed=args.seed)
-    stream = samples(settings)
-    batches = []
-    for _ in range(args.prompts):
-        batch = encode(processor, [next(stream)], settings.prompt_style)
-        batches.append({k: v for k, v in batch.items() if k != "labels"})
-    return batches
-
-
-def _write_sink_config(out, model, dims: list[int], tau: float) -> None:
-    import yaml
-
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    config = {"method": "var", "model": str(getattr(model.config, "_name_or_path", "")), "sink_dims": dims, "tau": tau}
-    Path(out).write_text(yaml.safe_dump(config, sort_keys=False))
+def __getattr__(name: str):
+    # every other attribute (private helpers old scripts reach for) comes from the real modules, train-dyvte's first
+    for target in (_train, _sinks):
+        if hasattr(target, name):
+            return getattr(target, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -112,10 +112,38 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _check_light(args) -> None:
+    """The method names, one method's budget and --out, checked without torch (the texts of
+    ``search.plan.make_plan`` and ``search.checks``, which repeat them with everything else)."""
+    from .args import UsageError, check_out_dir
+    from .known import known_method
+
+    names = [m.strip() for m in args.method.split(",")]
+    if not all(names):
+        return  # make_plan names the problem
+    for m in names:
+        try:
+            known_method(m)
+        except ValueError as err:
+            raise UsageError(f"--method {m}: {err}") from None
+    if len(names) == 1 and not isinstance(args.keep, list) and not isinstance(args.ratio, list):
+        name, info = known_method(names[0])
+        given = args.keep is not None or args.ratio is not None
+        if info.has_budget and not info.budget_optional and not given:
+            raise UsageError(f"--method {name} needs a budget (it is fixed, not searched): give --keep or --ratio")
+        if given and not info.has_budget:
+            raise UsageError(f"--method {name} has no ratio / keep budget (its schedule decides); "
+                             "drop --keep / --ratio")
+    if args.out is not None:
+        check_out_dir(args.out)
+
+
 def settings_from_args(args):
     """SearchSettings from parsed flags; a bad value is a :class:`~vtprune.cli.UsageError`."""
     from .bench import parse_data
     from .args import UsageError, check_model_spec, parse_set
+
+    _check_light(args)
     from ..search.study import SearchSettings
 
     fixed = parse_set(args.set)
@@ -156,11 +184,11 @@ def run_from_args(args, prog: str = "vtprune search") -> int:
     """Run a parsed command line; 2 (one line on stderr) for bad input, 130 after Ctrl-C, else 0."""
     from .bench import _quiet_transformers
     from .args import UsageError, report
-    from ..search.study import run_search
 
     debug = os.environ.get("VTPRUNE_DEBUG", "") not in ("", "0")
     try:
         settings = settings_from_args(args)
+        from ..search.study import run_search
         with _quiet_transformers():
             result = run_search(settings, prog=prog)
     except UsageError as err:

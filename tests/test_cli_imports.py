@@ -76,6 +76,8 @@ USAGE = {
     "perf missing config": (["perf", "--config", "/nonexistent.yaml"], 2),
     "search no budget": (["search", "--method", "fastv"], 2),
     "search unknown method": (["search", "--method", "nosuch", "--keep", "4"], 2),
+    "search empty space": (["search", "--method", "random", "--keep", "4"], 2),
+    "search unknown params": (["search", "--method", "fastv", "--keep", "4", "--params", "nosuch"], 2),
     "search unwritable out": (["search", "--method", "fastv", "--keep", "4", "--out", "/proc/x"], 2),
 }
 

@@ -19,8 +19,10 @@ def _registry():
 
 
 def test_the_method_table_equals_the_registry():
+    from vtprune.space import declared
+
     real = {name: known.Known(cls.has_budget, cls.budget_optional, cls.prunes,
-                              tuple(sorted(f.name for f in fields(cls) if f.init)))
+                              tuple(sorted(f.name for f in fields(cls) if f.init)), tuple(declared(cls)))
             for name, cls in _registry().items()}
     assert {name: cls.name for name, cls in _registry().items()} == {name: name for name in real}
     assert known.BUILTIN == real
@@ -86,3 +88,23 @@ def test_a_missing_config_has_the_load_config_text(tmp_path):
     known.check_config_exists("fastv/llava-1.5-7b.yaml")
     (tmp_path / "mine.yaml").write_text("method: fastv\n")
     known.check_config_exists(str(tmp_path / "mine.yaml"))
+
+
+@pytest.mark.parametrize("method,params", [("random", None), ("fastv", "nosuch"), ("flowcut", "vit_shar"),
+                                           ("fastv", ""), ("vflowopt", "cell,nosuch")])
+def test_search_space_errors_have_the_plan_text(method, params):
+    from vtprune.cli.search import _check_space_light
+    from vtprune.search.plan import make_plan
+
+    budget = {} if known.BUILTIN[method].budget_optional else {"keep": 4}
+    expected = _message(make_plan, method, params=params, **budget)
+    assert _message(_check_space_light, method, known.BUILTIN[method].searchable, params) == expected
+
+
+@pytest.mark.parametrize("method,params", [("fastv", None), ("fastv", "layer"), ("flowcut", "vit_share,llm_layer")])
+def test_a_good_search_space_passes(method, params):
+    from vtprune.cli.search import _check_space_light
+    from vtprune.search.plan import make_plan
+
+    make_plan(method, keep=4, params=params)
+    _check_space_light(method, known.BUILTIN[method].searchable, params)

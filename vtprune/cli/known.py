@@ -23,30 +23,40 @@ __all__ = ["Known", "BUILTIN", "ARCH_NAMES", "known_method", "check_fields", "ch
 
 class Known(NamedTuple):
     """What a command checks about a method without importing it: its budget kind, whether it removes tokens,
-    and its keyword names (the dataclass init fields)."""
+    its keyword names (the dataclass init fields) and the fields it declares searchable (``space.declared``)."""
     has_budget: bool
     budget_optional: bool
     prunes: bool
     fields: tuple[str, ...]
+    searchable: tuple[str, ...]
 
 
-_BUDGET = ("keep", "positions", "ratio")
 BUILTIN: dict[str, Known] = {
-    "dyvte": Known(False, False, True, ("keep", "positions", "ratio", "routers", "threshold")),
-    "fastv": Known(True, False, True, ("keep", "layer", "positions", "ratio")),
+    "dyvte": Known(False, False, True, ("keep", "positions", "ratio", "routers", "threshold"),
+                 ("threshold",)),
+    "fastv": Known(True, False, True, ("keep", "layer", "positions", "ratio"),
+                 ("layer",)),
     "flowcut": Known(True, False, True, ("cumulative_weight", "keep", "llm_layer", "positions", "ratio",
-                                         "semantic_scaling", "shared_prune_count", "vit_share")),
+                                         "semantic_scaling", "shared_prune_count", "vit_share"),
+                 ("cumulative_weight", "semantic_scaling", "vit_share", "llm_layer")),
     "paint": Known(False, False, False, ("alpha", "beta", "keep", "local_layer", "local_ratio", "positions",
-                                         "ratio", "spatial_ratio", "start")),
-    "random": Known(True, False, True, ("keep", "positions", "ratio", "seed")),
+                                         "ratio", "spatial_ratio", "start"),
+                 ("alpha", "beta", "local_ratio", "start")),
+    "random": Known(True, False, True, ("keep", "positions", "ratio", "seed"),
+                 ()),
     "transprune": Known(True, True, True, ("alpha", "direction", "keep", "keep_ratios", "layers", "positions",
-                                           "ratio", "softmax_over_batch")),
+                                           "ratio", "softmax_over_batch"),
+                 ("layers", "keep_ratios", "alpha", "direction")),
     "var": Known(False, False, False, ("keep", "layers", "min_image_mass", "p", "positions", "ratio", "rho",
-                                       "sink_dims", "tau")),
+                                       "sink_dims", "tau"),
+                 ("tau", "rho", "p", "min_image_mass")),
     "vflowopt": Known(True, True, True, ("cell", "entropy_weight", "keep", "llm_layers", "llm_ratios", "positions",
-                                         "ratio", "recycle", "retention", "threshold", "vision_layer")),
-    "visionzip": Known(True, False, True, ("anyres", "dominant_fraction", "keep", "positions", "ratio")),
-    "vtc_cls": Known(True, False, True, ("keep", "positions", "ratio", "start_layer")),
+                                         "ratio", "recycle", "retention", "threshold", "vision_layer"),
+                 ("threshold", "cell", "entropy_weight", "retention", "llm_ratios", "recycle")),
+    "visionzip": Known(True, False, True, ("anyres", "dominant_fraction", "keep", "positions", "ratio"),
+                 ("dominant_fraction", "anyres")),
+    "vtc_cls": Known(True, False, True, ("keep", "positions", "ratio", "start_layer"),
+                 ("start_layer",)),
 }
 
 # vtprune.perf.archs.ARCHS's keys, sorted

@@ -134,8 +134,31 @@ def _check_light(args) -> None:
         if given and not info.has_budget:
             raise UsageError(f"--method {name} has no ratio / keep budget (its schedule decides); "
                              "drop --keep / --ratio")
+        if not args.set:  # with --set, make_plan checks its fields and values first
+            _check_space_light(name, info.searchable, args.params)
     if args.out is not None:
         check_out_dir(args.out)
+
+
+def _check_space_light(name: str, searchable, params) -> None:
+    """One method without --set: --params names searchable fields and the search space is not empty (the texts
+    of ``search.plan._only`` and ``make_plan``)."""
+    import difflib
+
+    from .args import UsageError
+
+    known = list(searchable)
+    if params is not None:
+        wanted = [p.strip() for p in params.split(",") if p.strip()]
+        bad = [p for p in wanted if p not in known]
+        if bad:
+            close = difflib.get_close_matches(bad[0], known, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"--params {bad[0]}: unknown parameter{hint}; searchable: {', '.join(known) or 'none'}")
+        known = [f for f in known if f in wanted]
+    if not known:
+        why = f"{name} declares no searchable field" if not searchable else "every searchable field is fixed by --set"
+        raise UsageError(f"empty search space: {why}; search a method with knobs (e.g. --method vflowopt)")
 
 
 def settings_from_args(args):

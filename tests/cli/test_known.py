@@ -108,3 +108,27 @@ def test_a_good_search_space_passes(method, params):
 
     make_plan(method, keep=4, params=params)
     _check_space_light(method, known.BUILTIN[method].searchable, params)
+
+
+def test_a_method_registered_in_this_process_is_known_too():
+    """perf / bench called from a script that registered its own method: the early checks read the live class."""
+    from typing import ClassVar
+    from dataclasses import dataclass
+
+    from vtprune import registry
+    from vtprune.core.registration import _METHODS
+    from vtprune.methods.base import Method
+
+    @dataclass
+    class Mine(Method):
+        name: ClassVar[str] = "_test_known_mine"
+
+    registry.register(Mine)
+    try:
+        name, info = known.known_method("_test_known_mine")
+        assert name == "_test_known_mine" and info.has_budget == Mine.has_budget and "keep" in info.fields
+        known.check_fields(name, ["keep"])
+        assert _message(known.check_budget, name) == _message(registry.make_method, name)
+    finally:
+        _METHODS.pop("_test_known_mine", None)
+    assert _message(known.known_method, "nosuch") == _message(registry.method_class, "nosuch")

@@ -3,13 +3,16 @@ rejects an unknown method, field, budget, config or architecture at once, before
 (``tests/test_cli_imports.py``). :data:`BUILTIN` and :data:`ARCH_NAMES` are copies, proved equal to the registry
 and to ``vtprune.perf.archs.ARCHS`` by ``tests/cli/test_known.py``; the errors keep the texts of the checks
 they run ahead of (the registry's, ``Method.__post_init__``'s, ``api._resolve_config``'s), which the heavy
-checks still repeat after torch is imported (they also check field values).
+checks still repeat after torch is imported (they also check field values). A method registered in this process
+(a script calling ``@register`` before a command's ``main``) is read from its class, already imported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -65,19 +68,34 @@ ARCH_NAMES = ("internvl2-8b", "llava-1.5-13b", "llava-1.5-7b", "llava-next-7b")
 _CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # api.CONFIG_DIR
 
 
+def _methods() -> dict[str, Known]:
+    """The built-in methods, plus those registered in this process (a script or test that imported the registry
+    and called ``@register``: their classes are imported already, so reading them costs nothing)."""
+    registration = sys.modules.get("vtprune.core.registration")  # never imported here: it would bring torch
+    extra = {k: c for k, c in getattr(registration, "_METHODS", {}).items() if k not in BUILTIN}
+    if not extra:
+        return BUILTIN
+    from ..space import declared
+
+    return {**BUILTIN, **{k: Known(c.has_budget, c.budget_optional, c.prunes,
+                                   tuple(sorted(f.name for f in dataclasses.fields(c) if f.init)),
+                                   tuple(declared(c))) for k, c in extra.items()}}
+
+
 def known_method(name: str) -> tuple[str, Known]:
-    """(canonical name, facts) of a built-in method; else ConfigError with the registry's text (close matches)."""
+    """(canonical name, facts) of a method; else ConfigError with the registry's text (close matches)."""
+    methods = _methods()
     key = name.lower().replace("-", "_")
-    if key in BUILTIN:
-        return key, BUILTIN[key]
-    close = difflib.get_close_matches(str(name).lower(), list(BUILTIN), n=3, cutoff=0.5)
+    if key in methods:
+        return key, methods[key]
+    close = difflib.get_close_matches(str(name).lower(), list(methods), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ConfigError(f"vtprune: unknown method {name!r}.{hint} Available: {', '.join(sorted(BUILTIN))}")
+    raise ConfigError(f"vtprune: unknown method {name!r}.{hint} Available: {', '.join(sorted(methods))}")
 
 
 def check_fields(name: str, keys) -> None:
     """ConfigError with ``registry.check_keywords``'s text when a keyword is not a field of method ``name``."""
-    valid = list(BUILTIN[name].fields)
+    valid = list(known_method(name)[1].fields)
     unknown = sorted(set(keys) - set(valid))
     if unknown:
         close = {k: difflib.get_close_matches(k, valid, n=1, cutoff=0.6) for k in unknown}
@@ -88,7 +106,7 @@ def check_fields(name: str, keys) -> None:
 
 def check_budget(name: str, keep=None, ratio=None) -> None:
     """The budget check of ``Method.__post_init__`` (same texts), without building the method."""
-    info = BUILTIN[name]
+    info = known_method(name)[1]
     if info.has_budget and not (info.budget_optional and ratio is None and keep is None):
         validate_budget(ratio, keep, name)
     elif ratio is not None or keep is not None:

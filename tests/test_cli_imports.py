@@ -39,6 +39,7 @@ def test_building_the_parser_imports_no_torch():
     assert done.stdout.strip() == "[]"
 
 
+VIZ = ["--image", "good.png", "--question", "q"]  # written into the test's folder
 USAGE = {
     "help": (["-h"], 0),
     "bench help": (["bench", "-h"], 0),
@@ -61,16 +62,39 @@ USAGE = {
     "search timeout 0": (["search", "--method", "fastv", "--timeout", "0"], 2),
     "search missing model": (["search", "--method", "fastv", "--model", "./no-such-model"], 2),
     "no command": ([], 2),
+    # the method, its fields and budget, --config files and --arch are checked without torch too (cli/known.py)
+    "bench unknown method": (["bench", "--methods", "nosuch"], 2),
+    "bench missing config": (["bench", "--config", "/nonexistent.yaml"], 2),
+    "bench unknown set field": (["bench", "--set", "nosuch=3", "--methods", "fastv"], 2),
+    "viz unknown method": (["viz", *VIZ, "--method", "nosuch", "--keep", "4"], 2),
+    "viz no budget": (["viz", *VIZ, "--method", "fastv"], 2),
+    "viz keep 0": (["viz", *VIZ, "--method", "fastv", "--keep", "0"], 2),
+    "viz keep for dyvte": (["viz", *VIZ, "--method", "dyvte", "--keep", "16"], 2),
+    "viz method var": (["viz", *VIZ, "--method", "var"], 2),
+    "perf unknown arch": (["perf", "--arch", "nosuch"], 2),
+    "perf unknown method": (["perf", "--methods", "nosuch"], 2),
+    "perf missing config": (["perf", "--config", "/nonexistent.yaml"], 2),
+    "search no budget": (["search", "--method", "fastv"], 2),
+    "search unknown method": (["search", "--method", "nosuch", "--keep", "4"], 2),
+    "search empty space": (["search", "--method", "random", "--keep", "4"], 2),
+    "search unknown params": (["search", "--method", "fastv", "--keep", "4", "--params", "nosuch"], 2),
+    "search unwritable out": (["search", "--method", "fastv", "--keep", "4", "--out", "/proc/x"], 2),
 }
 
 
 @pytest.mark.parametrize("case", list(USAGE))
 def test_help_and_usage_errors_import_no_torch(tmp_path, case):
     argv, expected = USAGE[case]
+    if "good.png" in argv:
+        from PIL import Image
+
+        Image.new("RGB", (32, 32), "white").save(tmp_path / "good.png")
     done = _python(RUN_MAIN, json.dumps(argv), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"status": expected, "heavy": []}, done.stderr
+    if expected == 2:  # one `<prog>: error: ...` line
+        assert len(done.stderr.strip().splitlines()) == 1 and ": error: " in done.stderr, done.stderr
 
 
 def test_import_vtprune_is_light_and_its_exports_load_on_use():

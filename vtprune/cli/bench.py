@@ -223,6 +223,17 @@ def _check_light(args) -> None:
     check_out_dir(args.out)
 
 
+def _check_methods_light(args, hyper: dict) -> None:
+    """--methods names, their --set fields and --config files that exist, checked without torch (the texts of
+    the runner's checks, which repeat them with the field values)."""
+    from .known import check_config_exists, check_set_fields, known_method
+
+    methods = [known_method(m)[0] for m in args.methods or ()]  # an unknown one: the registry's ConfigError
+    check_set_fields(methods, hyper)
+    for spec in args.config:
+        check_config_exists(spec)
+
+
 def settings_from_args(args):
     """BenchSettings from parsed flags; a bad value is a :class:`~vtprune.cli.UsageError`."""
     from .args import UsageError, parse_set
@@ -231,6 +242,7 @@ def settings_from_args(args):
     try:
         tasks, data = parse_data(args.task, args.data)
         _check_light(args)
+        _check_methods_light(args, hyper)
         from ..eval.sweep import BenchSettings, validate_methods
 
         methods = validate_methods(args.methods) if args.methods is not None else None

@@ -86,6 +86,25 @@ def _floats(text: str | None, flag: str) -> list[float]:
     return values
 
 
+def _check_light(args, hyper: dict) -> list[str] | None:
+    """--arch, --methods (canonical names returned; None: not given), their --set fields and --config files
+    that exist: the checks that need neither torch nor a model, so they answer at once."""
+    from .known import ARCH_NAMES, check_config_exists, check_set_fields, known_method
+
+    if args.arch and args.arch not in ARCH_NAMES:
+        raise UsageError(f"--arch {args.arch}: unknown architecture; use one of {', '.join(ARCH_NAMES)}")
+    methods = None
+    if args.methods:
+        try:
+            methods = [known_method(m.strip())[0] for m in args.methods.split(",") if m.strip()]
+        except ValueError as err:
+            raise UsageError(f"--methods {args.methods}: {err}") from None
+    check_set_fields(methods or [], hyper)
+    for spec in args.config:
+        check_config_exists(spec)
+    return methods
+
+
 def check_args(args) -> dict:
     """Every check that needs no model; returns the parsed lists. Raises UsageError. The flags that need no
     torch come first, so a mistake in them is reported at once."""
@@ -97,24 +116,14 @@ def check_args(args) -> dict:
     check_model_spec(args.model)
     check_out_dir(args.out)
     hyper, keeps, ratios = parse_set(args.set), _ints(args.keep, "--keep"), _floats(args.ratio, "--ratio")
+    methods = _check_light(args, hyper)
     from ..benchmarks import runner
 
-    if args.arch:
-        from ..perf.archs import ARCHS
-
-        if args.arch not in ARCHS:
-            raise UsageError(f"--arch {args.arch}: unknown architecture; use one of {', '.join(sorted(ARCHS))}")
     device = runner.resolve_device(args.device)
     try:
         runner.resolve_dtype(args.dtype, device)
     except ValueError as err:
         raise UsageError(f"--dtype {args.dtype}: {err}") from None
-    methods = None
-    if args.methods:
-        try:
-            methods = runner.validate_methods([m.strip() for m in args.methods.split(",") if m.strip()])
-        except ValueError as err:
-            raise UsageError(f"--methods {args.methods}: {err}") from None
     files = [runner.load_method_config(c) for c in args.config]
     # the default method list depends on the model: those configurations are checked once it is built
     runner.check_configs(methods or [], files, hyper, keeps, ratios, args.seed)

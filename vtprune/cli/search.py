@@ -112,10 +112,61 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _check_light(args) -> None:
+    """The method names, one method's budget and --out, checked without torch (the texts of
+    ``search.plan.make_plan`` and ``search.checks``, which repeat them with everything else)."""
+    from .args import UsageError, check_out_dir
+    from .known import known_method
+
+    names = [m.strip() for m in args.method.split(",")]
+    if not all(names):
+        return  # make_plan names the problem
+    for m in names:
+        try:
+            known_method(m)
+        except ValueError as err:
+            raise UsageError(f"--method {m}: {err}") from None
+    if len(names) == 1 and not isinstance(args.keep, list) and not isinstance(args.ratio, list):
+        name, info = known_method(names[0])
+        given = args.keep is not None or args.ratio is not None
+        if info.has_budget and not info.budget_optional and not given:
+            raise UsageError(f"--method {name} needs a budget (it is fixed, not searched): give --keep or --ratio")
+        if given and not info.has_budget:
+            raise UsageError(f"--method {name} has no ratio / keep budget (its schedule decides); "
+                             "drop --keep / --ratio")
+        if not args.set:  # with --set, make_plan checks its fields and values first
+            _check_space_light(name, info.searchable, args.params)
+    if args.out is not None:
+        check_out_dir(args.out)
+
+
+def _check_space_light(name: str, searchable, params) -> None:
+    """One method without --set: --params names searchable fields and the search space is not empty (the texts
+    of ``search.plan._only`` and ``make_plan``)."""
+    import difflib
+
+    from .args import UsageError
+
+    known = list(searchable)
+    if params is not None:
+        wanted = [p.strip() for p in params.split(",") if p.strip()]
+        bad = [p for p in wanted if p not in known]
+        if bad:
+            close = difflib.get_close_matches(bad[0], known, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"--params {bad[0]}: unknown parameter{hint}; searchable: {', '.join(known) or 'none'}")
+        known = [f for f in known if f in wanted]
+    if not known:
+        why = f"{name} declares no searchable field" if not searchable else "every searchable field is fixed by --set"
+        raise UsageError(f"empty search space: {why}; search a method with knobs (e.g. --method vflowopt)")
+
+
 def settings_from_args(args):
     """SearchSettings from parsed flags; a bad value is a :class:`~vtprune.cli.UsageError`."""
     from .bench import parse_data
     from .args import UsageError, check_model_spec, parse_set
+
+    _check_light(args)
     from ..search.study import SearchSettings
 
     fixed = parse_set(args.set)
@@ -156,11 +207,11 @@ def run_from_args(args, prog: str = "vtprune search") -> int:
     """Run a parsed command line; 2 (one line on stderr) for bad input, 130 after Ctrl-C, else 0."""
     from .bench import _quiet_transformers
     from .args import UsageError, report
-    from ..search.study import run_search
 
     debug = os.environ.get("VTPRUNE_DEBUG", "") not in ("", "0")
     try:
         settings = settings_from_args(args)
+        from ..search.study import run_search
         with _quiet_transformers():
             result = run_search(settings, prog=prog)
     except UsageError as err:

@@ -1,5 +1,6 @@
 """``vtprune viz``: draw which visual tokens a method keeps, one panel per pruning stage (the drawing itself is
-:mod:`vtprune.viz`). Files and flags are checked before torch is imported, the method's budget right after.
+:mod:`vtprune.viz`). Files, flags and the method's name, fields and budget are checked before torch is imported,
+the field values right after.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .args import UsageError, check_method, check_model_spec, check_out_image, check_prune, parse_set, report
+from .known import check_light
 
 __all__ = ["load_image"]
 
@@ -33,33 +35,35 @@ def _viz_budget(args) -> dict:
     """``--keep`` / ``--ratio`` as method keywords: required by a method that prunes to a budget, optional for a
     budget-free schedule (TransPrune, VFlowOpt), refused (by the method's own check) where there is no budget
     (DyVTE). A method that removes no token has nothing to draw."""
-    from ..registry import method_class
+    from .known import known_method
 
     try:
-        cls = method_class(args.method)
+        name, cls = known_method(args.method)  # torch-free facts of the built-in methods
     except ValueError as err:  # unknown method: the registry's message with close matches
         raise UsageError(str(err)) from None
     if not cls.prunes:
-        raise UsageError(f"--method {cls.name}: it removes no visual token (it only modulates attention), so "
+        raise UsageError(f"--method {name}: it removes no visual token (it only modulates attention), so "
                          "there is nothing to draw; choose a pruning method (see vtprune methods)")
     budget = {"keep": args.keep} if args.keep is not None else {} if args.ratio is None else {"ratio": args.ratio}
     if not budget and cls.has_budget and not cls.budget_optional:
-        raise UsageError(f"--method {cls.name} prunes to a budget: give --keep N (visual tokens kept per image) "
+        raise UsageError(f"--method {name} prunes to a budget: give --keep N (visual tokens kept per image) "
                          "or --ratio R (the fraction removed, in [0, 1))")
     return budget
 
 
 def _viz_check(args) -> tuple:
     """Everything about a viz command line that needs no model: files and flags first (no torch needed), then
-    the device and the method. Returns (the decoded image, the method keywords)."""
+    the method's name, fields and budget (no torch either), the device, then the field values. Returns (the
+    decoded image, the method keywords)."""
     image = load_image(args.image)
     check_out_image(args.out)
     check_model_spec(args.model)
     hyper = parse_set(args.set)
+    hyper.update(_viz_budget(args))
+    check_light(args.method, **hyper)  # name, fields and budget before torch; the values after it
     from ..loading import resolve_device
 
     resolve_device(args.device)
-    hyper.update(_viz_budget(args))
     check_method(args.method, **hyper)
     return image, hyper
 

@@ -51,8 +51,9 @@ class TrainSettings:
     progress: bool = True
 
 
-def samples(settings: TrainSettings) -> Iterator[tuple]:
-    """Endless (image, question, answer, benchmark) tuples: the synthetic stream or a folder, shuffled."""
+def samples(settings: TrainSettings, items: list[tuple] | None = None) -> Iterator[tuple]:
+    """Endless (image, question, answer, benchmark) tuples: the synthetic stream or a folder's ``items`` (read by
+    :func:`folder_items` unless given), shuffled."""
     if settings.data is None:
         from ..embedded import synthetic
 
@@ -61,17 +62,30 @@ def samples(settings: TrainSettings) -> Iterator[tuple]:
         return
     from PIL import Image
 
-    from ..eval.tasks import gqa, mme
-
-    try:
-        items = [(q.image_path, q.question, q.answer, "gqa") for q in gqa.load_gqa(settings.data)]
-    except Exception:  # noqa: BLE001 - not a GQA folder: try MME's layout
-        items = [(q.image_path, q.question, q.answer.lower(), "mme") for q in mme.load_mme(settings.data)]
+    items = list(folder_items(settings.data) if items is None else items)
     rng = random.Random(settings.seed)
     while True:
         rng.shuffle(items)
         for path, question, answer, bench in items:
             yield Image.open(path).convert("RGB"), question, answer, bench
+
+
+def folder_items(data) -> list[tuple]:
+    """(image path, question, answer, benchmark) of every question of a GQA- or MME-format ``data`` folder, read
+    as ``vtprune bench`` reads it (format detected once, every image decoded), so a malformed folder or image is
+    a UsageError naming the file before the model loads. A folder with a GQA question file is read as GQA only."""
+    from ..eval.data import detect_task, load_task
+
+    try:
+        task = detect_task(data)
+        if task not in ("gqa", "mme"):
+            raise ValueError(f"a {task.upper()} folder; training reads a GQA- or MME-format folder")
+        questions = load_task(task, data).questions
+    except (OSError, ValueError) as err:  # GQAFormatError, MMEFormatError, ImageDecodeError ...
+        raise UsageError(f"--data {data}: {str(err).removeprefix('vtprune bench: ')}") from None
+    if task == "gqa":
+        return [(q.image_path, q.question, q.answer, "gqa") for q in questions]
+    return [(q.image_path, q.question, q.answer.lower(), "mme") for q in questions]
 
 
 def encode(processor, batch: list[tuple], prompt_style: str) -> dict:
@@ -137,6 +151,7 @@ def train(settings: TrainSettings, model=None, processor=None) -> dict:
 
     out = Path(settings.out)
     state = read_state(out)
+    items = folder_items(settings.data) if settings.data is not None else None  # a bad folder: before the model
     if model is None:
         model, processor, _ = load_model(settings.model, "float32", "cpu")
     model.requires_grad_(False).eval()
@@ -148,7 +163,7 @@ def train(settings: TrainSettings, model=None, processor=None) -> dict:
     routers = Routers(d, L, width)
     optimizer, scheduler, step, counts, rng = _optimizer(routers, settings, state, L)
     out.mkdir(parents=True, exist_ok=True)
-    stream = samples(settings)
+    stream = samples(settings, items)
     for _ in range(step * settings.batch_size):  # the same data order as an uninterrupted run
         next(stream)
     start = time.monotonic()

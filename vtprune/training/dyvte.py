@@ -217,17 +217,51 @@ def _optimizer(routers: Routers, settings: TrainSettings, state: dict | None, L:
     rng = random.Random(settings.seed)
     if state is None:
         return optimizer, scheduler, 0, {"labels": [0] * (L - 1), "exits": [0] * (L - 1)}, rng
-    routers.load_state_dict(state["routers"])
-    optimizer.load_state_dict(state["optimizer"])
-    step = state["step"]
+    step = _resumed_step(state, L, settings.out)
+    try:  # each field's own loader checks it; what they raise varies (KeyError, ValueError, TypeError ...)
+        routers.load_state_dict(state["routers"])
+    except Exception as err:  # noqa: BLE001
+        raise _bad_field(settings.out, "routers", err) from None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as err:  # noqa: BLE001
+        raise _bad_field(settings.out, "optimizer", err) from None
     if state.get("total") == settings.steps:
-        scheduler.load_state_dict(state["scheduler"])
+        try:
+            scheduler.load_state_dict(state["scheduler"])
+        except Exception as err:  # noqa: BLE001
+            raise _bad_field(settings.out, "scheduler", err) from None
     else:  # a longer (or shorter) run: the schedule of that length, advanced to this step
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] = settings.lr
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, settings.steps, last_epoch=step - 1)
-    rng.setstate(state["rng"])
+    try:
+        rng.setstate(state["rng"])
+    except Exception as err:  # noqa: BLE001
+        raise _bad_field(settings.out, "rng", err) from None
     return optimizer, scheduler, step, state["counts"], rng
+
+
+def _bad_field(out, field: str, why) -> UsageError:
+    """The error of a state.pt that loads but whose ``field`` cannot be resumed from."""
+    path = Path(out) / STATE_FILE
+    if isinstance(why, Exception):
+        why = f"{type(why).__name__}: {why}"
+    return UsageError(f"--out {out}: cannot resume from {path}: its {field!r} is malformed ({why}); delete it to "
+                      "train from scratch, or give a new --out")
+
+
+def _resumed_step(state: dict, L: int, out) -> int:
+    """The saved step (an int >= 0), once the saved counts are checked ({labels, exits}: L - 1 ints each)."""
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise _bad_field(out, "step", f"{step!r}, expected a whole number >= 0")
+    counts = state["counts"]
+    for key in ("labels", "exits"):
+        row = counts.get(key) if isinstance(counts, dict) else None
+        if not isinstance(row, list) or len(row) != L - 1 or not all(type(v) is int for v in row):
+            raise _bad_field(out, "counts", f"expected {key!r}: {L - 1} whole numbers, one per exit layer")
+    return step
 
 
 def read_state(out: Path) -> dict | None:

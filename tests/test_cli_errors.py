@@ -385,3 +385,49 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_130(files, capsys, monkeypat
         pytest.fail("Ctrl-C escaped as a traceback")
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 130 and lines == ["vtprune viz: interrupted"]
+
+
+def _broken_data(root: Path, case: str) -> tuple[Path, str]:
+    """A malformed synthetic folder and what the one-line error must name: a GQA question id given twice, a
+    truncated GQA image, an MME image given as both .png and .jpg."""
+    import json
+
+    from vtprune.embedded import synthetic
+
+    if case == "mme png + jpg":
+        folder = synthetic.write_mme(root / "mme", per_subtask=2)
+        png = sorted(folder.glob("*/*.png"))[0]
+        (png.with_suffix(".jpg")).write_bytes(png.read_bytes())
+        return folder, f"{png.with_suffix('')}: 2 image files match"
+    folder = synthetic.write_gqa(root / "gqa", n_questions=4)
+    qfile = folder / "testdev_balanced_questions.json"
+    data = json.loads(qfile.read_text())
+    qid = sorted(data)[1]
+    if case == "gqa id twice":
+        pairs = [*data.items(), (qid, data[qid])]
+        qfile.write_text("{" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in pairs) + "}")
+        return folder, f"{qfile}: question id {qid!r} is given twice"
+    image = folder / "images" / f"{data[qid]['imageId']}.png"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    return folder, f"{image}: not an image PIL can decode"
+
+
+DATA_CASES = ["gqa id twice", "gqa truncated image", "mme png + jpg"]
+
+
+@pytest.mark.parametrize("case", DATA_CASES)
+@pytest.mark.parametrize("command", ["search", "train-dyvte", "calibrate-sinks"])
+def test_malformed_data_folder_is_one_line_in_every_command(files, capsys, monkeypatch, command, case):
+    """search, train-dyvte and calibrate-sinks read --data as bench does: a malformed folder or image is one line
+    naming the file (and the GQA folder is never re-read as MME), exit 2, before any model loads."""
+    from vtprune.benchmarks import runner as bench_runner
+
+    monkeypatch.setattr(bench_runner, "load_model", loading.load_model)  # search's loader: fails too
+    folder, expected = _broken_data(files["dir"], case)
+    out = str(files["dir"] / "out")
+    argv = {"search": ["search", "--method", "fastv", "--keep", "16", "--trials", "1", "--calib", "2",
+                       "--task", case.split()[0], "--data", f"{case.split()[0]}={folder}", "--out", out],
+            "train-dyvte": ["train-dyvte", "--no-progress", "--steps", "1", "--data", str(folder), "--out", out],
+            "calibrate-sinks": ["calibrate-sinks", "--prompts", "1", "--data", str(folder)]}[command]
+    line = _one_error(capsys, argv, f"vtprune {command}")
+    assert f"--data {folder}: {expected}" in line

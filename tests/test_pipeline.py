@@ -132,8 +132,10 @@ def test_a_cut_inside_the_tower_after_a_full_grid_modulator_is_refused(models, f
     before = _snapshot(model)
     try:
         with pytest.raises(PruneError, match=rf"{cutter} cuts patches inside the vision tower, but {reader}, listed "
-                                             rf"before it, reads the tower's full patch grid"):
+                                             rf"before it, reads the tower's full patch grid") as info:
             vtprune.prune(model, pipeline())
+        assert str(info.value).endswith(f"after the tower has run, when the cut patches are gone, wherever it is "
+                                        f"listed; run {reader} without {cutter}")  # one whole sentence
         with pytest.raises(PruneError, match=rf"{reader} reads the vision tower's full patch grid.*{cutter} already"):
             vtprune.prune(model, pipeline()[::-1])
         assert not hasattr(model, "vtprune") and _snapshot(model) == before

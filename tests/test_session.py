@@ -283,7 +283,8 @@ def test_static_cache_is_refused_at_the_first_forward(models, how, pipeline):
     handle = model.model.language_model.register_forward_pre_hook(lambda *_: llm_calls.append(1))
     vtprune.prune(model, **pipeline)
     try:
-        with pytest.raises(PruneError, match=r'StaticCache \(cache_implementation="static"\).*default DynamicCache'):
+        refused = r'StaticCache \(cache_implementation="static"\).*default DynamicCache'
+        with pytest.raises(PruneError, match=refused) as info:
             with torch.no_grad():
                 if how == "generate":
                     model.generate(**batch, max_new_tokens=3, do_sample=False, cache_implementation="static")
@@ -297,6 +298,8 @@ def test_static_cache_is_refused_at_the_first_forward(models, how, pipeline):
             vtprune.unprune(model)
     assert not llm_calls  # refused at the first forward, before the language model ran
     assert not left_pruned
+    assert str(info.value).endswith("(or pass no cache). vtprune removed its hooks; the model is unpruned now "
+                                    "(call vtprune.prune again).")  # two sentences, not run together
     plain = _generate(model, batch)
     assert torch.equal(_generate(model, batch, cache_implementation="static"), plain)  # usable, unpruned
 
@@ -446,3 +449,29 @@ def test_the_cache_of_a_finished_generate_is_continued_by_hand(models):
         mask = torch.cat([batch["attention_mask"], torch.ones_like(out.sequences[:, -1:])], 1)  # the first token's
         more = _decode_by_hand(model, out.cache, mask, out.sequences[:, -1:], 3)
     assert torch.equal(torch.cat([out.sequences[:, -2:], more], 1), expected)
+
+
+@pytest.mark.parametrize("raised, start", [
+    (PruneError("vtprune: no room (or pass no cache)"), "vtprune: no room (or pass no cache). "),
+    (PruneError("vtprune: no room."), "vtprune: no room. "),
+    (ValueError("bad value."), "vtprune: ValueError inside the 'fastv' hooks: bad value. "),
+    (KeyError("k"), "vtprune: KeyError inside the 'fastv' hooks: 'k'. "),
+])
+def test_a_failure_in_a_hook_reads_as_two_sentences(raised, start):
+    """The "model is unpruned now" sentence follows the failure's own with exactly one full stop between them."""
+    from vtprune.session import _guard
+
+    class Session:
+        plan_name, aborted = "fastv", []
+
+        def _abort(self):
+            self.aborted.append(1)
+
+        @_guard
+        def forward(self):
+            raise raised
+
+    with pytest.raises(PruneError) as info:
+        Session().forward()
+    assert str(info.value) == start + "vtprune removed its hooks; the model is unpruned now (call vtprune.prune again)."
+    assert Session.aborted == [1]

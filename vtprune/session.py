@@ -43,12 +43,18 @@ def _guard(fn):
             self._abort()
             if isinstance(err, PruneError):
                 if UNPRUNED not in str(err):
-                    err.args = (f"{err} {UNPRUNED}",)
+                    err.args = (_then_unpruned(str(err)),)
                 raise
             where = f"{type(err).__name__} inside the {self.plan_name!r} hooks"
-            raise PruneError(f"vtprune: {where}: {err}. {UNPRUNED}") from err
+            raise PruneError(_then_unpruned(f"vtprune: {where}: {err}")) from err
 
     return wrapper
+
+
+def _then_unpruned(message: str) -> str:
+    """``message`` as a sentence (a full stop added unless it ends in one), then :data:`UNPRUNED`."""
+    message = message.rstrip()
+    return f"{message}{'' if message.endswith(('.', '!', '?')) else '.'} {UNPRUNED}"
 
 
 class Session:

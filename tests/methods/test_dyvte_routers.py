@@ -83,6 +83,14 @@ def _nan_tensor(path):
     save_file(weights, str(path))
 
 
+def _int_tensor(path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(path))
+    weights["layers.2.2.weight"] = weights["layers.2.2.weight"].round().to(torch.int32)  # finite, but not weights
+    save_file(weights, str(path))
+
+
 NOISE = bytes(torch.randint(0, 256, (512,), generator=torch.Generator().manual_seed(0)).tolist())
 CORRUPT = [  # (what, damage to the files of good routers, the file named, what the message says is wrong)
     ("truncated", lambda p: p.write_bytes(p.read_bytes()[:100]), ".safetensors", "not a readable safetensors file"),
@@ -99,6 +107,7 @@ CORRUPT = [  # (what, damage to the files of good routers, the file named, what 
      "layers.0.0.weight has shape [32, 128], expected [16, 128] from dyvte_routers.json"),
     ("a router missing", _drop_tensor, ".safetensors", "missing layers.2.2.weight"),
     ("NaN weights", _nan_tensor, ".safetensors", "layers.1.0.weight holds NaN or inf"),
+    ("int32 weights", _int_tensor, ".safetensors", "layers.2.2.weight has dtype int32, expected a floating-point"),
 ]
 
 

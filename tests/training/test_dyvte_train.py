@@ -171,3 +171,31 @@ def test_no_progress_bar_when_no_one_watches(tmp_path, capfd):
     train(TrainSettings(steps=1, batch_size=1, out=str(tmp_path / "run"), progress=True), model=model,
           processor=processor)
     assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("step", "x", "'x', expected a whole number >= 0"),
+    ("step", -1, "-1, expected a whole number >= 0"),
+    ("optimizer", {"bad": 1}, "KeyError"),
+    ("counts", {"labels": []}, "expected 'labels'"),
+    ("rng", "x", "Random.setstate()"),
+])
+def test_resume_from_a_state_with_a_malformed_field_is_one_line(tmp_path, monkeypatch, capsys, field, value, why):
+    """A state.pt that loads but holds a malformed field: one line naming the file, the field and the fix, before
+    any step; the state is left as it was."""
+    from vtprune import loading
+
+    model, processor = build_untrained_tiny_llava(seed=0)
+    out = tmp_path / "run"
+    train(TrainSettings(steps=1, batch_size=1, out=str(out), progress=False), model=model, processor=processor)
+    state = torch.load(out / "state.pt", weights_only=False)
+    torch.save({**state, field: value}, out / "state.pt")
+    saved = (out / "state.pt").read_bytes()
+    calls, handle = _forwards(model)
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (model, processor, {}))
+    line = _one_cli_error(capsys, ["train-dyvte", "--out", str(out), "--steps", "2", "--batch-size", "1",
+                                   "--no-progress"])
+    handle.remove()
+    assert f"cannot resume from {out / 'state.pt'}: its {field!r} is malformed" in line and why in line
+    assert "delete it" in line and "--out" in line
+    assert not calls and (out / "state.pt").read_bytes() == saved

@@ -41,11 +41,17 @@ def run_calibrate_sinks(args) -> int:
             check_out_file(args.out, example="var.yaml")
     except UsageError as err:
         return report(prog, err)
+    from ..training.dyvte import folder_items
+
+    try:  # a malformed --data folder or image: one line, before the model loads (as bench)
+        items = folder_items(args.data) if args.data is not None else None
+    except UsageError as err:
+        return report(prog, err)
     from ..loading import load_model
     from ..methods.var import find_sink_dims
 
     model, processor, _ = load_model(args.model, "float32", "cpu")
-    dims = find_sink_dims(model, _sink_batches(args, processor), tau=args.tau)
+    dims = find_sink_dims(model, _sink_batches(args, processor, items), tau=args.tau)
     rule = (f"|x_d| / RMS(x) > {args.tau:g} at the inputs of LLM layers 2..L-1, in at least half of "
             f"{args.prompts} prompts")
     if not dims:
@@ -60,12 +66,13 @@ def run_calibrate_sinks(args) -> int:
     return 0
 
 
-def _sink_batches(args, processor) -> list[dict]:
-    """``--prompts`` single-prompt model inputs from ``--data`` (default: the synthetic generator)."""
+def _sink_batches(args, processor, items=None) -> list[dict]:
+    """``--prompts`` single-prompt model inputs from ``--data`` (its ``items``, read by
+    :func:`~vtprune.training.dyvte.folder_items`; default: the synthetic generator)."""
     from ..training.dyvte import TrainSettings, encode, samples
 
     settings = TrainSettings(model=args.model, data=args.data, seed=args.seed)
-    stream = samples(settings)
+    stream = samples(settings, items)
     batches = []
     for _ in range(args.prompts):
         batch = encode(processor, [next(stream)], settings.prompt_style)

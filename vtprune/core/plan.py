@@ -158,6 +158,6 @@ def _check_full_grid(plan: Plan, method: Method, reads: Probe | None, cuts, read
         reader, probe = readers[0]
         raise PruneError(
             f"vtprune: {method.name} cuts patches inside the vision tower, but {reader.name}, listed before it, reads "
-            f"the tower's full patch grid ({probe}) after the tower has run, when the cut patches are gone (its "
-            f"place in the list does not change that); run {reader.name} without {method.name}"
+            f"the tower's full patch grid ({probe}) after the tower has run, when the cut patches are gone, wherever "
+            f"it is listed; run {reader.name} without {method.name}"
         )

@@ -141,8 +141,10 @@ def read_weights(path: Path, expected: dict, card_name: str) -> dict:
     problems += [f"unexpected {k}" for k in weights if k not in expected]
     problems += [f"{k} has shape {list(v.shape)}, expected {list(expected[k].shape)} from {card_name}"
                  for k, v in weights.items() if k in expected and v.shape != expected[k].shape]
+    problems += [f"{k} has dtype {str(v.dtype).removeprefix('torch.')}, expected a floating-point dtype (float32)"
+                 for k, v in weights.items() if k in expected and not v.is_floating_point()]
     problems += [f"{k} holds NaN or inf" for k, v in weights.items()
-                 if k in expected and not (v.is_floating_point() and bool(torch.isfinite(v).all()))]
+                 if k in expected and v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if problems:
         shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         raise ConfigError(f"vtprune: dyvte routers {path} do not hold the routers {card_name} describes: {shown}; "

@@ -52,8 +52,17 @@ def bench_test_dirs() -> set[Path]:
 
 
 def dev_tasks(tasks: Sequence[str], data: dict) -> list[runner.TaskData]:
-    """The dev split of every task: ``data[task]`` when given, else its synthetic dev set."""
-    return [runner.load_task(t, data.get(t) or dev_data_dir(t)) for t in tasks]
+    """The dev split of every task: ``data[task]`` when given, else its synthetic dev set. A malformed folder or
+    image is a UsageError naming it, as ``vtprune bench`` reports it."""
+    from ..cliargs import UsageError
+
+    loaded = []
+    for t in tasks:
+        try:
+            loaded.append(runner.load_task(t, data.get(t) or dev_data_dir(t)))
+        except (OSError, ValueError) as err:  # GQAFormatError, MMEFormatError, ImageDecodeError ...
+            raise UsageError(f"--data {data.get(t, t)}: {err}") from None
+    return loaded
 
 
 @dataclass

@@ -63,6 +63,9 @@ def run_search(settings: SearchSettings, *, model=None, processor=None, prog: st
 
     model_name = loaded_name(model) if model is not None else None
     checked = check_settings(settings, model_name)
+    from .objectives import dev_tasks
+
+    tasks = dev_tasks(checked.tasks, checked.data)  # a malformed --data folder: one line, before the model loads
     if model is None:
         model, processor, desc = load_model(settings.model, settings.dtype, settings.device)
         model_name = desc["name"]
@@ -72,7 +75,7 @@ def run_search(settings: SearchSettings, *, model=None, processor=None, prog: st
         raise UsageError(f"--model {settings.model}: {err}") from None
     space = checked.plan.space(info)
     _check_on_model(model, checked.plan, info)
-    objective = _build_objective(settings, checked, model, processor, model_name)
+    objective = _build_objective(settings, checked, model, processor, model_name, tasks)
     with _quiet_optuna():
         study, _ = open_study(checked, settings)
         return _optimize(study, settings, checked, space, objective, model, model_name, prog)
@@ -100,10 +103,9 @@ def _check_on_model(model, plan: Plan, info) -> None:
         raise UsageError(f"--method {plan.label}: its defaults do not install on this model ({err})") from None
 
 
-def _build_objective(settings, checked: Checked, model, processor, model_name: str):
+def _build_objective(settings, checked: Checked, model, processor, model_name: str, tasks: list):
     from . import objectives as obj
 
-    tasks = obj.dev_tasks(checked.tasks, checked.data)
     if settings.objective == "accuracy":
         if checked.calib is not None:
             tasks = [_first(t, checked.calib) for t in tasks]

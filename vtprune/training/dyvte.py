@@ -51,8 +51,9 @@ class TrainSettings:
     progress: bool = True
 
 
-def samples(settings: TrainSettings) -> Iterator[tuple]:
-    """Endless (image, question, answer, benchmark) tuples: the synthetic stream or a folder, shuffled."""
+def samples(settings: TrainSettings, items: list[tuple] | None = None) -> Iterator[tuple]:
+    """Endless (image, question, answer, benchmark) tuples: the synthetic stream or a folder's ``items`` (read by
+    :func:`folder_items` unless given), shuffled."""
     if settings.data is None:
         from ..embedded import synthetic
 
@@ -61,17 +62,30 @@ def samples(settings: TrainSettings) -> Iterator[tuple]:
         return
     from PIL import Image
 
-    from ..eval.tasks import gqa, mme
-
-    try:
-        items = [(q.image_path, q.question, q.answer, "gqa") for q in gqa.load_gqa(settings.data)]
-    except Exception:  # noqa: BLE001 - not a GQA folder: try MME's layout
-        items = [(q.image_path, q.question, q.answer.lower(), "mme") for q in mme.load_mme(settings.data)]
+    items = list(folder_items(settings.data) if items is None else items)
     rng = random.Random(settings.seed)
     while True:
         rng.shuffle(items)
         for path, question, answer, bench in items:
             yield Image.open(path).convert("RGB"), question, answer, bench
+
+
+def folder_items(data) -> list[tuple]:
+    """(image path, question, answer, benchmark) of every question of a GQA- or MME-format ``data`` folder, read
+    as ``vtprune bench`` reads it (format detected once, every image decoded), so a malformed folder or image is
+    a UsageError naming the file before the model loads. A folder with a GQA question file is read as GQA only."""
+    from ..eval.data import detect_task, load_task
+
+    try:
+        task = detect_task(data)
+        if task not in ("gqa", "mme"):
+            raise ValueError(f"a {task.upper()} folder; training reads a GQA- or MME-format folder")
+        questions = load_task(task, data).questions
+    except (OSError, ValueError) as err:  # GQAFormatError, MMEFormatError, ImageDecodeError ...
+        raise UsageError(f"--data {data}: {str(err).removeprefix('vtprune bench: ')}") from None
+    if task == "gqa":
+        return [(q.image_path, q.question, q.answer, "gqa") for q in questions]
+    return [(q.image_path, q.question, q.answer.lower(), "mme") for q in questions]
 
 
 def encode(processor, batch: list[tuple], prompt_style: str) -> dict:
@@ -137,6 +151,7 @@ def train(settings: TrainSettings, model=None, processor=None) -> dict:
 
     out = Path(settings.out)
     state = read_state(out)
+    items = folder_items(settings.data) if settings.data is not None else None  # a bad folder: before the model
     if model is None:
         model, processor, _ = load_model(settings.model, "float32", "cpu")
     model.requires_grad_(False).eval()
@@ -148,7 +163,7 @@ def train(settings: TrainSettings, model=None, processor=None) -> dict:
     routers = Routers(d, L, width)
     optimizer, scheduler, step, counts, rng = _optimizer(routers, settings, state, L)
     out.mkdir(parents=True, exist_ok=True)
-    stream = samples(settings)
+    stream = samples(settings, items)
     for _ in range(step * settings.batch_size):  # the same data order as an uninterrupted run
         next(stream)
     start = time.monotonic()
@@ -202,17 +217,51 @@ def _optimizer(routers: Routers, settings: TrainSettings, state: dict | None, L:
     rng = random.Random(settings.seed)
     if state is None:
         return optimizer, scheduler, 0, {"labels": [0] * (L - 1), "exits": [0] * (L - 1)}, rng
-    routers.load_state_dict(state["routers"])
-    optimizer.load_state_dict(state["optimizer"])
-    step = state["step"]
+    step = _resumed_step(state, L, settings.out)
+    try:  # each field's own loader checks it; what they raise varies (KeyError, ValueError, TypeError ...)
+        routers.load_state_dict(state["routers"])
+    except Exception as err:  # noqa: BLE001
+        raise _bad_field(settings.out, "routers", err) from None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as err:  # noqa: BLE001
+        raise _bad_field(settings.out, "optimizer", err) from None
     if state.get("total") == settings.steps:
-        scheduler.load_state_dict(state["scheduler"])
+        try:
+            scheduler.load_state_dict(state["scheduler"])
+        except Exception as err:  # noqa: BLE001
+            raise _bad_field(settings.out, "scheduler", err) from None
     else:  # a longer (or shorter) run: the schedule of that length, advanced to this step
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] = settings.lr
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, settings.steps, last_epoch=step - 1)
-    rng.setstate(state["rng"])
+    try:
+        rng.setstate(state["rng"])
+    except Exception as err:  # noqa: BLE001
+        raise _bad_field(settings.out, "rng", err) from None
     return optimizer, scheduler, step, state["counts"], rng
+
+
+def _bad_field(out, field: str, why) -> UsageError:
+    """The error of a state.pt that loads but whose ``field`` cannot be resumed from."""
+    path = Path(out) / STATE_FILE
+    if isinstance(why, Exception):
+        why = f"{type(why).__name__}: {why}"
+    return UsageError(f"--out {out}: cannot resume from {path}: its {field!r} is malformed ({why}); delete it to "
+                      "train from scratch, or give a new --out")
+
+
+def _resumed_step(state: dict, L: int, out) -> int:
+    """The saved step (an int >= 0), once the saved counts are checked ({labels, exits}: L - 1 ints each)."""
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise _bad_field(out, "step", f"{step!r}, expected a whole number >= 0")
+    counts = state["counts"]
+    for key in ("labels", "exits"):
+        row = counts.get(key) if isinstance(counts, dict) else None
+        if not isinstance(row, list) or len(row) != L - 1 or not all(type(v) is int for v in row):
+            raise _bad_field(out, "counts", f"expected {key!r}: {L - 1} whole numbers, one per exit layer")
+    return step
 
 
 def read_state(out: Path) -> dict | None:

@@ -19,7 +19,7 @@ CLI_LAUNCHERS = ("vtprune.benchmarks.__main__", "vtprune.demo")
 # places a module; the root package ``vtprune`` (the public facade: it re-exports api, methods and the search
 # function) matches only itself. Layout v3 (issue 24) moves the marked entries; tighten this list as it does.
 LAYERS = (
-    ("foundation", ("vtprune._version", "vtprune.errors", "vtprune.compat",
+    ("foundation", ("vtprune._version", "vtprune._parts", "vtprune.errors", "vtprune.compat",
                     "vtprune.progress", "vtprune.images", "vtprune.kernels",
                     "vtprune.budget", "vtprune.space")),
     ("adapters", ("vtprune.adapters",)),

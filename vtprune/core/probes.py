@@ -28,8 +28,7 @@ this module re-exports them (import probes from here).
 
 from __future__ import annotations
 
-import importlib
-
+from .._parts import getattr_from_parts
 from .llm_probes import (IncomingAttention, LayerOutput, LLMAttention, LLMQKV, Residual, Sublayer, SublayerBatch,
                          SublayerRows)
 from .probe_base import QUERY_SETS, CropSlice, ImageSlice, Probe
@@ -40,11 +39,4 @@ __all__ = ["QUERY_SETS", "CropSlice", "ImageSlice", "Probe", "VisionCLS", "Visio
 # the modules this one was split into: private names (``probes._masked_logits``) are still found there
 _PARTS = ("probe_base", "vision_probes", "llm_probes")
 
-
-def __getattr__(name: str):
-    """A private name of a module split off from this one, for code that imported it from here."""
-    for part in _PARTS:
-        module = importlib.import_module(f".{part}", __package__)
-        if name in vars(module):
-            return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = getattr_from_parts(__name__, __package__, _PARTS)

@@ -20,11 +20,11 @@ names for existing imports.
 
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
 from pathlib import Path
 
+from .._parts import getattr_from_parts
 from ..cliargs import UsageError, check_prune
 from .checks import check_sampler, check_settings, default_study_name
 from .loop import MAX_ERRORS_IN_A_ROW, Progress, _optimize, stop_on_interrupt
@@ -44,14 +44,7 @@ __all__ = ["SearchSettings", "SearchResult", "Checked", "run_search", "search", 
 # the modules this one was split into: private names (``study._claim``) are still found there
 _PARTS = ("settings", "checks", "storage", "trials", "loop")
 
-
-def __getattr__(name: str):
-    """A private name of a module split off from this one, for code that imported it from here."""
-    for part in _PARTS:
-        module = importlib.import_module(f".{part}", __package__)
-        if name in vars(module):
-            return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = getattr_from_parts(__name__, __package__, _PARTS)
 
 
 def run_search(settings: SearchSettings, *, model=None, processor=None, prog: str = "vtprune search") -> SearchResult:

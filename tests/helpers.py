@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 
 import torch
@@ -151,3 +152,13 @@ def attention_outputs(model, batch, method=None):
         for h in handles:
             h.remove()
     return seen
+
+
+def defined_in(name: str, homes) -> object:
+    """The object ``name`` is defined as in the first of the modules ``homes`` that has it (the real home of a
+    name an alias module re-exports)."""
+    for home in homes:
+        module = importlib.import_module(home)
+        if name in vars(module):
+            return vars(module)[name]
+    raise AssertionError(f"{name} is defined in none of {homes}")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ..helpers import defined_in
+
 ROOT = Path(__file__).resolve().parents[2]
 
 ALIASES = {  # old path -> its real module(s), a private helper each, read through the alias
@@ -21,14 +23,6 @@ ALIASES = {  # old path -> its real module(s), a private helper each, read throu
 }
 
 
-def _real(name: str, homes) -> object:
-    for home in homes:
-        module = importlib.import_module(home)
-        if name in vars(module):
-            return vars(module)[name]
-    raise AssertionError(f"{name} is defined in none of {homes}")
-
-
 @pytest.mark.parametrize("old", sorted(ALIASES))
 def test_old_paths_are_aliases_of_the_cli_modules(old):
     homes, private = ALIASES[old]
@@ -37,8 +31,8 @@ def test_old_paths_are_aliases_of_the_cli_modules(old):
     for home in homes:  # every public name of every real module comes through
         assert set(importlib.import_module(home).__all__) <= set(alias.__all__), (old, home)
     for name in alias.__all__:
-        assert getattr(alias, name) is _real(name, homes), f"{old}.{name}"
-    assert getattr(alias, private) is _real(private, homes)
+        assert getattr(alias, name) is defined_in(name, homes), f"{old}.{name}"
+    assert getattr(alias, private) is defined_in(private, homes)
     with pytest.raises(AttributeError):
         getattr(alias, "no_such_name")
 

@@ -9,6 +9,8 @@ import pytest
 
 from vtprune import loading
 
+from ..helpers import defined_in
+
 ALIASES = {  # old path -> its real module(s), found here by file, not through the alias
     "vtprune.benchmarks.mme": ("vtprune.eval.tasks.mme",),
     "vtprune.benchmarks.gqa": ("vtprune.eval.tasks.gqa",),
@@ -23,20 +25,12 @@ ALIASES = {  # old path -> its real module(s), found here by file, not through t
 }
 
 
-def _defined_in(name: str, homes) -> object:
-    for home in homes:
-        module = importlib.import_module(home)
-        if name in vars(module):
-            return vars(module)[name]
-    raise AssertionError(f"{name} is defined in none of {homes}")
-
-
 @pytest.mark.parametrize("old", sorted(ALIASES))
 def test_every_exported_name_is_the_real_object(old):
     alias = importlib.import_module(old)
     assert alias.__all__, old
     for name in alias.__all__:
-        assert getattr(alias, name) is _defined_in(name, ALIASES[old]), f"{old}.{name}"
+        assert getattr(alias, name) is defined_in(name, ALIASES[old]), f"{old}.{name}"
 
 
 @pytest.mark.parametrize("old, private", [("vtprune.benchmarks.runner", "_num_threads"),
@@ -45,7 +39,7 @@ def test_every_exported_name_is_the_real_object(old):
                                           ("vtprune.benchmarks.runner", "resolve_device"),
                                           ("vtprune.benchmarks.gqa", "_find_questions_file")])
 def test_private_helpers_resolve_through_the_alias(old, private):
-    assert getattr(importlib.import_module(old), private) is _defined_in(private, ALIASES[old])
+    assert getattr(importlib.import_module(old), private) is defined_in(private, ALIASES[old])
 
 
 def test_an_unknown_name_is_an_attribute_error():

@@ -51,6 +51,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 @contextlib.contextmanager
+def num_threads(n: int | None):
+    """torch.set_num_threads(n) for the block (n None or 0: leave it), restored afterwards."""
+    if not n:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
 def quiet_hf_logging():
     """transformers' info logs and progress bars (its "Loading weights" bar) off inside the ``with``; restored
     after. A CLI's stderr then holds only its own lines (a user error stays one line)."""

@@ -33,13 +33,18 @@ def test_every_exported_name_is_the_real_object(old):
         assert getattr(alias, name) is defined_in(name, ALIASES[old]), f"{old}.{name}"
 
 
-@pytest.mark.parametrize("old, private", [("vtprune.benchmarks.runner", "_num_threads"),
-                                          ("vtprune.benchmarks.runner", "_csv_rows"),
+@pytest.mark.parametrize("old, private", [("vtprune.benchmarks.runner", "_csv_rows"),
                                           ("vtprune.benchmarks.runner", "_cache_dir"),
                                           ("vtprune.benchmarks.runner", "resolve_device"),
                                           ("vtprune.benchmarks.gqa", "_find_questions_file")])
 def test_private_helpers_resolve_through_the_alias(old, private):
     assert getattr(importlib.import_module(old), private) is defined_in(private, ALIASES[old])
+
+
+def test_a_renamed_helper_keeps_its_old_name_on_the_alias():
+    from vtprune import loading
+
+    assert importlib.import_module("vtprune.benchmarks.runner")._num_threads is loading.num_threads
 
 
 def test_an_unknown_name_is_an_attribute_error():

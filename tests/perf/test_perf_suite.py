@@ -11,8 +11,8 @@ import statistics
 import pytest
 import torch
 
-from vtprune.benchmarks import runner
-from vtprune.benchmarks.runner import build_configs
+from vtprune import loading
+from vtprune.eval.sweep import build_configs
 from vtprune.cli import main
 from vtprune.perf import suite as perf_suite
 
@@ -127,7 +127,7 @@ def test_perf_cli_writes_results(tmp_path, capsys):
 ])
 def test_perf_cli_user_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
     out = tmp_path / "never"
-    monkeypatch.setattr(runner, "load_model", _no_load)
+    monkeypatch.setattr(loading, "load_model", _no_load)
     assert main(["perf", *argv, "--out", str(out)]) == 2
     _assert_one_error(capsys, message)
     assert not out.exists()
@@ -147,7 +147,7 @@ ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 
 @pytest.mark.parametrize("case", ["under a file", "a file", "unwritable"])
 def test_perf_cli_out_is_checked_before_the_run(tmp_path, capsys, monkeypatch, case):
-    monkeypatch.setattr(runner, "load_model", _no_load)
+    monkeypatch.setattr(loading, "load_model", _no_load)
     text = tmp_path / "notes.txt"
     text.write_text("not a folder")
     readonly = tmp_path / "readonly"

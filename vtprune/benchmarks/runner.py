@@ -15,6 +15,7 @@ from ..eval.run import run_bench
 from ..eval.sweep import (REFERENCE_KEEPS, BenchConfig, BenchSettings, build_configs, check_configs, check_on_model,
                           check_settings, default_methods, load_method_config, scaled_keeps, validate_methods)
 from ..eval.tasks import DEFAULT_TASKS, TASKS
+from ..eval.tasks import mme as _mme, pope as _pope
 from ..loading import quiet_hf_logging
 
 __all__ = [
@@ -51,7 +52,9 @@ __all__ = [
     "write_outputs",
 ]
 
-_TARGETS = (_sweep, _checks, _loading, _data, _shard, _answer, _run, _results, _report)
+_num_threads = _loading.num_threads  # its name before it moved to vtprune.loading
+
+_TARGETS = (_sweep, _checks, _loading, _data, _shard, _answer, _run, _results, _report, _mme, _pope)  # tasks: moved helpers
 
 
 def __getattr__(name: str):

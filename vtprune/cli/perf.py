@@ -117,16 +117,17 @@ def check_args(args) -> dict:
     check_out_dir(args.out)
     hyper, keeps, ratios = parse_set(args.set), _ints(args.keep, "--keep"), _floats(args.ratio, "--ratio")
     methods = _check_light(args, hyper)
-    from ..benchmarks import runner
+    from ..eval import sweep
+    from ..loading import resolve_device, resolve_dtype
 
-    device = runner.resolve_device(args.device)
+    device = resolve_device(args.device)
     try:
-        runner.resolve_dtype(args.dtype, device)
+        resolve_dtype(args.dtype, device)
     except ValueError as err:
         raise UsageError(f"--dtype {args.dtype}: {err}") from None
-    files = [runner.load_method_config(c) for c in args.config]
+    files = [sweep.load_method_config(c) for c in args.config]
     # the default method list depends on the model: those configurations are checked once it is built
-    runner.check_configs(methods or [], files, hyper, keeps, ratios, args.seed)
+    sweep.check_configs(methods or [], files, hyper, keeps, ratios, args.seed)
     return {"device": device, "methods": methods, "files": files, "hyper": hyper, "keeps": keeps, "ratios": ratios}
 
 
@@ -148,12 +149,12 @@ def run_from_args(args, prog: str = "vtprune perf") -> int:
 def _run_kernel(args, checked) -> int:
     import torch
 
+    from ..loading import num_threads, resolve_dtype
     from ..perf import kernel_bench
-    from ..benchmarks import runner
 
     device = checked["device"]
-    dtype = runner.resolve_dtype(args.dtype, device) if args.dtype != "auto" else torch.float32
-    with runner._num_threads(args.threads):
+    dtype = resolve_dtype(args.dtype, device) if args.dtype != "auto" else torch.float32
+    with num_threads(args.threads):
         rows = kernel_bench.run_kernel_bench(device=str(device), dtype=dtype)
     print(kernel_bench.kernel_table(rows))
     kernel_bench.write_kernel_results(rows, args.out)

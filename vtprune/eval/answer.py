@@ -11,9 +11,7 @@ import torch
 from .data import TaskData
 from .shard import DistInfo, shard_batches
 from .sweep import BenchSettings
-from .tasks import gqa as gqa_mod
-from .tasks import mme as mme_mod
-from .tasks import pope as pope_mod
+from .tasks import get_task
 
 
 @dataclass
@@ -124,30 +122,20 @@ def answer_task(model, processor, task: TaskData, prompts: Sequence[str], settin
 # scoring
 def score_task(task: str, questions: Sequence, predictions: Sequence[str]):
     """The task's report object (:class:`MMEReport` / :class:`GQAReport` / :class:`POPEReport`)."""
-    if task == "mme":
-        return mme_mod.score_mme(questions, predictions)
-    if task == "gqa":
-        return gqa_mod.score_gqa(questions, predictions)
-    if task == "pope":
-        return pope_mod.score_pope(questions, predictions)
-    raise ValueError(f"unknown task {task!r}")
+    return get_task(task).score(questions, predictions)
 
 
 def task_score(task: str, report) -> float:
     """The headline number: MME Perception + Cognition (the subtasks present), GQA accuracy in %, POPE F1 in %
     (LLaVA's eval_pope convention, mean over the categories)."""
-    if task == "mme":
-        return float(report.total)
-    if task == "pope":
-        return float(report.f1)
-    return float(report.accuracy)
+    return get_task(task).headline(report)
 
 
 def prompt_benchmark(task: str) -> str:
     """The :func:`~.tasks.prompts.build_prompt` style of a task: POPE's yes/no questions are put as MME's are (a
     trailing " Please answer yes or no." removed, then the short-answer instruction: LLaVA-1.5's and lmms-eval's
     POPE prompt)."""
-    return "mme" if task == "pope" else task
+    return get_task(task).prompt_benchmark
 
 
 def _score_entry(task: str, report) -> dict:

@@ -11,35 +11,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..embedded import synthetic
-from .tasks import gqa as gqa_mod
-from .tasks import mme as mme_mod
-from .tasks import pope as pope_mod
-from .tasks import TASKS
+from .tasks import TASKS, get_task
+from .tasks.mme import limit_mme  # noqa: F401  (its old home; vtprune.benchmarks.runner re-exports it)
 
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-ASSET_DATA = {"mme": ASSETS_DIR / "synthetic_mme", "gqa": ASSETS_DIR / "synthetic_gqa",
-              "pope": ASSETS_DIR / "synthetic_pope"}
+ASSET_DATA = {t: ASSETS_DIR / f"synthetic_{t}" for t in TASKS}
 
 
 @dataclass
 class TaskData:
-    name: str  # "mme", "gqa" or "pope"
+    name: str  # one of vtprune.eval.tasks.TASKS
     root: Path
     questions: list
 
     @property
+    def task(self):
+        """The :class:`~.tasks.base.BenchTask` these questions belong to."""
+        return get_task(self.name)
+
+    @property
     def metric(self) -> str:
-        if self.name == "gqa":
-            return "GQA accuracy (%)"
-        if self.name == "pope":
-            return "POPE F1 (%, LLaVA eval_pope, mean of categories)"
-        return "MME Perception+Cognition" if _has_cognition(self.questions) else "MME Perception"
-
-
-def _has_cognition(questions) -> bool:
-    return any(q.subtask in mme_mod.COGNITION_SUBTASKS for q in questions)
+        return self.task.metric(self.questions)
 
 
 def _cache_dir() -> Path:
@@ -58,9 +51,8 @@ def default_data_dir(task: str) -> Path:
     shipped = ASSET_DATA[task]
     if shipped.is_dir() and any(shipped.iterdir()):
         return shipped
-    sizes = {"mme": 30, "pope": 20, "gqa": 200}
-    seeds = {"mme": synthetic.MME_SEED, "pope": synthetic.POPE_SEED, "gqa": synthetic.GQA_SEED}
-    return cached_synthetic_set(f"synthetic_{task}", task, seeds[task], sizes[task])
+    bench_task = get_task(task)
+    return cached_synthetic_set(f"synthetic_{task}", task, bench_task.synthetic_seed, bench_task.synthetic_size)
 
 
 def cached_synthetic_set(name: str, task: str, seed: int, size: int) -> Path:
@@ -73,12 +65,7 @@ def cached_synthetic_set(name: str, task: str, seed: int, size: int) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        if task == "mme":
-            synthetic.write_mme(tmp, seed=seed, per_subtask=size)
-        elif task == "pope":
-            synthetic.write_pope(tmp, seed=seed, n_images=size)
-        else:
-            synthetic.write_gqa(tmp, seed=seed, n_questions=size)
+        get_task(task).write_synthetic(tmp, seed, size)
         try:
             tmp.rename(target)  # atomic: concurrent ranks / workers never see a half-written set
         except OSError:
@@ -91,44 +78,18 @@ def cached_synthetic_set(name: str, task: str, seed: int, size: int) -> Path:
 
 
 def detect_task(root: str | os.PathLike) -> str:
-    """``gqa`` for a folder with a ``*questions*.json`` file, ``pope`` for one with a ``*pope*.json[l]`` (or a
-    ``.jsonl``) question file, ``mme`` for one with subtask folders."""
+    """The task whose :meth:`~.tasks.base.BenchTask.detect` is surest of the folder (the first in ``TASKS`` on a
+    tie): ``gqa`` for the release's question file, ``pope`` for ``*pope*.json[l]`` question files, ``gqa`` for
+    another ``*questions*.json``, ``mme`` for subtask folders."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"vtprune bench: data folder {root} does not exist")
-    if (root / gqa_mod.QUESTIONS_FILE).is_file():
-        return "gqa"
-    if pope_mod.is_pope_folder(root):
-        return "pope"
-    if any(root.glob("*questions*.json")):
-        return "gqa"
-    if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
-        return "mme"
-    raise ValueError(f"vtprune bench: {root} is neither an MME release folder (one folder per subtask), a "
-                     f"GQA folder ({gqa_mod.QUESTIONS_FILE} + images/) nor a POPE folder "
-                     "(coco_pope_{random,popular,adversarial}.json or a *pope*.jsonl, + images/)")
-
-
-def limit_mme(questions: Sequence, limit: int | None) -> list:
-    """The first ``ceil(limit / 2)`` images taken round-robin over subtasks (both questions of each image, so
-    acc+ stays defined), in the loader's order."""
-    if limit is None:
-        return list(questions)
-    images: dict[str, list[tuple[int, str]]] = {}
-    for i, q in enumerate(questions):
-        keys = images.setdefault(q.subtask, [])
-        if not keys or keys[-1][1] != q.image_name:
-            keys.append((i, q.image_name))
-    want = (limit + 1) // 2
-    chosen: set[tuple[str, str]] = set()
-    queues = [list(v) for v in images.values()]
-    depth = 0
-    while len(chosen) < want and any(depth < len(qs) for qs in queues):
-        for subtask, qs in zip(images, queues):
-            if depth < len(qs) and len(chosen) < want:
-                chosen.add((subtask, qs[depth][1]))
-        depth += 1
-    return [q for q in questions if (q.subtask, q.image_name) in chosen]
+    sure = {t: get_task(t).detect(root) for t in TASKS}
+    best = max(TASKS, key=lambda t: sure[t])
+    if sure[best]:
+        return best
+    described = [get_task(t).folder_description for t in TASKS]
+    raise ValueError(f"vtprune bench: {root} is neither {', '.join(described[:-1])} nor {described[-1]}")
 
 
 def load_task(task: str, root: str | os.PathLike | None = None, limit: int | None = None) -> TaskData:
@@ -137,22 +98,12 @@ def load_task(task: str, root: str | os.PathLike | None = None, limit: int | Non
     it (:class:`~.tasks.datachecks.ImageDecodeError`) before any model work."""
     from .tasks.datachecks import check_images
 
+    bench_task = get_task(task)
     root = Path(root) if root is not None else default_data_dir(task)
-    if task == "mme":
-        questions = limit_mme(mme_mod.load_mme(root), limit)
-    elif task == "gqa":
-        questions = gqa_mod.load_gqa(root, limit=limit)
-    elif task == "pope":
-        questions = pope_mod.limit_pope(pope_mod.load_pope(root), limit)
-    else:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    questions = bench_task.load(root, limit)
     check_images(q.image_path for q in questions)
     return TaskData(task, root, questions)
 
 
 def prediction_ids(task: str, questions: Sequence) -> list[str]:
-    if task == "mme":
-        return [f"{q.question_id}#{q.index}" for q in questions]
-    if task == "pope":
-        return [q.key for q in questions]
-    return [str(q.question_id) for q in questions]
+    return get_task(task).prediction_ids(questions)

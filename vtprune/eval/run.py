@@ -24,7 +24,7 @@ from .. import loading  # load_model looked up at each run: tests and scripts re
 from ..api import prune, unprune
 from ..perf import timing as perf
 from ..cliargs import UsageError
-from ..loading import visual_tokens_of
+from ..loading import num_threads, visual_tokens_of
 from .answer import Predictor, answer_task, encode, generate_answers, prompt_benchmark
 from .checks import check_counts
 from .data import TaskData, load_task
@@ -33,19 +33,6 @@ from .results import _assemble
 from .shard import DistInfo, _barrier, gather_to_main, init_distributed, shard_batches
 from .sweep import BenchConfig, BenchSettings, _methods_of, build_configs, check_on_model, check_settings, scaled_keeps
 from .tasks.prompts import build_prompt
-
-
-@contextlib.contextmanager
-def _num_threads(n: int | None):
-    if not n:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @contextlib.contextmanager
@@ -119,7 +106,7 @@ def run_bench(settings: BenchSettings, *, model=None, processor=None, predictor:
     check_counts(settings)  # --threads is used at once
     info = init_distributed()
     try:
-        with _num_threads(settings.threads):
+        with num_threads(settings.threads):
             return _run(settings, info, model, processor, predictor or generate_answers, write)
     finally:
         if info.owns_group:

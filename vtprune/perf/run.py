@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..benchmarks import runner
+from .. import loading  # load_model looked up at each run: tests and scripts replace vtprune.loading's
 from ..cliargs import UsageError
+from ..eval import sweep
 from ..progress import progress_bar
 from ..registry import list_methods, method_class
 from . import output as perf_output
@@ -19,7 +20,7 @@ __all__ = ["load", "run"]
 
 def load(args, device: torch.device):
     """(model, description) for --arch / --model / the embedded tiny LLaVA."""
-    dtype = runner.resolve_dtype(args.dtype, device)
+    dtype = loading.resolve_dtype(args.dtype, device)
     if args.arch:
         from .archs import build_arch
 
@@ -30,7 +31,7 @@ def load(args, device: torch.device):
             raise UsageError(str(err)) from None
         depth = f" ({args.vision_layers or 'all'} vision / {args.llm_layers or 'all'} LLM layers)"
         return model, f"{args.arch}{depth}, random weights"
-    model, _, desc = runner.load_model(args.model, dtype=args.dtype, device=str(device))
+    model, _, desc = loading.load_model(args.model, dtype=args.dtype, device=str(device))
     return model, desc["name"]
 
 
@@ -77,14 +78,14 @@ def run(args, checked: dict, prog: str) -> int:
     from .archs import arch_inputs
 
     device = checked["device"]
-    with runner._num_threads(args.threads):
+    with loading.num_threads(args.threads):
         torch.manual_seed(args.seed)
         model, model_desc = load(args, device)
         inputs = arch_inputs(model, text_tokens=args.text_tokens, seed=args.seed)
-        n_visual = runner.visual_tokens_of(model)
+        n_visual = loading.visual_tokens_of(model)
         keeps, ratios = checked["keeps"], checked["ratios"]
         if not keeps and not ratios:
-            keeps = runner.scaled_keeps(n_visual)
+            keeps = sweep.scaled_keeps(n_visual)
         methods, skipped = ((checked["methods"], []) if checked["methods"] is not None
                             else _default_methods(model, bool(args.arch)))
         if checked["files"] and checked["methods"] is None:
@@ -94,8 +95,8 @@ def run(args, checked: dict, prog: str) -> int:
             hyper["var"] = {**_var_dims(model), **hyper["var"]}
         if "dyvte" in methods and args.arch:
             hyper["dyvte"] = {**_untrained_routers(model, args.out, args.seed), **hyper["dyvte"]}
-        configs = runner.build_configs(methods, keeps, ratios, seed=args.seed, hyper=hyper, files=checked["files"])
-        runner.check_on_model(model, configs, checked["hyper"])  # a refused configuration fails before timing
+        configs = sweep.build_configs(methods, keeps, ratios, seed=args.seed, hyper=hyper, files=checked["files"])
+        sweep.check_on_model(model, configs, checked["hyper"])  # a refused configuration fails before timing
         setups = perf_suite.plan_setups(model, inputs, configs, keeps, ratios, evict=args.evict_early_kv)
         for line in skipped:
             print(f"{prog}: left out {line}", file=sys.stderr)

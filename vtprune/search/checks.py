@@ -14,7 +14,7 @@ from .storage import check_existing_study, check_storage
 def check_settings(s: SearchSettings, model_name: str | None = None) -> Checked:
     """Every check that needs no model; a problem is a one-line :class:`UsageError`. ``model_name``: the
     model's name when it is already loaded (default: ``s.model``, or the embedded tiny LLaVA's)."""
-    from ..benchmarks.runner import check_model_spec
+    from ..cliargs import check_model_spec
 
     if s.objective not in OBJECTIVES:
         raise UsageError(f"--objective {s.objective}: use flow (label-free) or accuracy (dev split)")
@@ -55,8 +55,8 @@ def _model_key(spec: str | None) -> str:
 def _check_run_flags(s: SearchSettings) -> None:
     import torch
 
-    from ..benchmarks.prompts import PROMPT_STYLES
-    from ..benchmarks.runner import resolve_device, resolve_dtype
+    from ..eval.tasks.prompts import PROMPT_STYLES
+    from ..loading import resolve_device, resolve_dtype
 
     resolve_device(s.device)
     try:
@@ -86,7 +86,7 @@ def check_sampler(name: str, pareto: bool) -> None:
 
 def _tasks(s: SearchSettings) -> tuple[list[str], dict]:
     """(tasks, task -> dev folder): --data folders as bench reads them; the shipped test sets are refused."""
-    from ..benchmarks.runner import TASKS
+    from ..eval.tasks import TASKS
     from .objectives import bench_test_dirs
 
     data = {}

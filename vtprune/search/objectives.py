@@ -8,9 +8,9 @@ accuracy: the task score on the dev split, as a percentage (MME: total / its max
 F1), averaged over the tasks; questions are answered in chunks so a pruner can stop a poor trial early.
 
 Dev split (never the bench's test split): without ``--data`` the embedded synthetic sets' generators with their
-own seeds (:data:`DEV_SEEDS`), written once into the vtprune cache folder; the bench tests on the shipped sets
-(other seeds). With ``--data`` the folder given is the dev split (a folder you do not bench on: GQA's val
-questions, or MME / POPE images set aside); the shipped test sets are refused.
+own seeds (each task's seed + :data:`DEV_SEED_OFFSET`), written once into the vtprune cache folder; the bench
+tests on the shipped sets (other seeds). With ``--data`` the folder given is the dev split (a folder you do not
+bench on: GQA's val questions, or MME / POPE images set aside); the shipped test sets are refused.
 
 Budget check: a method whose budget is a layer average (VFlowOpt) can miss it when the searched schedule cannot
 reach it; every prefill's stats give the realised average, and a trial above budget + 1 token is infeasible.
@@ -27,13 +27,14 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
-from ..benchmarks import runner
-from ..embedded import synthetic
-from ..benchmarks.prompts import build_prompt
+from ..eval import answer as eval_answer, data as eval_data
+from ..eval.data import TaskData
+from ..eval.sweep import BenchSettings
+from ..eval.tasks.prompts import build_prompt
+from ..eval.tasks import get_task
 from ..budget import tokens_to_keep
 
-DEV_SEEDS = {"mme": synthetic.MME_SEED + 100, "gqa": synthetic.GQA_SEED + 100, "pope": synthetic.POPE_SEED + 100}
-DEV_SIZES = {"mme": 10, "gqa": 100, "pope": 10}  # images per MME subtask, GQA questions, POPE images
+DEV_SEED_OFFSET = 100  # a dev set is drawn with its task's synthetic seed + this: no image of the bench's test set
 ACCURACY_CHUNKS = 4  # accuracy trials report after each quarter of the questions (median pruner steps)
 TIMING_SAMPLES, TIMING_REPEATS = 3, 3  # single-sample prefills timed per trial (--pareto), median of repeats
 
@@ -42,16 +43,18 @@ TIMING_SAMPLES, TIMING_REPEATS = 3, 3  # single-sample prefills timed per trial 
 # data
 def dev_data_dir(task: str) -> Path:
     """The synthetic dev set of ``task`` (own seed), generated once into the vtprune cache folder."""
-    return runner.cached_synthetic_set(f"synthetic_dev_{task}", task, DEV_SEEDS[task], DEV_SIZES[task])
+    bench_task = get_task(task)
+    return eval_data.cached_synthetic_set(f"synthetic_dev_{task}", task, bench_task.synthetic_seed + DEV_SEED_OFFSET,
+                                       bench_task.dev_size)
 
 
 def bench_test_dirs() -> set[Path]:
     """The folders the bench tests on by default (refused as --data): shipped, or generated into the cache."""
-    shipped = {p.resolve() for p in runner.ASSET_DATA.values()}
-    return shipped | {(runner._cache_dir() / f"synthetic_{t}").resolve() for t in runner.TASKS}
+    shipped = {p.resolve() for p in eval_data.ASSET_DATA.values()}
+    return shipped | {(eval_data._cache_dir() / f"synthetic_{t}").resolve() for t in eval_data.TASKS}
 
 
-def dev_tasks(tasks: Sequence[str], data: dict) -> list[runner.TaskData]:
+def dev_tasks(tasks: Sequence[str], data: dict) -> list[TaskData]:
     """The dev split of every task: ``data[task]`` when given, else its synthetic dev set. A malformed folder or
     image is a UsageError naming it, as ``vtprune bench`` reports it."""
     from ..cliargs import UsageError
@@ -59,7 +62,7 @@ def dev_tasks(tasks: Sequence[str], data: dict) -> list[runner.TaskData]:
     loaded = []
     for t in tasks:
         try:
-            loaded.append(runner.load_task(t, data.get(t) or dev_data_dir(t)))
+            loaded.append(eval_data.load_task(t, data.get(t) or dev_data_dir(t)))
         except (OSError, ValueError) as err:  # GQAFormatError, MMEFormatError, ImageDecodeError ...
             raise UsageError(f"--data {data.get(t, t)}: {err}") from None
     return loaded
@@ -73,7 +76,7 @@ class Unit:
     indices: list[int]
 
 
-def interleaved_units(tasks: Sequence[runner.TaskData]) -> list[Unit]:
+def interleaved_units(tasks: Sequence[TaskData]) -> list[Unit]:
     """Units of every task, round-robin over tasks (and over MME subtasks), so any prefix covers them all."""
     per_task = [_units(k, t) for k, t in enumerate(tasks)]
     out, depth = [], 0
@@ -83,26 +86,17 @@ def interleaved_units(tasks: Sequence[runner.TaskData]) -> list[Unit]:
     return out
 
 
-def _units(k: int, task: runner.TaskData) -> list[Unit]:
-    if task.name != "mme":
-        return [Unit(k, [i]) for i in range(len(task.questions))]
-    groups: dict[str, dict[str, list[int]]] = {}
-    for i, q in enumerate(task.questions):
-        groups.setdefault(q.subtask, {}).setdefault(q.image_name, []).append(i)
-    queues = [list(images.values()) for images in groups.values()]
-    out, depth = [], 0
-    while any(depth < len(q) for q in queues):
-        out += [Unit(k, q[depth]) for q in queues if depth < len(q)]
-        depth += 1
-    return out
+def _units(k: int, task: TaskData) -> list[Unit]:
+    return [Unit(k, indices) for indices in task.task.units(task.questions)]
 
 
-def prompts_of(task: runner.TaskData, processor, style: str) -> list[str]:
-    return [build_prompt(q.question, benchmark=runner.prompt_benchmark(task.name), style=style, processor=processor)
+def prompts_of(task: TaskData, processor, style: str) -> list[str]:
+    benchmark = eval_answer.prompt_benchmark(task.name)
+    return [build_prompt(q.question, benchmark=benchmark, style=style, processor=processor)
             for q in task.questions]
 
 
-def calibration_inputs(model, processor, tasks: Sequence[runner.TaskData], n: int, batch_size: int,
+def calibration_inputs(model, processor, tasks: Sequence[TaskData], n: int, batch_size: int,
                        style: str) -> tuple[list[dict], list[str]]:
     """(encoded left-padded batches of the first ``n`` questions, interleaved over tasks; their ids)."""
     picks = [(u.task, i) for u in interleaved_units(tasks) for i in u.indices][:n]
@@ -110,9 +104,9 @@ def calibration_inputs(model, processor, tasks: Sequence[runner.TaskData], n: in
     batches = []
     for start in range(0, len(picks), batch_size):
         chunk = picks[start:start + batch_size]
-        batches.append(runner.encode(processor, [tasks[k].questions[i].image_path for k, i in chunk],
+        batches.append(eval_answer.encode(processor, [tasks[k].questions[i].image_path for k, i in chunk],
                                      [prompts[k][i] for k, i in chunk], model))
-    ids = [f"{tasks[k].name}:{runner.prediction_ids(tasks[k].name, [tasks[k].questions[i]])[0]}" for k, i in picks]
+    ids = [f"{tasks[k].name}:{eval_data.prediction_ids(tasks[k].name, [tasks[k].questions[i]])[0]}" for k, i in picks]
     return batches, ids
 
 
@@ -233,7 +227,7 @@ class AccuracyObjective:
 
     name = "accuracy"
 
-    def __init__(self, model, processor, tasks: Sequence[runner.TaskData], batch_size: int, max_new_tokens: int,
+    def __init__(self, model, processor, tasks: Sequence[TaskData], batch_size: int, max_new_tokens: int,
                  style: str, timing: Sequence[dict] = ()):
         self.model, self.processor, self.tasks, self.timing = model, processor, list(tasks), list(timing)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
@@ -256,12 +250,13 @@ class AccuracyObjective:
         return Evaluation(value, check.value, ms, caught)
 
     def _answer(self, chunk: Sequence[Unit], answers: list[dict], check: BudgetCheck) -> None:
-        settings = runner.BenchSettings(max_new_tokens=self.max_new_tokens)
+        settings = BenchSettings(max_new_tokens=self.max_new_tokens)
         for k, task in enumerate(self.tasks):
             indices = [i for u in chunk if u.task == k for i in u.indices]
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start:start + self.batch_size]
-                texts, _ = runner.generate_answers(self.model, self.processor, task, batch, self.prompts[k], settings)
+                texts, _ = eval_answer.generate_answers(self.model, self.processor, task, batch, self.prompts[k],
+                                                        settings)
                 answers[k].update(zip(batch, texts))
                 check.update(self.model)
 
@@ -277,8 +272,5 @@ class AccuracyObjective:
 
 def task_percent(task: str, questions: Sequence, predictions: Sequence[str]) -> float:
     """The task's headline score as a percentage: MME total / its maximum, GQA accuracy, POPE F1."""
-    report = runner.score_task(task, questions, predictions)
-    if task == "mme":
-        top = report.perception_max + report.cognition_max
-        return 100.0 * float(report.total) / top if top else 0.0
-    return float(runner.task_score(task, report))
+    bench_task = get_task(task)
+    return float(bench_task.percent(bench_task.score(questions, predictions)))

@@ -51,7 +51,7 @@ def run_search(settings: SearchSettings, *, model=None, processor=None, prog: st
     """Check, load the model (unless given), build the objective, run trials until the study has
     ``settings.trials`` finished ones (or the timeout, or Ctrl-C), write the outputs; see the module doc."""
     from ..adapters import get_adapter
-    from ..benchmarks.runner import load_model
+    from ..loading import load_model
     from ..core.plan import model_info
 
     model_name = loaded_name(model) if model is not None else None
@@ -113,12 +113,10 @@ def _build_objective(settings, checked: Checked, model, processor, model_name: s
 
 
 def _first(task, n: int):
-    """The first ``n`` questions of a task (MME: whole images, as the bench's --limit)."""
-    from ..benchmarks import runner
+    """The first ``n`` questions of a task, picked as the bench's --limit picks them (MME: whole images)."""
+    from ..eval.data import TaskData
 
-    if task.name == "mme":
-        return runner.TaskData(task.name, task.root, runner.limit_mme(task.questions, n))
-    return runner.TaskData(task.name, task.root, task.questions[:n])
+    return TaskData(task.name, task.root, task.task.limit(task.questions, n))
 
 
 def _timing(model, processor, tasks, settings) -> list:

@@ -75,17 +75,17 @@ def folder_items(data) -> list[tuple]:
     as ``vtprune bench`` reads it (format detected once, every image decoded), so a malformed folder or image is
     a UsageError naming the file before the model loads. A folder with a GQA question file is read as GQA only."""
     from ..eval.data import detect_task, load_task
+    from ..eval.tasks import TASKS, get_task
 
     try:
-        task = detect_task(data)
-        if task not in ("gqa", "mme"):
-            raise ValueError(f"a {task.upper()} folder; training reads a GQA- or MME-format folder")
-        questions = load_task(task, data).questions
+        task = get_task(detect_task(data))
+        if not task.trains_dyvte:
+            usable = "- or ".join(sorted(t.upper() for t in TASKS if get_task(t).trains_dyvte))
+            raise ValueError(f"a {task.name.upper()} folder; training reads a {usable}-format folder")
+        questions = load_task(task.name, data).questions
     except (OSError, ValueError) as err:  # GQAFormatError, MMEFormatError, ImageDecodeError ...
         raise UsageError(f"--data {data}: {str(err).removeprefix('vtprune bench: ')}") from None
-    if task == "gqa":
-        return [(q.image_path, q.question, q.answer, "gqa") for q in questions]
-    return [(q.image_path, q.question, q.answer.lower(), "mme") for q in questions]
+    return [(q.image_path, q.question, task.training_answer(q), task.prompt_benchmark) for q in questions]
 
 
 def encode(processor, batch: list[tuple], prompt_style: str) -> dict:

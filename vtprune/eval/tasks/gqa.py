@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ...embedded.synthetic.scenes import GQA_SEED
+from .base import BenchTask, cell
 from .datachecks import DuplicateKeys, files_by_stem, one_file
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "exact_match",
     "score_gqa",
     "write_predictions",
+    "GQATask",
+    "TASK",
 ]
 
 QUESTIONS_FILE = "testdev_balanced_questions.json"
@@ -219,3 +223,51 @@ def write_predictions(path: str | Path, questions: Sequence[GQAQuestion], predic
             for q, p in zip(questions, predictions)]
     path.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     return path
+
+
+# --------------------------------------------------------------------------- the task, as the bench sees it
+
+class GQATask(BenchTask):
+    name = "gqa"
+    prompt_benchmark = "gqa"
+    folder_description = f"a GQA folder ({QUESTIONS_FILE} + images/)"
+    synthetic_seed, synthetic_size, dev_size = GQA_SEED, 200, 100  # sizes: questions
+
+    def detect(self, root: Path) -> int:
+        """The release's question file beats a POPE folder (3); any ``*questions*.json`` loses to it."""
+        if (root / QUESTIONS_FILE).is_file():
+            return 4
+        return 2 if any(root.glob("*questions*.json")) else 0
+
+    def load(self, root: Path, limit: int | None) -> list:
+        return load_gqa(root, limit=limit)
+
+    def write_synthetic(self, folder: Path, seed: int, size: int) -> None:
+        from ...embedded import synthetic
+
+        synthetic.write_gqa(folder, seed=seed, n_questions=size)
+
+    def metric(self, questions: Sequence) -> str:
+        return "GQA accuracy (%)"
+
+    def score(self, questions: Sequence, predictions: Sequence[str]) -> GQAReport:
+        return score_gqa(questions, predictions)
+
+    def headline(self, report: GQAReport) -> float:
+        return float(report.accuracy)
+
+    def write_predictions(self, folder: Path, questions: Sequence, predictions: Sequence[str]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_predictions(folder / "gqa_predictions.json", questions, predictions)
+
+    def table_columns(self, results: dict) -> list[str]:
+        return ["GQA %"]
+
+    def table_cells(self, results: dict, score: dict) -> list[str]:
+        return [cell(score["accuracy"], ".1f")]
+
+    def csv_fields(self, score: dict) -> dict:
+        return {"gqa_accuracy": score["accuracy"]}
+
+
+TASK = GQATask()

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ...embedded.synthetic.scenes import MME_SEED
+from .base import BenchTask, aligned, cell
 from .datachecks import files_by_stem, one_file
 
 __all__ = [
@@ -43,6 +45,9 @@ __all__ = [
     "score_mme",
     "write_results_dir",
     "read_results_dir",
+    "limit_mme",
+    "MMETask",
+    "TASK",
 ]
 
 PERCEPTION_SUBTASKS = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
@@ -332,3 +337,118 @@ def read_results_dir(results_dir: str | Path) -> tuple[list[dict], list[str]]:
             qs.append({"subtask": f.stem, "image_name": image, "question": question, "answer": gt})
             preds.append(pred)
     return qs, preds
+
+
+# --------------------------------------------------------------------------- the task, as the bench sees it
+
+def limit_mme(questions: Sequence, limit: int | None) -> list:
+    """The first ``ceil(limit / 2)`` images taken round-robin over subtasks (both questions of each image, so
+    acc+ stays defined), in the loader's order."""
+    if limit is None:
+        return list(questions)
+    images: dict[str, list[tuple[int, str]]] = {}
+    for i, q in enumerate(questions):
+        keys = images.setdefault(q.subtask, [])
+        if not keys or keys[-1][1] != q.image_name:
+            keys.append((i, q.image_name))
+    want = (limit + 1) // 2
+    chosen: set[tuple[str, str]] = set()
+    queues = [list(v) for v in images.values()]
+    depth = 0
+    while len(chosen) < want and any(depth < len(qs) for qs in queues):
+        for subtask, qs in zip(images, queues):
+            if depth < len(qs) and len(chosen) < want:
+                chosen.add((subtask, qs[depth][1]))
+        depth += 1
+    return [q for q in questions if (q.subtask, q.image_name) in chosen]
+
+
+class MMETask(BenchTask):
+    name = "mme"
+    prompt_benchmark = "mme"
+    folder_description = "an MME release folder (one folder per subtask)"
+    synthetic_seed, synthetic_size, dev_size = MME_SEED, 30, 10  # sizes: images per subtask
+
+    def detect(self, root: Path) -> int:
+        return int(any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()))
+
+    def load(self, root: Path, limit: int | None) -> list:
+        return limit_mme(load_mme(root), limit)
+
+    def limit(self, questions: Sequence, limit: int | None) -> list:
+        return limit_mme(questions, limit)
+
+    def write_synthetic(self, folder: Path, seed: int, size: int) -> None:
+        from ...embedded import synthetic
+
+        synthetic.write_mme(folder, seed=seed, per_subtask=size)
+
+    def metric(self, questions: Sequence) -> str:
+        cognition = any(q.subtask in COGNITION_SUBTASKS for q in questions)
+        return "MME Perception+Cognition" if cognition else "MME Perception"
+
+    def units(self, questions: Sequence) -> list[list[int]]:
+        """Both questions of an image together, images round-robin over the subtasks."""
+        groups: dict[str, dict[str, list[int]]] = {}
+        for i, q in enumerate(questions):
+            groups.setdefault(q.subtask, {}).setdefault(q.image_name, []).append(i)
+        queues = [list(images.values()) for images in groups.values()]
+        out, depth = [], 0
+        while any(depth < len(q) for q in queues):
+            out += [q[depth] for q in queues if depth < len(q)]
+            depth += 1
+        return out
+
+    def prediction_ids(self, questions: Sequence) -> list[str]:
+        return [f"{q.question_id}#{q.index}" for q in questions]
+
+    def training_answer(self, question) -> str:
+        return question.answer.lower()
+
+    def score(self, questions: Sequence, predictions: Sequence[str]) -> MMEReport:
+        return score_mme(questions, predictions)
+
+    def headline(self, report: MMEReport) -> float:
+        """Perception + Cognition of the subtasks present."""
+        return float(report.total)
+
+    def percent(self, report: MMEReport) -> float:
+        return 100.0 * float(report.total) / report.total_max if report.total_max else 0.0
+
+    def write_predictions(self, folder: Path, questions: Sequence, predictions: Sequence[str]) -> None:
+        write_results_dir(folder / "mme", questions, predictions)
+
+    def table_columns(self, results: dict) -> list[str]:
+        has_p, has_c = _parts_present(results)
+        first = results["runs"][0]["scores"].get("mme", {})
+        return ([f"MME-P/{first['perception_max']:.0f}"] if has_p else []) + \
+               ([f"MME-C/{first['cognition_max']:.0f}"] if has_c else [])
+
+    def table_cells(self, results: dict, score: dict) -> list[str]:
+        has_p, has_c = _parts_present(results)
+        return [cell(score[part], ".1f") for part, shown in (("perception", has_p), ("cognition", has_c)) if shown]
+
+    def csv_fields(self, score: dict) -> dict:
+        row = {"mme_perception": score["perception"], "mme_cognition": score["cognition"], "mme_total": score["total"]}
+        for name, s in score["subtasks"].items():
+            row.update({f"mme_{name}_acc": s["acc"], f"mme_{name}_acc_plus": s["acc_plus"],
+                        f"mme_{name}_score": s["score"]})
+        return row
+
+    def detail_lines(self, results: dict) -> list[str]:
+        subtasks = list(results["runs"][0]["scores"]["mme"]["subtasks"])
+        rows = [[r["label"]] + [f"{r['scores']['mme']['subtasks'][s]['score']:.1f}" for s in subtasks]
+                for r in results["runs"] if not r.get("error")]
+        return ["", "MME subtask score (acc + acc+, max 200 each):"] + aligned([["config"] + subtasks] + rows)
+
+    def plot_title(self, results: dict) -> str:
+        return super().plot_title(results) + f" (max {results['runs'][0]['scores']['mme']['total_max']:.0f})"
+
+
+def _parts_present(results: dict) -> tuple[bool, bool]:
+    """Whether any run has perception / cognition subtasks: the table's MME columns."""
+    scores = [r["scores"]["mme"] for r in results["runs"] if "mme" in r["scores"]]
+    return any(s["perception"] is not None for s in scores), any(s["cognition"] is not None for s in scores)
+
+
+TASK = MMETask()

@@ -1,48 +1,5 @@
-"""POPE: loader for its two common layouts and a scorer with the lmms-eval and LLaVA conventions side by side.
-
-POPE (Li et al., 2023, "Evaluating Object Hallucination in Large Vision-Language Models") asks
-"Is there a <object> in the image?" about images, half of the questions about objects that are there
-("yes") and half about objects that are not ("no"); the absent objects are sampled three ways, the
-*categories*: ``random`` (any absent object), ``popular`` (the most frequent objects of the dataset)
-and ``adversarial`` (the objects that most often co-occur with the image's objects).
-
-Layouts accepted by :func:`load_pope` (a folder, or one question file):
-
-* **official POPE** (``output/coco/`` of the POPE repository): one file per category,
-  ``<dataset>_pope_{random,popular,adversarial}.json``, in spite of the extension JSONL: one object per
-  line with ``question_id``, ``image`` (file name, e.g. ``COCO_val2014_000000310196.jpg``), ``text`` (the
-  question) and ``label`` (``yes``/``no``).  The category is taken from the file name.
-* **lmms-eval / HF-dataset style** (``lmms-lab/POPE`` exported to disk, and the embedded synthetic set):
-  one ``.jsonl`` (one object per line) or ``.json`` (a JSON array) file of records with ``question``,
-  ``answer`` (``yes``/``no``), ``image`` (file name; ``image_source`` and an exported ``{"path": ...}``
-  are accepted too) and ``category``, optionally ``question_id`` (or ``id``).
-
-Images are looked up in ``images_dir`` if given, else the first of ``<root>/images``, ``<root>/val2014``
-and ``<root>``; a name without an extension is tried with ``.jpg``, ``.png`` and ``.jpeg``.  Any
-malformed input raises :class:`POPEFormatError`, whose message starts with ``<file>:<line>:``.
-
-Scoring (:func:`score_pope`) -- every metric per category, over all questions (``all``, pooled) and as the
-mean over the categories present (``mean``, how the LLaVA-1.5 and token-pruning papers quote "POPE F1"):
-accuracy, precision, recall and F1 with "yes" as the positive class, and the yes-ratio, all in %.
-Two answer conventions, each reported in full:
-
-* ``lmms_eval`` -- lmms-eval's ``pope`` task (``tasks/pope/utils.py``): the prediction is lower-cased and
-  stripped and must then *equal* ``"yes"`` or ``"no"``; anything else (``"Yes."``, ``"yes, there is"``)
-  is neither ("other"): it is wrong for accuracy, is not a positive for precision, and -- as in lmms-eval's
-  ``pope_aggregate_recall``, which counts a false negative only for a ``"no"`` -- a ground-truth "yes"
-  answered "other" is left out of recall's denominator.  lmms-eval's ``pope_yes_ratio`` is the share of
-  *ground-truth* yes answers (always 50% on POPE); here ``yes_ratio`` is the share of *predicted* "yes"
-  (the number that shows a yes-bias), and ``other`` counts the unparsed answers.
-* ``llava`` -- LLaVA's ``llava/eval/eval_pope.py``: keep the text before the first ``.``, delete commas,
-  split on single spaces; if a word is exactly ``No``, ``no`` or ``not`` the answer is "no", else "yes"
-  (so every answer is yes or no: ``"There is no dog."`` is "no", ``"I think so"`` and ``""`` are "yes";
-  the match is case-sensitive on those three words, so ``"Not sure"`` and ``"NO"`` are "yes", and
-  ``"no!"`` is not the word ``no``).  ``yes_ratio`` is ``pred_list.count(1) / len(pred_list)``, as there.
-
-Where a denominator is zero (no predicted or no true positives) precision/recall/F1 are 0, as lmms-eval
-(LLaVA's script would raise ZeroDivisionError).  :func:`write_answers` writes the predictions as a LLaVA
-answers file (JSONL with ``question_id``, ``prompt``, ``text``) with ``category`` and ``label`` added.
-"""
+"""POPE's data: the loader for its two layouts (see :mod:`vtprune.eval.tasks.pope`), ``--limit`` and the
+LLaVA-style answers file :func:`write_answers` writes."""
 
 from __future__ import annotations
 
@@ -53,30 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .datachecks import DuplicateKeys, one_file
-from .mme import record_field
-
-__all__ = [
-    "CATEGORIES",
-    "CONVENTIONS",
-    "METRICS",
-    "QUESTIONS_FILE",
-    "POPEFormatError",
-    "POPEQuestion",
-    "POPEMetrics",
-    "POPEReport",
-    "find_question_files",
-    "is_pope_folder",
-    "load_pope",
-    "limit_pope",
-    "parse_lmms_eval",
-    "parse_llava",
-    "score_pope",
-    "write_answers",
-]
+from ..datachecks import DuplicateKeys, one_file
+from ..mme import record_field
 
 CATEGORIES = ("random", "popular", "adversarial")
-CONVENTIONS = ("llava", "lmms_eval")
 QUESTIONS_FILE = "pope.jsonl"  # the name the synthetic writer uses; any *pope*.json[l] is found
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg")
 _CATEGORY_FILE = re.compile(r"^(?P<dataset>.+)_pope_(?P<category>[A-Za-z]+)\.jsonl?$")
@@ -342,151 +279,6 @@ def limit_pope(questions: Sequence[POPEQuestion], limit: int | None) -> list[POP
     return [q for i, q in enumerate(questions) if i in chosen]
 
 
-# --------------------------------------------------------------------------- scoring
-
-def parse_lmms_eval(prediction: str) -> str:
-    """lmms-eval ``pope_process_results``: ``"yes"``/``"no"`` only if the lower-cased, stripped text is exactly
-    that, else ``"other"``."""
-    p = str(prediction).lower().strip()
-    return p if p in ("yes", "no") else "other"
-
-
-def parse_llava(prediction: str) -> str:
-    """LLaVA ``eval_pope.py``: first sentence, commas removed, split on spaces; ``No``/``no``/``not`` -> "no",
-    anything else -> "yes"."""
-    text = str(prediction)
-    if text.find(".") != -1:
-        text = text.split(".")[0]
-    words = text.replace(",", "").split(" ")
-    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
-
-
-_PARSERS = {"llava": parse_llava, "lmms_eval": parse_lmms_eval}
-
-
-@dataclass(frozen=True)
-class POPEMetrics:
-    """Confusion counts of one group of questions ("yes" = positive); the metrics are properties, in %."""
-
-    tp: int = 0
-    fp: int = 0
-    tn: int = 0
-    fn: int = 0
-    other: int = 0          # answers that are neither yes nor no (lmms-eval convention only): never tp/fn
-
-    @property
-    def n(self) -> int:
-        return self.tp + self.fp + self.tn + self.fn + self.other
-
-    @property
-    def accuracy(self) -> float:
-        return 100.0 * (self.tp + self.tn) / self.n if self.n else 0.0
-
-    @property
-    def precision(self) -> float:
-        return 100.0 * self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
-
-    @property
-    def recall(self) -> float:
-        return 100.0 * self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
-
-    @property
-    def f1(self) -> float:
-        p, r = self.precision, self.recall
-        return 2 * p * r / (p + r) if p + r else 0.0
-
-    @property
-    def yes_ratio(self) -> float:
-        """Share of *predicted* "yes" answers, in %."""
-        return 100.0 * (self.tp + self.fp) / self.n if self.n else 0.0
-
-    def add(self, other: "POPEMetrics") -> "POPEMetrics":
-        return POPEMetrics(self.tp + other.tp, self.fp + other.fp, self.tn + other.tn, self.fn + other.fn,
-                           self.other + other.other)
-
-    def to_dict(self) -> dict:
-        return {"accuracy": self.accuracy, "precision": self.precision, "recall": self.recall, "f1": self.f1,
-                "yes_ratio": self.yes_ratio, "n": self.n, "tp": self.tp, "fp": self.fp, "tn": self.tn,
-                "fn": self.fn, "other": self.other}
-
-
-METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
-
-
-@dataclass
-class POPEReport:
-    """``conventions[convention][category]`` -> :class:`POPEMetrics`, for ``llava`` and ``lmms_eval``."""
-
-    conventions: "OrderedDict[str, OrderedDict[str, POPEMetrics]]" = field(default_factory=OrderedDict)
-
-    @property
-    def categories(self) -> list[str]:
-        first = next(iter(self.conventions.values()), {})
-        return list(first)
-
-    def all(self, convention: str = "llava") -> POPEMetrics:
-        """Every question pooled (lmms-eval's ``pope`` task aggregates this way)."""
-        total = POPEMetrics()
-        for m in self.conventions[convention].values():
-            total = total.add(m)
-        return total
-
-    def mean(self, convention: str = "llava") -> dict:
-        """Each metric averaged over the categories present (the three-split average papers quote)."""
-        per = list(self.conventions[convention].values())
-        return {k: sum(getattr(m, k) for m in per) / len(per) for k in METRICS}
-
-    @property
-    def f1(self) -> float:
-        """The headline number: LLaVA-convention F1, mean over the categories (%)."""
-        return self.mean("llava")["f1"]
-
-    def to_dict(self) -> dict:
-        out = {"categories": self.categories, "n": self.all("llava").n}
-        for conv, per in self.conventions.items():
-            out[conv] = {"categories": {c: m.to_dict() for c, m in per.items()},
-                         "all": self.all(conv).to_dict(), "mean": self.mean(conv)}
-        return out
-
-    def format(self) -> str:
-        lines = [f"{'POPE':<14}{'conv':<11}" + "".join(f"{k:>11}" for k in METRICS)]
-        for conv in self.conventions:
-            rows = [(c, m.to_dict()) for c, m in self.conventions[conv].items()]
-            rows += [("all", self.all(conv).to_dict()), ("mean", self.mean(conv))]
-            for name, d in rows:
-                lines.append(f"{name:<14}{conv:<11}" + "".join(f"{d[k]:11.2f}" for k in METRICS))
-        return "\n".join(lines)
-
-
-def _count(gt: str, pred: str) -> POPEMetrics:
-    yes_gt = int(gt == "yes")
-    if pred == "other":
-        return POPEMetrics(other=1)
-    if pred == "yes":
-        return POPEMetrics(tp=yes_gt, fp=1 - yes_gt)
-    return POPEMetrics(tn=1 - yes_gt, fn=yes_gt)
-
-
-def score_pope(questions: Sequence, predictions: Sequence[str]) -> POPEReport:
-    """Score predictions (same order as ``questions``) under both conventions, per category.
-
-    ``questions`` are :class:`POPEQuestion` objects or dicts with ``answer`` (or ``label``) and ``category``.
-    """
-    if len(questions) != len(predictions):
-        raise ValueError(f"{len(questions)} questions but {len(predictions)} predictions")
-    if not questions:
-        raise ValueError("no questions to score")
-    per: dict[str, dict[str, POPEMetrics]] = {conv: {} for conv in CONVENTIONS}
-    for q, pred in zip(questions, predictions):
-        gt = str(record_field(q, "answer", "label", benchmark="POPE")).lower().strip()
-        if gt not in ("yes", "no"):
-            raise ValueError(f"POPE ground truth must be yes or no, got {gt!r}")
-        category = str(record_field(q, "category", benchmark="POPE"))
-        for conv, parse in _PARSERS.items():
-            d = per[conv]
-            d[category] = d.get(category, POPEMetrics()).add(_count(gt, parse(pred)))
-    order = [c for c in CATEGORIES if c in per["llava"]] + sorted(c for c in per["llava"] if c not in CATEGORIES)
-    return POPEReport(OrderedDict((conv, OrderedDict((c, per[conv][c]) for c in order)) for conv in CONVENTIONS))
 
 
 def write_answers(path: str | Path, questions: Sequence[POPEQuestion], predictions: Sequence[str]) -> Path:

@@ -35,6 +35,8 @@ class Known(NamedTuple):
 
 
 BUILTIN: dict[str, Known] = {
+    "divprune": Known(True, True, True, ("keep", "positions", "ratio", "subset_ratio"),
+                 ()),
     "dyvte": Known(False, False, True, ("keep", "positions", "ratio", "routers", "threshold"),
                  ("threshold",)),
     "fastv": Known(True, False, True, ("keep", "layer", "positions", "ratio"),

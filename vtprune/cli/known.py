@@ -35,6 +35,9 @@ class Known(NamedTuple):
 
 
 BUILTIN: dict[str, Known] = {
+    "dart": Known(True, False, True, ("count", "keep", "layer", "pivot_image", "pivot_order", "pivot_text",
+                                      "positions", "ratio"),
+                 ("layer", "pivot_image", "pivot_text")),
     "divprune": Known(True, True, True, ("keep", "positions", "ratio", "subset_ratio"),
                  ()),
     "dyvte": Known(False, False, True, ("keep", "positions", "ratio", "routers", "threshold"),

@@ -77,7 +77,9 @@ class LLMAttention(Probe):
 @dataclass(frozen=True)
 class LLMQKV(Probe):
     """Post-RoPE rows of LLM layer ``layer`` per image: ``q_last`` [H, d] and ``v_last`` [H, d] of the last prompt
-    token, ``keys`` / ``values`` [H, n, d] of the image's current tokens (KV heads repeated), ``scaling``."""
+    token, ``keys`` / ``values`` [H, n, d] of the image's current tokens (KV heads repeated), ``scaling``;
+    ``instruction_keys`` [H, q, d] of the sample's instruction tokens (every prompt token after its last image);
+    ``positions`` [n] / ``instruction_positions`` [q]: each row's index in its own unpadded, unpruned prompt."""
 
     layer: int
 
@@ -97,8 +99,17 @@ class LLMQKV(Probe):
     def for_image(self, record, where):
         rec, layout = record
         b, cols = where.span.sample, where.rows(layout)
+        text = instruction_slots(layout, where.forward.spans, b)
         return dict(q_last=rec["q_last"][b], v_last=rec["values"][b][:, -1], keys=rec["keys"][b][:, cols],
-                    values=rec["values"][b][:, cols], scaling=rec["scaling"])
+                    values=rec["values"][b][:, cols], scaling=rec["scaling"],
+                    instruction_keys=rec["keys"][b][:, text], positions=_unpadded(layout, b, cols),
+                    instruction_positions=_unpadded(layout, b, text))
+
+
+def _unpadded(layout, sample: int, slots: torch.Tensor) -> torch.Tensor:
+    """[s] original positions of ``slots`` counted from the sample's first real token (left padding removed)."""
+    first = layout.orig[sample][layout.valid[sample]].min()
+    return layout.orig[sample, slots] - first
 
 
 @dataclass(frozen=True)
@@ -127,26 +138,39 @@ class Residual(Probe):
 @dataclass(frozen=True)
 class LayerOutput(Probe):
     """What decoder layer ``layer`` outputs (before any cut before the next layer), per image: the rows of its
-    sample's instruction tokens (every prompt token after the sample's last image, the last prompt token last),
-    [q, D]."""
+    sample's instruction tokens (``rows="instruction"``: every prompt token after the sample's last image, the
+    last prompt token last, [q, D]) or of the image's current tokens (``rows="image"``, [n, D]). ``final_norm``:
+    the rows after the LLM's final norm (the one before the LM head, with its weight), as DART compares them."""
 
     layer: int
+    rows: str = "instruction"
+    final_norm: bool = False
+    ROWS: ClassVar[tuple[str, ...]] = ("instruction", "image")
+
+    def __post_init__(self):
+        if self.rows not in self.ROWS:
+            raise PruneError(f"vtprune: LayerOutput rows={self.rows!r}; use one of {self.ROWS}")
 
     def check(self, info):
         _check_llm(self, self.layer, info)
 
     def attach(self, host):
+        norm = host.adapter.final_norm if self.final_norm else None
+
         def record(module, args, output):
             fwd = host.prefill()
             if fwd is not None:
                 hidden = output[0] if isinstance(output, tuple) else output
-                fwd.records[self] = (hidden, fwd.layout_at(self.layer))
+                fwd.records[self] = (hidden, fwd.layout_at(self.layer), norm)
 
         host.hooks.post(host.adapter.decoder_layers[self.layer], record)
 
     def for_image(self, record, where):
-        hidden, layout = record
-        return hidden[where.span.sample, instruction_slots(layout, where.forward.spans, where.span.sample)]
+        hidden, layout, norm = record
+        b = where.span.sample
+        slots = where.rows(layout) if self.rows == "image" else instruction_slots(layout, where.forward.spans, b)
+        rows = hidden[b, slots]
+        return rows if norm is None else norm(rows)  # a per-row norm: the same rows as normalising the batch
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ Vision probes (vision tower; one record per run of ``get_image_features``):
     ProjectorInput()             the model's own projector input
 LLM probes (prefill only; rows refer to the layout of the layer they were recorded at):
     LLMAttention(layer, queries) attention probabilities of the last prompt token or the instruction tokens
-    LLMQKV(layer)                post-RoPE query of the last prompt token, keys and values
+    LLMQKV(layer)                post-RoPE query of the last prompt token, keys (image and instruction rows), values
     Residual(layer)              the residual stream entering a decoder layer
-    LayerOutput(layer)           a decoder layer's output (before the next layer's cut), instruction rows per image
+    LayerOutput(layer, rows)     a decoder layer's output (before the next layer's cut), instruction or image rows,
+                                 optionally after the LLM's final norm
     Sublayer(layer, part)        input and output of the attention (``"attn"``) or FFN (``"mlp"``) sublayer
     IncomingAttention(layer, q)  the attention layer ``layer`` would compute on the hidden states entering it,
                                  before a cut there decides (its own norm, q/k projections and RoPE)

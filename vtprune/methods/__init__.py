@@ -1,6 +1,7 @@
 """Built-in methods; importing this package registers them."""
 
 from .base import ImageView, Method, Selection, VisionView, top_k_sorted
+from .dart import DART
 from .divprune import DivPrune
 from .dyvte import DyVTE
 from .fastv import FastV
@@ -13,4 +14,4 @@ from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 from .vtc_cls import VTCCLS
 
-__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "DivPrune", "DyVTE", "FastV", "FlowCut", "PAINT", "RandomPrune", "TransPrune", "VAR", "VFlowOpt", "VisionZip", "VTCCLS"]
+__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "DART", "DivPrune", "DyVTE", "FastV", "FlowCut", "PAINT", "RandomPrune", "TransPrune", "VAR", "VFlowOpt", "VisionZip", "VTCCLS"]

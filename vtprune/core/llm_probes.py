@@ -1,6 +1,6 @@
 """LLM probes (prefill only; rows refer to the layout of the layer they were recorded at): ``LLMAttention``,
 ``LLMQKV``, ``Residual``, ``LayerOutput``, ``Sublayer`` (with its ``SublayerRows`` / ``SublayerBatch`` views),
-``IncomingAttention``; see :mod:`.probes`."""
+``IncomingAttention``, ``Instruction``; see :mod:`.probes`."""
 
 from __future__ import annotations
 
@@ -258,3 +258,38 @@ class IncomingAttention(LLMAttention):
             fwd.records[self] = (logits.masked_fill(~allowed, float("-inf")).softmax(-1), layout, first)
 
         host.hooks.pre(host.adapter.decoder_layers[self.layer], record, prepend=True)  # before the cut hook
+
+
+@dataclass(frozen=True)
+class Instruction(Probe):
+    """The sample's instruction (every prompt token after its last image) per image, from the prompt's
+    ``input_ids`` (recorded at the model's entry, so also at the LLM input cut): ``ids`` [q] token ids;
+    ``embeds()`` [q, D] their rows of the LLM's input embedding table."""
+
+    def attach(self, host):
+        embed = host.adapter.model.get_input_embeddings()
+
+        def record(module, args, kwargs):
+            fwd = host.starting()
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if fwd is not None and ids is not None:
+                fwd.records[self] = (ids, embed)
+
+        host.hooks.pre(host.adapter.model, record)  # after the session's own entry hook, which sets up the Forward
+
+    def for_image(self, record, where):
+        ids, embed = record
+        b = where.span.sample
+        end = max(s.start + s.length for s in where.forward.spans if s.sample == b)
+        return InstructionRows(ids[b, end:], embed)
+
+
+@dataclass(frozen=True)
+class InstructionRows:
+    """One sample's instruction: ``ids`` [q]; ``embeds()`` [q, D] their input-embedding rows."""
+
+    ids: torch.Tensor
+    embed: object
+
+    def embeds(self) -> torch.Tensor:
+        return self.embed(self.ids)

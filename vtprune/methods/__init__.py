@@ -1,6 +1,7 @@
 """Built-in methods; importing this package registers them."""
 
 from .base import ImageView, Method, Selection, VisionView, top_k_sorted
+from .cdpruner import CDPruner
 from .dart import DART
 from .divprune import DivPrune
 from .dyvte import DyVTE
@@ -14,4 +15,4 @@ from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 from .vtc_cls import VTCCLS
 
-__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "DART", "DivPrune", "DyVTE", "FastV", "FlowCut", "PAINT", "RandomPrune", "TransPrune", "VAR", "VFlowOpt", "VisionZip", "VTCCLS"]
+__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "CDPruner", "DART", "DivPrune", "DyVTE", "FastV", "FlowCut", "PAINT", "RandomPrune", "TransPrune", "VAR", "VFlowOpt", "VisionZip", "VTCCLS"]

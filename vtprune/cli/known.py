@@ -37,7 +37,7 @@ class Known(NamedTuple):
 BUILTIN: dict[str, Known] = {
     "cdpruner": Known(True, False, True, ("anyres", "clip", "instruction", "keep", "negate", "positions", "ratio",
                                           "relevance", "strip", "tokenizer"),
-                 ("anyres",)),
+                 ("negate", "anyres")),
     "dart": Known(True, False, True, ("count", "keep", "layer", "pivot_image", "pivot_order", "pivot_text",
                                       "positions", "ratio"),
                  ("layer", "pivot_image", "pivot_text")),

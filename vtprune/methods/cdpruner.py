@@ -106,7 +106,7 @@ class CDPruner(Method):
 
     relevance: str = "clip"
     clip: str | None = None
-    negate: bool | None = None
+    negate: bool | None = tuned(None, Choice((True, False), derive=lambda m, _: m.relevance == "clip"))
     instruction: str | None = None
     tokenizer: str | None = None
     strip: tuple[str, ...] = STRIP

@@ -116,6 +116,12 @@ class CDPruner(Method):
     name: ClassVar[str] = "cdpruner"
     description: ClassVar[str] = "Conditional DPP (projector-output similarity x instruction relevance), cut before the LLM."
 
+    @classmethod
+    def available_for(cls, model_path: str | None) -> bool:
+        """Default sweeps leave it out: its default relevance needs a CLIP checkpoint (``clip=``) the model folder
+        does not hold; name it with ``--set clip=DIR`` or ``--set relevance=llm``."""
+        return False
+
     def check_fields(self) -> None:
         if self.relevance not in RELEVANCE:
             raise self.field_error("relevance", "'clip' (official: a CLIP checkpoint via clip=) or 'llm'")

@@ -177,3 +177,20 @@ def test_clip_relevance_on_a_tower_of_another_width_names_the_fix(models, clip_d
     with vtprune.pruned(model, "cdpruner", keep=8, clip=clip_dir, instruction="a cat"):
         with pytest.raises(PruneError, match="relevance='llm'"), torch.no_grad():
             model(**collate([make_prompt(model, "internvl", 5, 0)]))
+
+
+def test_llm_relevance_equals_the_reference(models):
+    """relevance='llm': instruction rows of the input embeddings vs projector outputs, not negated (Qwen ports)."""
+    model = models("llava")
+    batch = collate([make_prompt(model, "llava", 5, 1)])
+    ids = batch["input_ids"][0]
+    img = image_positions(ids, model.config.image_token_id)
+    with torch.no_grad():
+        x = merged_embeds(model, batch)[0][img].double()
+        t = model.get_input_embeddings()(ids[int(img[-1]) + 1:]).double()
+    rho = (F.normalize(x, dim=-1) @ F.normalize(t, dim=-1).T).mean(1)
+    r = (rho - rho.min() + 1e-6) / (rho.max() - rho.min())
+    with vtprune.pruned(model, "cdpruner", keep=7, relevance="llm"), torch.no_grad():
+        model(**batch)
+        kept = model.vtprune.stats.images[0].kept_index
+    assert kept == sorted(brute_force_logdet(F.normalize(x, dim=-1), r, 7))

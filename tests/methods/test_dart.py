@@ -105,6 +105,8 @@ def test_the_two_pivot_orders_differ_somewhere(pair):
                 kept.append(model.vtprune.stats.images[0].kept_index)
         assert kept[1] == _reference(eager, batch, "exact", "official")[0]
         differ.append(kept[0] != kept[1])
+        if differ[-1]:
+            break
     assert any(differ)
 
 

@@ -97,6 +97,11 @@ class Session:
     def vision_run(self) -> VisionRun | None:
         return self._vision
 
+    def starting(self) -> Forward | None:
+        """The prefill this model call is setting up, from the model's entry on (before the language model starts;
+        for probes that record the prompt itself); None in decode steps and text-only forwards."""
+        return self._fwd
+
     def prefill(self) -> Forward | None:
         """The current prefill once the language model started (None in decode steps and text-only forwards)."""
         return self._fwd if self._fwd is not None and self._fwd.entry is not None else None

@@ -38,6 +38,7 @@ class Adapter:
         inner = model.model
         self.language_model: nn.Module = inner.language_model
         self.decoder_layers: nn.ModuleList = inner.language_model.layers
+        self.final_norm: nn.Module = inner.language_model.norm  # the norm before the LM head
         self.vision_tower: nn.Module = inner.vision_tower
         self.projector: nn.Module = inner.multi_modal_projector
         self.image_token_id: int = int(self.config.image_token_id)

@@ -35,6 +35,14 @@ class Known(NamedTuple):
 
 
 BUILTIN: dict[str, Known] = {
+    "cdpruner": Known(True, False, True, ("anyres", "clip", "instruction", "keep", "negate", "positions", "ratio",
+                                          "relevance", "strip", "tokenizer"),
+                 ("negate", "anyres")),
+    "dart": Known(True, False, True, ("count", "keep", "layer", "pivot_image", "pivot_order", "pivot_text",
+                                      "positions", "ratio"),
+                 ("layer", "pivot_image", "pivot_text")),
+    "divprune": Known(True, True, True, ("keep", "positions", "ratio", "subset_ratio"),
+                 ()),
     "dyvte": Known(False, False, True, ("keep", "positions", "ratio", "routers", "threshold"),
                  ("threshold",)),
     "fastv": Known(True, False, True, ("keep", "layer", "positions", "ratio"),

@@ -1,6 +1,6 @@
 """LLM probes (prefill only; rows refer to the layout of the layer they were recorded at): ``LLMAttention``,
 ``LLMQKV``, ``Residual``, ``LayerOutput``, ``Sublayer`` (with its ``SublayerRows`` / ``SublayerBatch`` views),
-``IncomingAttention``; see :mod:`.probes`."""
+``IncomingAttention``, ``Instruction``; see :mod:`.probes`."""
 
 from __future__ import annotations
 
@@ -77,7 +77,9 @@ class LLMAttention(Probe):
 @dataclass(frozen=True)
 class LLMQKV(Probe):
     """Post-RoPE rows of LLM layer ``layer`` per image: ``q_last`` [H, d] and ``v_last`` [H, d] of the last prompt
-    token, ``keys`` / ``values`` [H, n, d] of the image's current tokens (KV heads repeated), ``scaling``."""
+    token, ``keys`` / ``values`` [H, n, d] of the image's current tokens (KV heads repeated), ``scaling``;
+    ``instruction_keys`` [H, q, d] of the sample's instruction tokens (every prompt token after its last image);
+    ``positions`` [n] / ``instruction_positions`` [q]: each row's index in its own unpadded, unpruned prompt."""
 
     layer: int
 
@@ -97,8 +99,17 @@ class LLMQKV(Probe):
     def for_image(self, record, where):
         rec, layout = record
         b, cols = where.span.sample, where.rows(layout)
+        text = instruction_slots(layout, where.forward.spans, b)
         return dict(q_last=rec["q_last"][b], v_last=rec["values"][b][:, -1], keys=rec["keys"][b][:, cols],
-                    values=rec["values"][b][:, cols], scaling=rec["scaling"])
+                    values=rec["values"][b][:, cols], scaling=rec["scaling"],
+                    instruction_keys=rec["keys"][b][:, text], positions=_unpadded(layout, b, cols),
+                    instruction_positions=_unpadded(layout, b, text))
+
+
+def _unpadded(layout, sample: int, slots: torch.Tensor) -> torch.Tensor:
+    """[s] original positions of ``slots`` counted from the sample's first real token (left padding removed)."""
+    first = layout.orig[sample][layout.valid[sample]].min()
+    return layout.orig[sample, slots] - first
 
 
 @dataclass(frozen=True)
@@ -127,26 +138,39 @@ class Residual(Probe):
 @dataclass(frozen=True)
 class LayerOutput(Probe):
     """What decoder layer ``layer`` outputs (before any cut before the next layer), per image: the rows of its
-    sample's instruction tokens (every prompt token after the sample's last image, the last prompt token last),
-    [q, D]."""
+    sample's instruction tokens (``rows="instruction"``: every prompt token after the sample's last image, the
+    last prompt token last, [q, D]) or of the image's current tokens (``rows="image"``, [n, D]). ``final_norm``:
+    the rows after the LLM's final norm (the one before the LM head, with its weight), as DART compares them."""
 
     layer: int
+    rows: str = "instruction"
+    final_norm: bool = False
+    ROWS: ClassVar[tuple[str, ...]] = ("instruction", "image")
+
+    def __post_init__(self):
+        if self.rows not in self.ROWS:
+            raise PruneError(f"vtprune: LayerOutput rows={self.rows!r}; use one of {self.ROWS}")
 
     def check(self, info):
         _check_llm(self, self.layer, info)
 
     def attach(self, host):
+        norm = host.adapter.final_norm if self.final_norm else None
+
         def record(module, args, output):
             fwd = host.prefill()
             if fwd is not None:
                 hidden = output[0] if isinstance(output, tuple) else output
-                fwd.records[self] = (hidden, fwd.layout_at(self.layer))
+                fwd.records[self] = (hidden, fwd.layout_at(self.layer), norm)
 
         host.hooks.post(host.adapter.decoder_layers[self.layer], record)
 
     def for_image(self, record, where):
-        hidden, layout = record
-        return hidden[where.span.sample, instruction_slots(layout, where.forward.spans, where.span.sample)]
+        hidden, layout, norm = record
+        b = where.span.sample
+        slots = where.rows(layout) if self.rows == "image" else instruction_slots(layout, where.forward.spans, b)
+        rows = hidden[b, slots]
+        return rows if norm is None else norm(rows)  # a per-row norm: the same rows as normalising the batch
 
 
 @dataclass(frozen=True)
@@ -234,3 +258,38 @@ class IncomingAttention(LLMAttention):
             fwd.records[self] = (logits.masked_fill(~allowed, float("-inf")).softmax(-1), layout, first)
 
         host.hooks.pre(host.adapter.decoder_layers[self.layer], record, prepend=True)  # before the cut hook
+
+
+@dataclass(frozen=True)
+class Instruction(Probe):
+    """The sample's instruction (every prompt token after its last image) per image, from the prompt's
+    ``input_ids`` (recorded at the model's entry, so also at the LLM input cut): ``ids`` [q] token ids;
+    ``embeds()`` [q, D] their rows of the LLM's input embedding table."""
+
+    def attach(self, host):
+        embed = host.adapter.model.get_input_embeddings()
+
+        def record(module, args, kwargs):
+            fwd = host.starting()
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if fwd is not None and ids is not None:
+                fwd.records[self] = (ids, embed)
+
+        host.hooks.pre(host.adapter.model, record)  # after the session's own entry hook, which sets up the Forward
+
+    def for_image(self, record, where):
+        ids, embed = record
+        b = where.span.sample
+        end = max(s.start + s.length for s in where.forward.spans if s.sample == b)
+        return InstructionRows(ids[b, end:], embed)
+
+
+@dataclass(frozen=True)
+class InstructionRows:
+    """One sample's instruction: ``ids`` [q]; ``embeds()`` [q, D] their input-embedding rows."""
+
+    ids: torch.Tensor
+    embed: object
+
+    def embeds(self) -> torch.Tensor:
+        return self.embed(self.ids)

@@ -13,12 +13,14 @@ Vision probes (vision tower; one record per run of ``get_image_features``):
     ProjectorInput()             the model's own projector input
 LLM probes (prefill only; rows refer to the layout of the layer they were recorded at):
     LLMAttention(layer, queries) attention probabilities of the last prompt token or the instruction tokens
-    LLMQKV(layer)                post-RoPE query of the last prompt token, keys and values
+    LLMQKV(layer)                post-RoPE query of the last prompt token, keys (image and instruction rows), values
     Residual(layer)              the residual stream entering a decoder layer
-    LayerOutput(layer)           a decoder layer's output (before the next layer's cut), instruction rows per image
+    LayerOutput(layer, rows)     a decoder layer's output (before the next layer's cut), instruction or image rows,
+                                 optionally after the LLM's final norm
     Sublayer(layer, part)        input and output of the attention (``"attn"``) or FFN (``"mlp"``) sublayer
     IncomingAttention(layer, q)  the attention layer ``layer`` would compute on the hidden states entering it,
                                  before a cut there decides (its own norm, q/k projections and RoPE)
+    Instruction()                the prompt's instruction token ids (and their input embeddings) per sample
     PatchEntropy()               information entropy of each vision patch's pixels (vision probe)
 ``image.batch(probe)`` gives the batch-level record where a probe has one (LLM probes: whole [B, T] rows), for
 decisions that need every position (softmax over a sample's sequence).
@@ -29,12 +31,12 @@ this module re-exports them (import probes from here).
 from __future__ import annotations
 
 from .._parts import getattr_from_parts
-from .llm_probes import (IncomingAttention, LayerOutput, LLMAttention, LLMQKV, Residual, Sublayer, SublayerBatch,
-                         SublayerRows)
+from .llm_probes import (IncomingAttention, Instruction, InstructionRows, LayerOutput, LLMAttention, LLMQKV, Residual,
+                         Sublayer, SublayerBatch, SublayerRows)
 from .probe_base import QUERY_SETS, CropSlice, ImageSlice, Probe
 from .vision_probes import FeatureLayer, PatchEntropy, ProjectorInput, VisionAttentionMap, VisionCLS, VisionValues
 
-__all__ = ["QUERY_SETS", "CropSlice", "ImageSlice", "Probe", "VisionCLS", "VisionValues", "VisionAttentionMap", "ProjectorInput", "FeatureLayer", "PatchEntropy", "LLMAttention", "LLMQKV", "Residual", "LayerOutput", "Sublayer", "SublayerRows", "SublayerBatch", "IncomingAttention"]
+__all__ = ["QUERY_SETS", "CropSlice", "ImageSlice", "Probe", "VisionCLS", "VisionValues", "VisionAttentionMap", "ProjectorInput", "FeatureLayer", "PatchEntropy", "LLMAttention", "LLMQKV", "Residual", "LayerOutput", "Sublayer", "SublayerRows", "SublayerBatch", "IncomingAttention", "Instruction", "InstructionRows"]
 
 # the modules this one was split into: private names (``probes._masked_logits``) are still found there
 _PARTS = ("probe_base", "vision_probes", "llm_probes")

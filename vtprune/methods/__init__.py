@@ -1,6 +1,9 @@
 """Built-in methods; importing this package registers them."""
 
 from .base import ImageView, Method, Selection, VisionView, top_k_sorted
+from .cdpruner import CDPruner
+from .dart import DART
+from .divprune import DivPrune
 from .dyvte import DyVTE
 from .fastv import FastV
 from .flowcut import FlowCut
@@ -12,4 +15,4 @@ from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 from .vtc_cls import VTCCLS
 
-__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "DyVTE", "FastV", "FlowCut", "PAINT", "RandomPrune", "TransPrune", "VAR", "VFlowOpt", "VisionZip", "VTCCLS"]
+__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "CDPruner", "DART", "DivPrune", "DyVTE", "FastV", "FlowCut", "PAINT", "RandomPrune", "TransPrune", "VAR", "VFlowOpt", "VisionZip", "VTCCLS"]

@@ -55,6 +55,35 @@ class QwenVLAdapter(Adapter):
     def vision_seq_len(self) -> int:
         raise PruneError(f"vtprune: {self.family} has no fixed vision sequence (dynamic resolution)")
 
+    def full_attention_block(self, block: int | None) -> int:
+        """The vision block a received-attention score reads: ``block`` (checked) or the last full-attention one."""
+        vc = self.config.vision_config
+        full = list(getattr(vc, "fullatt_block_indexes", None) or range(len(self.vision_layers)))
+        if block is None:
+            return full[-1]
+        if block not in full:
+            raise PruneError(f"vtprune: vision block {block} of {self.family} attends within windows only, so its "
+                             f"received attention is local; use a full-attention block: {full}")
+        return block
+
+    def vision_token_order(self, image_sizes) -> tuple[int, torch.Tensor]:
+        """(patches per token, [U] position in the tower's block order of each merged token, images in batch
+        order): Qwen2.5-VL's blocks run on window-permuted 2x2 units (argsort of the window index)."""
+        grid = self._grid(image_sizes)
+        n = int(grid.prod(1).sum()) // self.merge ** 2
+        vc = self.config.vision_config
+        if not hasattr(vc, "window_size"):
+            return self.merge ** 2, torch.arange(n)
+        from .. import compat
+
+        window_index = compat.vision_window_index(grid, self.merge, vc.window_size, vc.patch_size)
+        return self.merge ** 2, torch.argsort(window_index)
+
+    def vision_token_offset(self, span: VisualSpan, image_sizes) -> int:
+        """Index of the image's first merged token among all images' tokens (batch order)."""
+        grid = self._grid(image_sizes)
+        return int(grid[:span.image].prod(1).sum()) // self.merge ** 2
+
     # --- budgets: dynamic resolution ----------------------------------------------------------------
     @property
     def nominal_tokens(self) -> int:

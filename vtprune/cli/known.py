@@ -56,9 +56,10 @@ BUILTIN: dict[str, Known] = {
     "vflowopt": Known(True, True, True, ("cell", "entropy_weight", "keep", "llm_layers", "llm_ratios", "positions",
                                          "ratio", "recycle", "retention", "threshold", "vision_layer"),
                  ("threshold", "cell", "entropy_weight", "retention", "llm_ratios", "recycle")),
-    "visionzip": Known(True, False, True, ("anyres", "dominant_fraction", "keep", "positions", "ratio"),
+    "visionzip": Known(True, False, True, ("anyres", "dominant_fraction", "keep", "positions", "ratio",
+                                           "vision_block"),
                  ("dominant_fraction", "anyres")),
-    "vtc_cls": Known(True, False, True, ("keep", "positions", "ratio", "start_layer"),
+    "vtc_cls": Known(True, False, True, ("keep", "positions", "ratio", "start_layer", "vision_block"),
                  ("start_layer",)),
 }
 

@@ -131,12 +131,13 @@ def _check_vision_cuts(method: Method, cuts, probes, info: ModelInfo) -> None:
     if info.vision_cuts:
         return
     inside = next((f"cuts at {c}" for c in cuts if c.where == "vision"), None)
-    inside = inside or next((f"reads {p}" for p in probes if p.scope == "vision"), None)
+    inside = inside or next((f"reads {p}" for p in probes if p.scope == "vision" and getattr(p, "needs_crops", True)),
+                            None)
     if inside is not None:
         raise PruneError(
             f"vtprune: {method.name} {inside}, inside the vision tower, which {info.family} does not offer (its "
-            "tower packs every image's patches in one window-permuted sequence with no CLS token); use a method "
-            "that scores at the LLM input or inside the LLM (README: the method table's Qwen column)"
+            "tower packs every image's patches in one sequence, with no per-crop [crops, 1+n, D] layout and no CLS "
+            "token); use a method that scores at the LLM input or inside the LLM (README: \"Qwen-VL\")"
         )
 
 

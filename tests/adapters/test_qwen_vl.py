@@ -34,10 +34,29 @@ def _rope_positions(model, batch) -> torch.Tensor:
     return pos
 
 
-def _reference_kept(model, batch, kept: list[int], steps: int):
-    """One sample fed only the kept tokens' embeddings (text + kept visual) with their original 3-D positions, and
-    (Qwen3) the kept rows of every DeepStack feature; greedy decode continues from the unpruned positions.
-    Returns (prefill logits of the last token [V], greedy tokens)."""
+def _r1_positions(ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[3, 1, n] spec §2.7 "R1" for one sample, token by token: a kept image token keeps its offset from its image's
+    start, which follows the (renumbered) <vision_start>; a text token comes right after the largest position
+    before it."""
+    out, top, shift = [], None, 0
+    for i in range(ids.numel()):
+        if ids[i] == IMAGE_TOKEN and (i == 0 or ids[i - 1] != IMAGE_TOKEN):
+            shift = int(pos[0, 0, i]) - (top + 1)  # the image starts right after <vision_start>
+        if not keep[i]:
+            continue
+        if ids[i] == IMAGE_TOKEN:
+            p = pos[:, 0, i] - shift
+        else:
+            p = torch.full((3,), int(pos[0, 0, i]) if top is None else top + 1)
+        out.append(p)
+        top = max(int(p.max()), top if top is not None else -1)
+    return torch.stack(out, 1)[:, None]
+
+
+def _reference_kept(model, batch, kept: list[int], steps: int, renumber: bool = False):
+    """One sample fed only the kept tokens' embeddings (text + kept visual) with their original 3-D positions (or
+    R1-renumbered ones), and (Qwen3) the kept rows of every DeepStack feature; greedy decode continues from the
+    unpruned positions (renumbered: from the last renumbered one). Returns (prefill logits [V], greedy tokens)."""
     ids = batch["input_ids"][0]
     feats, deep = _features(model, batch)
     with torch.no_grad():
@@ -46,7 +65,8 @@ def _reference_kept(model, batch, kept: list[int], steps: int):
         visual = torch.nonzero(ids == IMAGE_TOKEN).flatten()
         keep = ids != IMAGE_TOKEN
         keep[visual[torch.tensor(kept, dtype=torch.long)]] = True
-        pos = _rope_positions(model, batch)[:, :, keep]
+        full = _rope_positions(model, batch)
+        pos = _r1_positions(ids, full, keep) if renumber else full[:, :, keep]
         extra = {}
         if deep is not None:
             extra = dict(visual_pos_masks=(ids[keep] == IMAGE_TOKEN)[None],
@@ -55,7 +75,7 @@ def _reference_kept(model, batch, kept: list[int], steps: int):
         out = lm(inputs_embeds=emb[keep][None], position_ids=pos, attention_mask=torch.ones(1, int(keep.sum())),
                  use_cache=True, **extra)
         logits = model.lm_head(out.last_hidden_state[:, -1])[0]
-        tokens, cache, last = [int(logits.argmax())], out.cache, _rope_positions(model, batch)[:, :, -1:]
+        tokens, cache, last = [int(logits.argmax())], out.cache, (pos if renumber else full)[:, :, -1:]
         for step in range(steps - 1):
             nxt = model.get_input_embeddings()(torch.tensor([[tokens[-1]]]))
             n = int(keep.sum()) + step + 1
@@ -101,6 +121,25 @@ def test_pre_llm_cut_equals_kept_tokens_with_original_3d_positions(qwen, family)
         assert [img.kept_index for img in model.vtprune.stats.images] == [img.kept_index for img in images]
     assert 0 < len(kept) < sum(i.n_tokens for i in images)
     ref_logits, ref_tokens = _reference_kept(model, batch, kept, STEPS)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert tokens == ref_tokens
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_renumber_is_r1_kept_images_keep_offsets_text_restarts_after_the_largest(qwen, family):
+    model = qwen(family)
+    batch = collate([make_prompt(model, family, 4, seed=2, n_images=2)])
+    with vtprune.pruned(model, "random", ratio=0.6, positions="renumber", seed=3), torch.no_grad():
+        logits = model(**batch).logits[0, -1]
+        images = model.vtprune.stats.images
+        kept = [i for img in images for i in _offset(img, images)]
+        tokens = model.generate(**batch, max_new_tokens=STEPS, do_sample=False)[0, -STEPS:].tolist()
+    ids = batch["input_ids"][0]
+    keep = ids != IMAGE_TOKEN
+    keep[torch.nonzero(ids == IMAGE_TOKEN).flatten()[torch.tensor(kept)]] = True
+    r1, orig = _r1_positions(ids, _rope_positions(model, batch), keep), _rope_positions(model, batch)[:, :, keep]
+    assert not torch.equal(r1, orig)  # this selection cut an image's last row / column: text positions moved
+    ref_logits, ref_tokens = _reference_kept(model, batch, kept, STEPS, renumber=True)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
     assert tokens == ref_tokens
 

@@ -173,7 +173,8 @@ class QwenVLAdapter(Adapter):
     @property
     def deepstack_layers(self) -> int:
         """Decoder layers 0..n-1 after which DeepStack features are added (0 on Qwen2.5-VL)."""
-        return len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or ())
+        n = len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or ())
+        return min(n, len(self.decoder_layers))  # the model adds after existing layers only
 
     def take_deepstack(self, kwargs: dict):
         """Pop the language model's DeepStack inputs: (visual_pos_masks [B, T], [n_visual, D] per layer) or None."""

@@ -64,7 +64,7 @@ BUILTIN: dict[str, Known] = {
 }
 
 # vtprune.perf.archs.ARCHS's keys, sorted
-ARCH_NAMES = ("internvl2-8b", "llava-1.5-13b", "llava-1.5-7b", "llava-next-7b")
+ARCH_NAMES = ("internvl2-8b", "llava-1.5-13b", "llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "qwen3-vl-8b")
 
 _CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # api.CONFIG_DIR
 

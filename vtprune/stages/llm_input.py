@@ -66,6 +66,8 @@ def add_deepstack(fwd, layer: int, hidden: torch.Tensor) -> torch.Tensor:
     """After decoder layer ``layer``: add its DeepStack feature to every visual token still present, each its own
     row (the model's ``hidden[visual_pos_masks] += embeds[layer]``, on the layer's current layout)."""
     mask, rank, embeds = fwd.deepstack
+    if layer >= len(embeds):  # a tower built shallower than its DeepStack indexes gives fewer features
+        return hidden
     layout = fwd.layout_at(layer)
     orig = layout.orig.clamp(min=0).to(mask.device)
     here = layout.valid.to(mask.device) & mask.gather(1, orig)

@@ -88,6 +88,11 @@ class Adapter:
     vision_cuts = True  # the tower runs crops as [crops, 1+n, D]: vision cuts and vision probes are offered
     deepstack_layers = 0  # decoder layers after which the model adds per-token vision features (Qwen3-VL)
 
+    def prompt_positions(self, batch: dict) -> torch.Tensor:
+        """The position ids the language model gives a right-padded batch of prompts (training tools): [B, T]."""
+        ids = batch["input_ids"]
+        return torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+
     def layer_position_ids(self, position_ids):
         """The ``position_ids`` the language model hands each decoder layer for these model-level ids."""
         return position_ids

@@ -146,6 +146,16 @@ class QwenVLAdapter(Adapter):
             position_ids = position_ids[1:]
         return self.language_model.rotary_emb(hidden, position_ids)
 
+    def prompt_positions(self, batch: dict) -> torch.Tensor:
+        """[3, B, T] the model's own M-RoPE positions of a batch (``get_rope_index``; needs mm_token_type_ids)."""
+        if batch.get("mm_token_type_ids") is None:
+            raise PruneError("vtprune: Qwen prompts need mm_token_type_ids (the processor returns them) for their "
+                             "3-D positions")
+        grid = batch.get("image_grid_thw")
+        pos, _ = self.model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=grid,
+                                                 attention_mask=batch.get("attention_mask"))
+        return pos
+
     def layer_position_ids(self, position_ids: torch.Tensor | None):
         """What the text model hands each layer as ``position_ids``: the text row of [4, B, T] ids, else None."""
         if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] == 4:

@@ -224,3 +224,29 @@ def test_exit_logits_on_qwen_use_the_models_3d_positions(models, family):
                                          attention_mask=torch.ones(1, int(text.sum()), dtype=torch.long))
         expected = model.lm_head(out.last_hidden_state)[0]
     torch.testing.assert_close(got[text], expected, atol=1e-5, rtol=0)
+
+
+def test_training_batches_carry_qwen_grids_and_token_types():
+    """A Qwen-VL processor's output (patch rows of different lengths, image_grid_thw, mm_token_type_ids) becomes one
+    right-padded batch the model takes: rows concatenated, grids kept, token types padded like the ids."""
+    from vtprune.embedded.tiny_llava import encode_training_batch
+
+    class Tok:
+        eos_token_id, pad_token_id = 2, 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [7] * len(text.split())}
+
+    class Proc:
+        tokenizer = Tok()
+
+        def __call__(self, images, text, return_tensors=None):
+            return {"input_ids": [[5, 100, 100, 6], [5, 100, 100, 100, 100, 6]],
+                    "mm_token_type_ids": [[0, 1, 1, 0], [0, 1, 1, 1, 1, 0]],
+                    "pixel_values": [torch.ones(8, 12), torch.zeros(16, 12)],
+                    "image_grid_thw": [[1, 2, 4], [1, 4, 4]]}
+
+    batch = encode_training_batch(Proc(), [None, None], ["a", "b"], ["yes", "no no"])
+    assert batch["pixel_values"].shape == (24, 12) and batch["image_grid_thw"].tolist() == [[1, 2, 4], [1, 4, 4]]
+    assert batch["mm_token_type_ids"].tolist() == [[0, 1, 1, 0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 0, 0, 0, 0]]
+    assert batch["input_ids"].shape == batch["mm_token_type_ids"].shape

@@ -18,6 +18,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 IMAGE_TOKEN = 100
 IMG_START, IMG_END = 101, 102
 FAMILIES = ("llava", "llava_next", "internvl")
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # tests/qwen_fixtures.py
 
 
 def _text_config(family: str):
@@ -55,6 +56,10 @@ def build_model(family: str, seed: int = 0, attn: str = "sdpa"):
                               vision_feature_select_strategy="default",
                               image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
         cls = LlavaNextForConditionalGeneration
+    elif family in QWEN_FAMILIES:
+        from .qwen_fixtures import model_class, qwen_config
+
+        cfg, cls = qwen_config(family), model_class(family)
     elif family == "internvl":
         cfg = InternVLConfig(vision_config=InternVLVisionConfig(**vision), text_config=_text_config(family),
                              image_token_id=IMAGE_TOKEN, image_seq_length=16, downsample_ratio=0.5,
@@ -99,6 +104,10 @@ def image_token_counts(model, family, pixel_values, image_sizes=None) -> list[in
 
 
 def make_prompt(model, family: str, text_len: int, seed: int, n_images: int = 1) -> Prompt:
+    if family in QWEN_FAMILIES:
+        from .qwen_fixtures import make_qwen_prompt
+
+        return make_qwen_prompt(model, text_len, seed, n_images)
     g = torch.Generator().manual_seed(seed)
     tiles = 1
     if family == "llava_next":
@@ -136,6 +145,10 @@ def collate(prompts: list[Prompt]) -> dict:
     batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat([p.pixel_values for p in prompts])}
     if prompts[0].image_sizes is not None:
         batch["image_sizes"] = torch.tensor([s for p in prompts for s in p.image_sizes])
+    if "image_grid_thw" in prompts[0].extra:
+        from .qwen_fixtures import qwen_batch
+
+        batch = qwen_batch(batch, prompts)
     return batch
 
 

@@ -14,8 +14,9 @@ import vtprune
 def merged_embeds(model, batch) -> torch.Tensor:
     """[B, T, D] LLM input embeddings with image features scattered in, as the model's own forward does."""
     kwargs = {"pixel_values": batch["pixel_values"]}
-    if "image_sizes" in batch:
-        kwargs["image_sizes"] = batch["image_sizes"]
+    for key in ("image_sizes", "image_grid_thw"):  # Qwen-VL: the patch grid of each image
+        if key in batch:
+            kwargs[key] = batch[key]
     with torch.no_grad():
         feats = model.model.get_image_features(**kwargs).pooler_output
         feats = torch.cat(list(feats), 0) if not isinstance(feats, torch.Tensor) or feats.dim() == 3 else feats

@@ -93,3 +93,39 @@ def test_viz_command_line_without_a_budget(tmp_path, method, flags):
         if method == "dyvte":  # every router exits after layer 0: the second panel is all dimmed (0.22 x + 20)
             arr = np.asarray(picture.convert("RGB")).astype(float)[22:]
             assert picture.width == 2 * 336 + 6 and arr[:, :336].max() > 250 and arr[:, 342:].max() <= 0.22 * 255 + 21
+
+
+class _TinyQwenProcessor:
+    """What a Qwen2.5-VL processor returns for one image (the real one needs torchvision): the model's own image
+    processor (patch rows + image_grid_thw) and <|vision_start|> h*w/4 image tokens <|vision_end|>."""
+
+    image_token, chat_template = "<|image_pad|>", None
+
+    def __init__(self):
+        from transformers import Qwen2VLImageProcessorPil
+
+        self.image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
+                                                        size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64})
+
+    def __call__(self, images, text, return_tensors="pt"):
+        import torch
+
+        from tests.qwen_fixtures import IMAGE_TOKEN, VISION_END, VISION_START
+
+        out = dict(self.image_processor(images=images, return_tensors="pt"))
+        n = int(out["image_grid_thw"].prod()) // 4
+        ids = torch.tensor([[1, 5, 6, VISION_START] + [IMAGE_TOKEN] * n + [VISION_END, 7, 8]])
+        return {**out, "input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "mm_token_type_ids": (ids == IMAGE_TOKEN).long()}
+
+
+def test_qwen_panels_dim_the_pruned_merged_tokens(models, tmp_path):
+    model = models("qwen2_5_vl")
+    picture = kept_token_pictures(model, _TinyQwenProcessor(), _image(), "what?", "random", ratio=0.5,
+                                  out=tmp_path / "q.png")
+    arr = np.asarray(picture).astype(float)
+    first, last = arr[22:, :336], arr[22:, -336:]
+    side, cell = 3, 336 // 3  # 96 px -> 84 x 84 -> 6 x 6 patches -> 3 x 3 merged tokens
+    cells = lambda a: a[: side * cell, : side * cell].reshape(side, cell, side, cell, 3).mean((1, 3, 4))  # noqa: E731
+    assert picture.width == 2 * 336 + 6
+    assert int((cells(last) < cells(first) - 1).sum()) == 9 - 4  # round(9 * 0.5) = 4 kept of 9

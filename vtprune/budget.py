@@ -52,11 +52,12 @@ def tokens_to_keep(n_tokens: int, ratio: float | None, keep: int | None, referen
     ``keep`` is an absolute count for a ``reference``-token image (the model's nominal count, e.g. 576 for
     LLaVA-1.5); images with a different count (LLaVA-NeXT anyres) get the same fraction. ``ratio`` keeps
     ``round(n_tokens * (1 - ratio))``, at least 1. ``method`` names the method in the error for a ``keep`` above
-    ``reference``.
+    ``reference``. ``reference=None`` (dynamic resolution, Qwen-VL): ``keep`` per image, capped at ``n_tokens``.
     """
     if ratio is not None:
         return max(1, min(n_tokens, int(round(n_tokens * (1.0 - float(ratio))))))
-    reference = reference or n_tokens
+    if reference is None:
+        return max(1, min(n_tokens, int(keep)))
     check_keep(keep, reference, method)
     if n_tokens == reference:
         return keep

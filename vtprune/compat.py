@@ -177,3 +177,10 @@ def mask_is_boolean(implementation: str) -> bool:
     base = implementation[len(WRAPPED_PREFIX):] if implementation.startswith(WRAPPED_PREFIX) else implementation
     return base != "eager"
 
+
+
+def vision_window_index(grid_thw: torch.Tensor, merge: int, window_size: int, patch_size: int) -> torch.Tensor:
+    """[U] Qwen2.5-VL's window permutation of merged tokens (``transformers.vision_utils``, 5.23+)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    return get_vision_window_index(grid_thw, merge, window_size, patch_size)[0]

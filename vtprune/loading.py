@@ -126,5 +126,8 @@ def _load(spec: str | None, dt: torch.dtype):
 
 
 def visual_tokens_of(model) -> int:
-    """Visual tokens of one standard image for this model (the reference for ``keep``)."""
-    return int(get_adapter(model).nominal_tokens)
+    """Visual tokens of one standard image for this model (the reference for ``keep``). Dynamic-resolution models
+    (Qwen-VL) have none: ``keep`` counts per image there, and default sweeps use LLaVA-1.5's 576 as reference
+    (keeps 192 / 128 / 64)."""
+    nominal = get_adapter(model).image_nominal
+    return int(nominal) if nominal is not None else 576

@@ -139,6 +139,9 @@ class Session:
             for slot, method in modulators:
                 fn = functools.partial(self._modulate, layer, slot, method)
                 hooks.attention(a.decoder_layers[layer].self_attn, fn, "modulate")
+        for layer in range(a.deepstack_layers):  # first among the next module's pre-hooks: the model adds it there
+            after = a.decoder_layers[layer + 1] if layer + 1 < len(a.decoder_layers) else a.language_model.norm
+            hooks.pre(after, functools.partial(self._on_deepstack, layer), prepend=True)
 
     def _wrap_image_features(self, original):
         """generate() encodes images before the prefill forward: the start of a vision run is only visible here."""
@@ -147,7 +150,8 @@ class Session:
         @functools.wraps(original)
         def get_image_features(*args, **kwargs):
             bound = signature.bind_partial(*args, **kwargs).arguments
-            self._vision = VisionRun(pixel_values=bound.get("pixel_values"), image_sizes=bound.get("image_sizes"))
+            sizes = bound.get(self.adapter.image_sizes_key)  # Qwen-VL: image_grid_thw, seen here under generate()
+            self._vision = VisionRun(pixel_values=bound.get("pixel_values"), image_sizes=sizes)
             if self._fwd is not None and self._fwd.vision is None:
                 self._fwd.vision = self._vision
             return original(*args, **kwargs)
@@ -236,13 +240,14 @@ class Session:
         self._refuse_static(cache)
         if pixel_values is None:  # generate() (or the caller) ran get_image_features before this forward
             pixel_values = vision.pixel_values
-        image_sizes = kwargs.get("image_sizes")
+        image_sizes = kwargs.get(self.adapter.image_sizes_key)
         if image_sizes is None and vision is not None:
             image_sizes = vision.image_sizes
         expand = vision.expand if vision is not None else 1
         vision_spans = find_spans(self.adapter, unexpanded(input_ids, expand), pixel_values, image_sizes)
         check_crops(self.adapter, vision_spans, pixel_values, image_sizes)
         spans, vision_image = expanded_spans(vision_spans, input_ids.shape[0], expand)
+        self._check_keep_per_image(spans)
         self._fwd = Forward(spans=spans, batch=input_ids.shape[0], length=input_ids.shape[1], image_sizes=image_sizes,
                             vision=vision, vision_spans=vision_spans, vision_image=vision_image)
         self._fwd.stats = PruneStats(method=self.plan_name, images=[ImageStats(s.sample, s.image, s.length) for s in spans],
@@ -250,6 +255,17 @@ class Session:
         if not self.plan.active:
             self._fwd.stats.finish()
         return None
+
+    def _check_keep_per_image(self, spans) -> None:
+        """Dynamic resolution (``image_nominal`` None): ``keep`` is per image, capped at each image's tokens; a keep
+        above every image of the batch would prune nothing anywhere, which is a mistake, not a budget."""
+        if self.adapter.image_nominal is not None or not spans:
+            return
+        largest = max(s.length for s in spans)
+        for m in self.methods:
+            if m.keep is not None and not m.is_noop and m.keep > largest:
+                raise PruneError(f"vtprune: {m.name} keep={m.keep} is more than every image of this batch has (the "
+                                 f"largest has {largest} visual tokens); use keep <= {largest}, or ratio=...")
 
     def _refuse_static(self, cache) -> None:
         """A preallocated cache is sized and masked for the unpruned sequence; pruning shortens it."""
@@ -339,6 +355,18 @@ class Session:
             self._gen = Generation(cache=cache, segments=evicted or dict(fwd.segments), prompt_length=fwd.length,
                                    spans=fwd.spans, shared=fwd.shared, evicted=evicted is not None)
         return None
+
+    @_guard
+    def _on_deepstack(self, layer, module, args, kwargs):
+        """Add DeepStack features after decoder ``layer`` on its current layout (the language model's own add was
+        taken over at its entry: its mask is a local variable no hook could cut)."""
+        fwd = self.prefill()
+        if fwd is None or fwd.deepstack is None:
+            return None
+        if args:
+            return (llm_input.add_deepstack(fwd, layer, args[0]),) + tuple(args[1:]), kwargs
+        kwargs["hidden_states"] = llm_input.add_deepstack(fwd, layer, kwargs["hidden_states"])
+        return args, kwargs
 
     @_guard
     def _on_decoder_layer(self, layer, module, args, kwargs):

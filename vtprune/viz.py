@@ -44,12 +44,23 @@ def _patch_mask(adapter, stage, n_tokens: int, image_sizes) -> np.ndarray:
     return kept.reshape(side, side)
 
 
+def _grid_mask(adapter, stage, n_tokens: int, image_sizes) -> np.ndarray:
+    """Dynamic-resolution images (Qwen-VL): [rows, cols] of the first frame's merged-token grid, True where kept."""
+    grid = adapter.token_grid(VisualSpan(0, 0, 0, 0, n_tokens), image_sizes).numpy()  # [N, 3] frame, row, col
+    first = grid[:, 0] == 0
+    mask = np.zeros((grid[first, 1].max() + 1, grid[first, 2].max() + 1), dtype=bool)
+    kept = grid[np.asarray(stage.kept_index, dtype=np.int64)]
+    kept = kept[kept[:, 0] == 0]
+    mask[kept[:, 1], kept[:, 2]] = True
+    return mask
+
+
 def _panel(base: Image.Image, mask: np.ndarray, title: str, size: int = 336) -> Image.Image:
     img = base.resize((size, size), Image.BICUBIC)
     arr = np.asarray(img).astype(np.float32)
-    cell = size / mask.shape[0]
-    ys = (np.arange(size) / cell).astype(int).clip(0, mask.shape[0] - 1)
-    full = mask[ys][:, ys]
+    ys = (np.arange(size) * mask.shape[0] / size).astype(int).clip(0, mask.shape[0] - 1)
+    xs = (np.arange(size) * mask.shape[1] / size).astype(int).clip(0, mask.shape[1] - 1)
+    full = mask[ys][:, xs]
     arr = np.where(full[..., None], arr, arr * 0.22 + 20)
     panel = Image.new("RGB", (size, size + 22), "white")
     panel.paste(Image.fromarray(arr.astype(np.uint8)), (0, 22))
@@ -65,6 +76,10 @@ def kept_token_pictures(model, processor, image, question: str, method: str, out
             image = img.convert("RGB")
     image = image.convert("RGB")
     image_token = getattr(processor, "image_token", "<image>")
+    if prompt is None and getattr(processor, "chat_template", None) and image_token != "<image>":
+        from .eval.tasks.prompts import chat_template_prompt  # e.g. Qwen-VL: its vision delimiters around the image
+
+        prompt = chat_template_prompt(processor, question)
     text = prompt if prompt is not None else f"USER: {image_token}\n{question} ASSISTANT:"
     inputs = processor(images=image, text=text, return_tensors="pt")
     inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
@@ -72,18 +87,19 @@ def kept_token_pictures(model, processor, image, question: str, method: str, out
         model(**inputs)
         stats = model.vtprune.stats
         adapter = model.vtprune.adapter
-        image_sizes = inputs.get("image_sizes")
+        image_sizes = inputs.get(adapter.image_sizes_key)
         img_stats = stats.images[0]
+        patch_rows = adapter.image_sizes_key == "image_grid_thw"  # Qwen-VL: pixel_values are patch rows
         pixels = inputs["pixel_values"][0]
         pixels = pixels[0] if pixels.dim() == 4 else pixels  # LLaVA-NeXT: the base crop
-        base = _to_pil(pixels, processor.image_processor)
+        base = image if patch_rows else _to_pil(pixels, processor.image_processor)
         panels = [_panel(base, np.ones((1, 1), dtype=bool), f"input ({img_stats.n_tokens} tokens)")]
         for st in img_stats.stages:
             if st.stage == "llm" and st.tokens_in == st.tokens_out:
                 continue  # a cut that removed nothing (e.g. FlowCut's anyres stage on a single-crop image)
             where = f"before ViT layer {st.layer}" if st.stage == "vision" else (
                 "before the LLM" if st.stage == "pre_llm" else f"before LLM layer {st.layer}")
-            mask = _patch_mask(adapter, st, img_stats.n_tokens, image_sizes)
+            mask = (_grid_mask if patch_rows else _patch_mask)(adapter, st, img_stats.n_tokens, image_sizes)
             panels.append(_panel(base, mask, f"{method}: {where}, {st.tokens_out}/{st.tokens_in} kept"))
         if len(panels) == 1:  # e.g. DyVTE's routers kept the image to the end: say so rather than draw one panel
             panels.append(_panel(base, np.ones((1, 1), dtype=bool), f"{method}: nothing removed"))

@@ -26,7 +26,7 @@ from vtprune.methods import VAR
 from vtprune.methods.flowcut import FlowCut
 from vtprune.methods.var import find_sink_dims
 
-from ..conftest import FAMILIES, IMAGE_TOKEN, build_model, collate, make_prompt
+from ..conftest import FAMILIES, IMAGE_TOKEN, QWEN_FAMILIES, build_model, collate, make_prompt
 from ..helpers import attention_outputs, batch_of, own_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -279,6 +279,21 @@ def test_batch_equals_each_sample_alone(models, family):
     assert_batch_equals_alone(model, prompts, method)
     # and VAR acts on this family's prompts (its prefill logits differ from vanilla)
     batch = collate(prompts)
+    with torch.no_grad():
+        vanilla = model(**batch).logits[:, -1]
+    assert (vtprune_logits(model, batch, method) - vanilla).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_var_on_qwen_with_calibrated_sink_dims_acts_and_batch_equals_alone(models, family):
+    """Qwen-VL: sink dims come from the calibration (``find_sink_dims``, what ``vtprune calibrate-sinks`` runs)."""
+    model = models(family)
+    prompts = [make_prompt(model, family, 3 + 4 * s, s) for s in (0, 1)]
+    batch = collate(prompts)
+    dims = find_sink_dims(model, [batch], tau=3.0)
+    assert dims
+    method = VAR(sink_dims=tuple(dims), tau=2.5, rho=0.5, min_image_mass=0.3, p=0.4, layers=(1, 2))
+    assert_batch_equals_alone(model, prompts, method)
     with torch.no_grad():
         vanilla = model(**batch).logits[:, -1]
     assert (vtprune_logits(model, batch, method) - vanilla).abs().max() > 1e-3

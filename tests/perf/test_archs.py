@@ -33,7 +33,9 @@ EXPECTED = {
 # parameter counts at full depth: LLaVA-1.5-7B 7,063,427,072 and InternVL2-8B 8,075,365,376 as published;
 # LLaVA-NeXT adds the 4096-wide image_newline; 13B = Llama-2-13B (vocab 32064) + CLIP-L/336 + the 2-layer projector
 PARAMS = {"llava-1.5-7b": 7_063_427_072, "llava-1.5-13b": 13_351_494_656, "llava-next-7b": 7_063_431_168,
-          "internvl2-8b": 8_075_365_376}
+          "internvl2-8b": 8_075_365_376, "qwen2.5-vl-7b": 8_292_166_656, "qwen3-vl-8b": 8_767_123_696}
+# Qwen: the hub lists Qwen2.5-VL-7B-Instruct at 8.29B and Qwen3-VL-8B-Instruct at 8.77B parameters
+DEPTHS = {"llava-1.5-13b": (24, 40), "qwen2.5-vl-7b": (32, 28), "qwen3-vl-8b": (27, 36)}  # (vision, LLM); else 24, 32
 
 
 def check_dims(model, name, vision_layers, llm_layers):
@@ -104,8 +106,7 @@ def test_other_archs_dims_and_image_tokens(name):
 def test_full_depth_on_meta(name):
     model = build_arch(name, device="meta")
     vc, tc = model.config.vision_config, model.config.get_text_config()
-    assert vc.num_hidden_layers == 24
-    assert tc.num_hidden_layers == (40 if name == "llava-1.5-13b" else 32)
+    assert (getattr(vc, "num_hidden_layers", None) or vc.depth, tc.num_hidden_layers) == DEPTHS.get(name, (24, 32))
     assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
     assert next(model.parameters()).device.type == "meta"
 
@@ -135,3 +136,35 @@ def test_arch_inputs_work_with_pruning(models, family):
             images = model.vtprune.stats.images
         assert [(img.sample, img.n_tokens) for img in images] == [(0, n), (1, n)]
         assert all(img.kept == 4 for img in images) if family != "llava_next" else all(img.kept < n for img in images)
+
+
+@pytest.mark.parametrize("name,family", [("qwen2.5-vl-7b", "qwen2_5_vl"), ("qwen3-vl-8b", "qwen3_vl")])
+def test_qwen_archs_published_dims_on_meta(name, family):
+    model = build_arch(name, device="meta")
+    vc, tc = model.config.vision_config, model.config.text_config
+    assert vtprune.adapters.get_adapter(model).family == family
+    if family == "qwen2_5_vl":  # Qwen/Qwen2.5-VL-7B-Instruct config.json
+        assert (vc.hidden_size, vc.intermediate_size, vc.num_heads, vc.patch_size, vc.window_size) == (1280, 3420, 16, 14, 112)
+        assert vc.fullatt_block_indexes == [7, 15, 23, 31] and (tc.hidden_size, tc.num_key_value_heads) == (3584, 4)
+    else:  # Qwen/Qwen3-VL-8B-Instruct config.json
+        assert (vc.hidden_size, vc.intermediate_size, vc.patch_size, vc.deepstack_visual_indexes) == (1152, 4304, 16, [8, 16, 24])
+        assert (tc.hidden_size, tc.num_key_value_heads, tc.head_dim, tc.intermediate_size) == (4096, 8, 128, 12288)
+    shallow = build_arch(name, vision_layers=9, llm_layers=2, device="meta").config.vision_config
+    assert getattr(shallow, "fullatt_block_indexes", [7]) == [7]  # indexes past the depth are dropped
+    assert getattr(shallow, "deepstack_visual_indexes", [8]) == [8]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_arch_inputs_on_qwen_work_with_pruning(models, family):
+    model = models(family)
+    vc = model.config.vision_config
+    unit = vc.patch_size * 2
+    inputs = arch_inputs(model, text_tokens=12, batch=2, seed=3, image_size=(3 * unit, 5 * unit + 3))
+    assert inputs["image_grid_thw"].tolist() == [[1, 6, 10]] * 2 and inputs["pixel_values"].shape[0] == 120
+    ids = inputs["input_ids"][0].tolist()
+    first = ids.index(model.config.image_token_id)
+    assert ids[first - 1] == model.config.vision_start_token_id and ids[first + 15] == model.config.vision_end_token_id
+    assert inputs["input_ids"].shape == (2, 12 + 15)
+    with vtprune.pruned(model, "fastv", keep=4), torch.no_grad():
+        model(**inputs)
+        assert [img.kept for img in model.vtprune.stats.images] == [4, 4]

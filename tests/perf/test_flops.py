@@ -213,3 +213,51 @@ def test_kv_bytes_after_evict_early_kv(models):
     assert F.kv_bytes(F.shape_of(model), [T - 48] * 4, 4) == KV_PER_TOKEN * 4 * (T - 48) == kv_cache_bytes(cache)
     b = F.breakdown(model, batch, stats)
     assert (b.llm_prefill, b.decode_step) == (ref_prefill([T, T, T - 48, T - 48]), ref_decode([T - 48] * 4))
+
+
+def _vision_segments(model, inputs) -> dict[int, list[int]]:
+    """Per vision block, the attention segment lengths the model itself uses (its cu_seqlens kwarg)."""
+    seen, handles = {}, []
+    for j, block in enumerate(model.model.visual.blocks):
+        handles.append(block.register_forward_pre_hook(
+            lambda mod, args, kwargs, j=j: seen.setdefault(j, torch.diff(kwargs["cu_seqlens"]).tolist()) and None,
+            with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _linear_flops(module, rows: int) -> float:
+    return sum(2.0 * rows * lin.in_features * lin.out_features
+               for lin in module.modules() if isinstance(lin, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_vision_and_merger_flops_follow_the_models_own_segments_and_modules(models, family):
+    """Windowed vs full blocks from the cu_seqlens each block really gets; the merger and every DeepStack merger
+    from their Linear layers; the patch embedding from the Conv3d's kernel."""
+    from tests.qwen_fixtures import make_qwen_prompt
+
+    model = models(family)
+    prompt = make_qwen_prompt(model, 3, seed=0, grids=[(12, 10)])  # 12 x 10 patches: edge windows on 2.5
+    inputs = collate([prompt])
+    segments = _vision_segments(model, inputs)
+    visual, P = model.model.visual, 120
+    per_block = _linear_flops(visual.blocks[0].attn, P) + _linear_flops(visual.blocks[0].mlp, P)
+    expected = sum(per_block + 4.0 * sum(n * n for n in segments[j]) * model.config.vision_config.hidden_size
+                   for j in range(len(visual.blocks)))
+    conv = visual.patch_embed.proj
+    expected += 2.0 * P * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * conv.kernel_size[2] * conv.out_channels
+    mergers = [visual.merger] + list(getattr(visual, "deepstack_merger_list", []))
+    merger = sum(_linear_flops(mg, P // 4) for mg in mergers)
+    got = F.breakdown(model, inputs)
+    assert got.vision == pytest.approx(expected, rel=1e-12)
+    assert got.projector == pytest.approx(merger, rel=1e-12)
+    if family == "qwen2_5_vl":  # windowed blocks really are cheaper than full ones here
+        assert len(set(map(tuple, segments.values()))) == 2
+    else:
+        assert len(mergers) == 4

@@ -100,3 +100,22 @@ def test_replay_cuts_the_recorded_tokens_at_the_recorded_layers(models, family, 
     schedule = lambda s: [(st.stage, st.layer, st.tokens_out, st.kept_index) for i in s.images for st in i.stages]  # noqa: E731
     assert schedule(replayed) == schedule(stats)
     torch.testing.assert_close(replay_logits, logits)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_oracle_on_qwen_matches_the_pruned_model_with_3d_positions_and_deepstack(models, family):
+    model = models(family)
+    batch = collate([make_prompt(model, family, 9, seed=1, n_images=2)])
+    with torch.no_grad():
+        with vtprune.pruned(model, "random", keep=4, positions="original"):
+            logits = model(**batch).logits[:, -1]
+            kept = [torch.tensor(img.kept_index) for img in model.vtprune.stats.images]
+            tokens = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        with oracle(model, batch["input_ids"], kept):
+            oracle_logits = model(**batch).logits[:, -1]
+            oracle_tokens = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        with pytest.raises(ValueError, match="renumber.*multimodal-rope"):
+            with oracle(model, batch["input_ids"], kept, "renumber"):
+                model(**batch)
+    torch.testing.assert_close(oracle_logits, logits, atol=1e-5, rtol=0)
+    assert torch.equal(oracle_tokens, tokens)

@@ -199,3 +199,54 @@ def test_resume_from_a_state_with_a_malformed_field_is_one_line(tmp_path, monkey
     assert f"cannot resume from {out / 'state.pt'}: its {field!r} is malformed" in line and why in line
     assert "delete it" in line and "--out" in line
     assert not calls and (out / "state.pt").read_bytes() == saved
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_exit_logits_on_qwen_use_the_models_3d_positions(models, family):
+    """With the image keys masked, a text token's exit logits equal the language model run on the text tokens
+    alone at their M-RoPE positions (images never reach text rows; DeepStack only touches image rows)."""
+    from vtprune.adapters import get_adapter
+    from vtprune.training.dyvte import exit_logits
+
+    from ..conftest import collate, make_prompt
+    from ..helpers import merged_embeds
+
+    model = models(family)
+    batch = collate([make_prompt(model, family, 5, seed=2, n_images=2)])
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        embeds = merged_embeds(model, batch)
+        got = exit_logits(model, adapter, embeds, batch, layer=-1)[0]
+        text = batch["input_ids"][0] != model.config.image_token_id
+        pos, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                            image_grid_thw=batch["image_grid_thw"])
+        out = model.model.language_model(inputs_embeds=embeds[:, text], position_ids=pos[:, :, text],
+                                         attention_mask=torch.ones(1, int(text.sum()), dtype=torch.long))
+        expected = model.lm_head(out.last_hidden_state)[0]
+    torch.testing.assert_close(got[text], expected, atol=1e-5, rtol=0)
+
+
+def test_training_batches_carry_qwen_grids_and_token_types():
+    """A Qwen-VL processor's output (patch rows of different lengths, image_grid_thw, mm_token_type_ids) becomes one
+    right-padded batch the model takes: rows concatenated, grids kept, token types padded like the ids."""
+    from vtprune.embedded.tiny_llava import encode_training_batch
+
+    class Tok:
+        eos_token_id, pad_token_id = 2, 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [7] * len(text.split())}
+
+    class Proc:
+        tokenizer = Tok()
+
+        def __call__(self, images, text, return_tensors=None):
+            return {"input_ids": [[5, 100, 100, 6], [5, 100, 100, 100, 100, 6]],
+                    "mm_token_type_ids": [[0, 1, 1, 0], [0, 1, 1, 1, 1, 0]],
+                    "pixel_values": [torch.ones(8, 12), torch.zeros(16, 12)],
+                    "image_grid_thw": [[1, 2, 4], [1, 4, 4]]}
+
+    batch = encode_training_batch(Proc(), [None, None], ["a", "b"], ["yes", "no no"])
+    assert batch["pixel_values"].shape == (24, 12) and batch["image_grid_thw"].tolist() == [[1, 2, 4], [1, 4, 4]]
+    assert batch["mm_token_type_ids"].tolist() == [[0, 1, 1, 0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 0, 0, 0, 0]]
+    assert batch["input_ids"].shape == batch["mm_token_type_ids"].shape

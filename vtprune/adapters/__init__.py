@@ -6,8 +6,10 @@ from .base import Adapter, VisualSpan, find_runs
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .qwen_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter, Qwen25VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, InternVLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, InternVLAdapter, Qwen25VLAdapter, Qwen3VLAdapter,
+                                       Qwen3VLMoeAdapter)
 
 
 def supported_model_classes() -> list[str]:

@@ -79,6 +79,29 @@ class Adapter:
         """Visual tokens of one standard image; the reference for ``keep=`` budgets."""
         raise NotImplementedError
 
+    @property
+    def image_nominal(self) -> int | None:
+        """What ``keep=`` refers to for one image (``ImageView.nominal``); None on dynamic-resolution models, where
+        ``keep`` is a count per image, capped at the image's tokens."""
+        return self.nominal_tokens
+
+    image_sizes_key = "image_sizes"  # the model's keyword for image geometry (Qwen: image_grid_thw)
+    vision_cuts = True  # the tower runs crops as [crops, 1+n, D]: vision cuts and vision probes are offered
+    deepstack_layers = 0  # decoder layers after which the model adds per-token vision features (Qwen3-VL)
+
+    def prompt_positions(self, batch: dict) -> torch.Tensor:
+        """The position ids the language model gives a right-padded batch of prompts (training tools): [B, T]."""
+        ids = batch["input_ids"]
+        return torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+
+    def layer_position_ids(self, position_ids):
+        """The ``position_ids`` the language model hands each decoder layer for these model-level ids."""
+        return position_ids
+
+    def take_deepstack(self, kwargs: dict):
+        """Pop the language model's per-layer visual features (models with DeepStack); None here."""
+        return None
+
     def decoder_sublayer(self, layer: int, part: str) -> nn.Module:
         """The attention (``"attn"``) or FFN (``"mlp"``) sublayer of decoder layer ``layer``."""
         return getattr(self.decoder_layers[layer], {"attn": "self_attn", "mlp": "mlp"}[part])

@@ -64,14 +64,15 @@ BUILTIN: dict[str, Known] = {
     "vflowopt": Known(True, True, True, ("cell", "entropy_weight", "keep", "llm_layers", "llm_ratios", "positions",
                                          "ratio", "recycle", "retention", "threshold", "vision_layer"),
                  ("threshold", "cell", "entropy_weight", "retention", "llm_ratios", "recycle")),
-    "visionzip": Known(True, False, True, ("anyres", "dominant_fraction", "keep", "positions", "ratio"),
+    "visionzip": Known(True, False, True, ("anyres", "dominant_fraction", "keep", "positions", "ratio",
+                                           "vision_block"),
                  ("dominant_fraction", "anyres")),
-    "vtc_cls": Known(True, False, True, ("keep", "positions", "ratio", "start_layer"),
+    "vtc_cls": Known(True, False, True, ("keep", "positions", "ratio", "start_layer", "vision_block"),
                  ("start_layer",)),
 }
 
 # vtprune.perf.archs.ARCHS's keys, sorted
-ARCH_NAMES = ("internvl2-8b", "llava-1.5-13b", "llava-1.5-7b", "llava-next-7b")
+ARCH_NAMES = ("internvl2-8b", "llava-1.5-13b", "llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "qwen3-vl-8b")
 
 _CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # api.CONFIG_DIR
 

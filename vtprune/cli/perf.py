@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="a checkpoint folder (default: the embedded tiny LLaVA)")
     src.add_argument("--arch", help="a real architecture with random weights: llava-1.5-7b, llava-1.5-13b, "
-                                    "llava-next-7b or internvl2-8b")
+                                    "llava-next-7b, internvl2-8b, qwen2.5-vl-7b or qwen3-vl-8b")
     p.add_argument("--vision-layers", type=int, help="with --arch: vision layers to build (default: all)")
     p.add_argument("--llm-layers", type=int, help="with --arch: LLM layers to build (default: all)")
     p.add_argument("--methods", help="comma-separated methods (default: every registered method that can run)")

@@ -52,6 +52,7 @@ class Forward:
     shared: dict = field(default_factory=dict)  # pipeline slot -> the method's batch-level scratch
     stats: PruneStats | None = None
     keep_hidden_states: bool = False  # the caller asked for hidden states: never compact a tensor handed back
+    deepstack: tuple | None = None  # (visual_pos_masks, rank, per-layer features) taken from the LLM (Qwen3-VL)
 
     @property
     def entry(self) -> Layout | None:
@@ -84,6 +85,7 @@ class Generation:
     spans: list
     shared: dict = field(default_factory=dict)  # the prefill's per-method scratch, for modulators in decode
     step_mask: torch.Tensor | None = None  # this decode step's 2-D mask in the compacted layout
+    step_positions: torch.Tensor | None = None  # this decode step's model-level position ids (entry layout)
     evicted: bool = False  # every layer's cache holds the last segment's tokens: one layout for all layers
 
     @property

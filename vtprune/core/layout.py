@@ -108,9 +108,19 @@ def gather_rows(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx if x.dim() == 2 else idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def cut_positions(prev: Layout, new: Layout, mode: str) -> torch.Tensor:
+def cut_positions(prev: Layout, new: Layout, mode: str, visual: torch.Tensor | None = None) -> torch.Tensor:
     """Position ids of ``new``'s slots, from ``prev.position_ids``: gathered (``original``) or contiguous over the
-    valid slots from where the sample's first real token started (``renumber``). Also sets ``new.position_shift``."""
+    valid slots from where the sample's first real token started (``renumber``). Also sets ``new.position_shift``.
+    Multimodal-rope ids ([3|4, B, T], Qwen-VL) are gathered row by row; see :func:`_renumber_mrope` (``visual``:
+    [B, T] slots of ``new`` holding image tokens)."""
+    if prev.position_ids.dim() == 3:
+        pos = torch.stack([gather_rows(row, new.src) for row in prev.position_ids])
+        pos = torch.where(new.valid, pos, torch.zeros_like(pos))
+        if mode == "original":
+            return pos
+        new_pos = _renumber_mrope(pos, new, visual if visual is not None else torch.zeros_like(new.valid))
+        new.position_shift = prev.position_shift + (pos[-3, :, -1] - new_pos[-3, :, -1])
+        return new_pos
     pos = gather_rows(prev.position_ids, new.src)
     if mode == "original":
         new_pos = torch.where(new.valid, pos, torch.zeros_like(pos))
@@ -123,6 +133,33 @@ def cut_positions(prev: Layout, new: Layout, mode: str) -> torch.Tensor:
     if mode == "renumber":  # decode steps continue after the kept tokens (original: after the unpruned length)
         new.position_shift = prev.position_shift + (prev.position_ids.expand_as(prev.valid)[:, -1] - new_pos[:, -1])
     return new_pos
+
+
+def _renumber_mrope(pos: torch.Tensor, new: Layout, visual: torch.Tensor) -> torch.Tensor:
+    """``renumber`` for [3|4, B, T] M-RoPE ids (spec qwen_vl.md §2.7 "R1"): kept visual tokens keep their (t, h, w)
+    offsets from their image's start, each text token restarts at the largest position before it + 1 (so the text
+    after an image moves only when the image's last row / column was cut); the text row of generate()'s 4-row ids
+    moves with the others (one shift per token, so decode steps subtract one ``position_shift``)."""
+    t, h, w = pos[-3], pos[-2], pos[-1]
+    text = new.valid & ~visual & (t == h) & (h == w)  # video tokens (t, h, w differ) move like visual ones
+    shift = torch.zeros_like(t)
+    for b in range(t.shape[0]):
+        slots = torch.nonzero(new.valid[b]).flatten()
+        if slots.numel() == 0:
+            continue
+        ts, is_text = t[b, slots], text[b, slots]
+        starts = torch.ones_like(is_text)
+        starts[1:] = (is_text[1:] != is_text[:-1]) | (is_text[1:] & (ts[1:] != ts[:-1] + 1))
+        bounds = torch.nonzero(starts).flatten().tolist() + [slots.numel()]
+        top, sh = int(ts[0]) - 1, 0
+        for a, e in zip(bounds[:-1], bounds[1:]):
+            if bool(is_text[a]):
+                sh = int(ts[a]) - (top + 1)
+                top = int(ts[e - 1]) - sh
+            else:
+                top = max(top, int(pos[-3:, b, slots[a:e]].max()) - sh)
+            shift[b, slots[a:e]] = sh
+    return torch.where(new.valid, pos - shift, torch.zeros_like(pos))
 
 
 def mask_4d(valid: torch.Tensor, q_len: int, dtype, boolean: bool) -> torch.Tensor:

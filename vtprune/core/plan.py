@@ -51,7 +51,7 @@ def model_info(adapter) -> ModelInfo:
                      nominal_tokens=adapter.nominal_tokens,
                      hidden_size=int(adapter.language_model.config.hidden_size),
                      name_or_path=str(getattr(adapter.config, "_name_or_path", "") or ""),
-                     backbone=_backbone(adapter.language_model.config))
+                     backbone=_backbone(adapter.language_model.config), vision_cuts=adapter.vision_cuts)
 
 
 def _backbone(config) -> str:
@@ -70,6 +70,7 @@ def build_plan(methods: tuple[Method, ...], info: ModelInfo) -> Plan:
         except PruneError as err:  # the layers come from the method's fields: name them, they are what to change
             settings = method.layer_settings()
             raise ConfigError(str(err) if settings in str(err) else f"{err} (from {method.name} {settings})") from None
+        _check_vision_cuts(method, cuts, probes, info)
         if cuts and previous is not None and min(c.order for c in cuts) < previous[1].order:
             first = min(cuts, key=lambda c: c.order)
             raise PruneError(
@@ -122,6 +123,22 @@ def _add(plan: Plan, slot: int, method: Method, cuts, probes, layers) -> None:
     plan.declared[slot] = frozenset(probes)
     for layer in layers:
         plan.modulators.setdefault(layer, []).append((slot, method))
+
+
+def _check_vision_cuts(method: Method, cuts, probes, info: ModelInfo) -> None:
+    """Models whose vision tower has no per-crop [crops, 1+n, D] sequence (Qwen-VL packs every image's patches in
+    one window-permuted run, without CLS) offer no vision cut and no vision probe: refuse at ``prune()``."""
+    if info.vision_cuts:
+        return
+    inside = next((f"cuts at {c}" for c in cuts if c.where == "vision"), None)
+    inside = inside or next((f"reads {p}" for p in probes if p.scope == "vision" and getattr(p, "needs_crops", True)),
+                            None)
+    if inside is not None:
+        raise PruneError(
+            f"vtprune: {method.name} {inside}, inside the vision tower, which {info.family} does not offer (its "
+            "tower packs every image's patches in one sequence, with no per-crop [crops, 1+n, D] layout and no CLS "
+            "token); use a method that scores at the LLM input or inside the LLM (README: \"Qwen-VL\")"
+        )
 
 
 def _check_cut(method: Method, cut: Cut, info: ModelInfo) -> None:

@@ -22,6 +22,7 @@ LLM probes (prefill only; rows refer to the layout of the layer they were record
                                  before a cut there decides (its own norm, q/k projections and RoPE)
     Instruction()                the prompt's instruction token ids (and their input embeddings) per sample
     PatchEntropy()               information entropy of each vision patch's pixels (vision probe)
+    ReceivedAttention(block)     attention each token receives in a full vision block (towers without CLS: Qwen-VL)
 ``image.batch(probe)`` gives the batch-level record where a probe has one (LLM probes: whole [B, T] rows), for
 decisions that need every position (softmax over a sample's sequence).
 The probes live in :mod:`.vision_probes` and :mod:`.llm_probes`, their base and views in :mod:`.probe_base`;
@@ -34,11 +35,12 @@ from .._parts import getattr_from_parts
 from .llm_probes import (IncomingAttention, Instruction, InstructionRows, LayerOutput, LLMAttention, LLMQKV, Residual,
                          Sublayer, SublayerBatch, SublayerRows)
 from .probe_base import QUERY_SETS, CropSlice, ImageSlice, Probe
+from .received import ReceivedAttention
 from .vision_probes import FeatureLayer, PatchEntropy, ProjectorInput, VisionAttentionMap, VisionCLS, VisionValues
 
-__all__ = ["QUERY_SETS", "CropSlice", "ImageSlice", "Probe", "VisionCLS", "VisionValues", "VisionAttentionMap", "ProjectorInput", "FeatureLayer", "PatchEntropy", "LLMAttention", "LLMQKV", "Residual", "LayerOutput", "Sublayer", "SublayerRows", "SublayerBatch", "IncomingAttention", "Instruction", "InstructionRows"]
+__all__ = ["QUERY_SETS", "CropSlice", "ImageSlice", "Probe", "VisionCLS", "VisionValues", "VisionAttentionMap", "ProjectorInput", "FeatureLayer", "PatchEntropy", "LLMAttention", "LLMQKV", "Residual", "LayerOutput", "Sublayer", "SublayerRows", "SublayerBatch", "IncomingAttention", "Instruction", "InstructionRows", "ReceivedAttention"]
 
 # the modules this one was split into: private names (``probes._masked_logits``) are still found there
-_PARTS = ("probe_base", "vision_probes", "llm_probes")
+_PARTS = ("probe_base", "vision_probes", "llm_probes", "received")
 
 __getattr__ = getattr_from_parts(__name__, __package__, _PARTS)

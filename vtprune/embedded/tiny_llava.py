@@ -249,9 +249,23 @@ def encode_training_batch(processor, images: Sequence, prompts: Sequence[str], a
         label_t[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(r)] = 1
     pv = enc["pixel_values"]
+    if "image_grid_thw" in enc:  # Qwen-VL: patch rows of every image, concatenated, with their grids
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
+                "pixel_values": torch.cat([torch.as_tensor(p, dtype=torch.float32).reshape(-1, torch.as_tensor(p).shape[-1])
+                                           for p in (pv if isinstance(pv, list) else [pv])]),
+                "image_grid_thw": torch.as_tensor(enc["image_grid_thw"]).reshape(-1, 3),
+                "mm_token_type_ids": _padded_types(enc.get("mm_token_type_ids"), input_ids)}
     pixel_values = torch.as_tensor(pv if not isinstance(pv, list) else torch.stack([torch.as_tensor(p) for p in pv]),
                                    dtype=torch.float32)
     return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values, "labels": label_t}
+
+
+def _padded_types(types, input_ids: torch.Tensor) -> torch.Tensor:
+    """The processor's per-prompt mm_token_type_ids laid out like ``input_ids`` (answer and padding: text, 0)."""
+    out = torch.zeros_like(input_ids)
+    for i, row in enumerate(types or ()):
+        out[i, : len(row)] = torch.as_tensor(row)
+    return out
 
 
 def training_step(model, batch: dict, optimizer, scheduler=None, max_grad_norm: float | None = 1.0,

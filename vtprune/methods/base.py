@@ -75,6 +75,7 @@ class ModelInfo:
     hidden_size: int = 0
     name_or_path: str = ""  # the model's config._name_or_path (a hub id or a local folder)
     backbone: str = ""  # the LLM as "type:hidden x layers x ffn", e.g. "llama:4096x32x11008" (Vicuna-7B)
+    vision_cuts: bool = True  # False: no cut or probe inside the vision tower (Qwen-VL's packed, windowed tower)
 
 
 @dataclass
@@ -97,7 +98,7 @@ class ImageView:
     index: torch.Tensor
     embeds: torch.Tensor
     cut: Cut
-    nominal: int
+    nominal: int | None  # None: keep= is per image, capped at its tokens (dynamic resolution)
     n_received: int
     model: ModelInfo | None = None
     state: dict = field(default_factory=dict)

@@ -24,6 +24,13 @@ the grid and adds one ``image_newline`` per row; the official multi-crop path do
 official code: patches in regions HF unpads away are candidates too (stats report only kept patches that
 have an HF token), and no newline token is emitted. ``anyres="global"``: one top-D over the packed image
 (newlines never kept), no CLS, merged after the projector (``keep`` scales with the image's N).
+
+Towers without a CLS token (Qwen-VL, spec qwen_vl.md §1.3, as the LightCompress port): dominant tokens by the
+attention they receive in one full-attention vision block (``vision_block``, default the last full one), keys for
+the contextual merge are that block's head-mean keys averaged over each token's 2x2 patches, and the merge runs on
+the LLM input embeddings (after the merger). Every value stays at its own token's slot (a contextual token at its
+target's), so M-RoPE keeps each token's (t, h, w); on Qwen3-VL a contextual token keeps its target's own DeepStack
+features (the model defines none for merged tokens).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..budget import tokens_to_keep
-from ..core.probes import FeatureLayer
+from ..core.probes import FeatureLayer, ReceivedAttention
 from ..core.registration import register
 from ..space import Choice, Float, tuned
 from .base import ImageView, Method, Selection, VisionView, top_k_sorted
@@ -49,6 +56,7 @@ class VisionZip(Method):
     dominant_fraction: float = tuned(54 / 64, Float(0.5, 1.0))
     anyres: str = tuned("per_crop", Choice(ANYRES_MODES, only_for=("llava_next",)))
     positions: str = "renumber"
+    vision_block: int | None = None  # towers without CLS (Qwen-VL): the full-attention block scored; None: last
 
     name: ClassVar[str] = "visionzip"
     description: ClassVar[str] = "CLS-attention dominant tokens plus merged contextual tokens, cut before the LLM."
@@ -68,9 +76,16 @@ class VisionZip(Method):
         return self.anyres == "per_crop" and v.crop_cls is not None
 
     def probes(self, model):
+        if not model.vision_cuts:
+            return (ReceivedAttention(self.vision_block),)
+        if self.vision_block is not None:
+            raise self.field_error("vision_block", f"None on {model.family}, which has a CLS token (the block is for "
+                                                   "towers without CLS, Qwen-VL)")
         return (FeatureLayer(),)
 
     def budget(self, image: ImageView) -> int:
+        if not image.model.vision_cuts:
+            return super().budget(image)
         v = image.vision
         if not self._per_crop(v):
             return super().budget(image)
@@ -79,6 +94,8 @@ class VisionZip(Method):
         return min(image.n, crops * max(1, min(per_crop, image.n_tokens // crops)))
 
     def select(self, image: ImageView, n_keep: int) -> Selection:
+        if not image.model.vision_cuts:
+            return self._select_received(image, n_keep)
         v = image.vision
         if self._per_crop(v):
             return self._select_per_crop(image, v, n_keep)
@@ -128,6 +145,18 @@ class VisionZip(Method):
         sources = torch.sort(torch.cat([dominant, targets])).values
         return Selection(keep=_slots(torch.arange(image.n, device=sources.device), sources, values.shape[0]),
                          values=values, sources=image.index[sources])
+
+
+    def _select_received(self, image: ImageView, n_keep: int) -> Selection:
+        """Towers without CLS (module doc): received-attention dominant tokens, contextual tokens merged on the
+        LLM input embeddings; each value at its own token's slot."""
+        rec = image[ReceivedAttention(self.vision_block)]
+        n_dominant, n_contextual = self.split(n_keep)
+        dominant = top_k_sorted(rec["scores"].float(), n_dominant)
+        targets, merged = _contextual(image.embeds, rec["keys"], _others(dominant, image.n), n_contextual)
+        order = torch.argsort(torch.cat([dominant, targets]))
+        keep = torch.cat([dominant, targets])[order]
+        return Selection(keep=keep, values=torch.cat([image.embeds[dominant], merged])[order])
 
 
 def _others(chosen: torch.Tensor, n: int) -> torch.Tensor:

@@ -14,6 +14,11 @@ The default (None) is the official CLI default ``--layer 16`` on a 24-layer towe
 CLIP-L, 16..23 on InternViT-300M, which reads its last layer) and the same relative depth
 (``n_layers * 16 // 24``, at most s) on other towers, so it also fits shallow test towers. A third-party
 summary reports K = 3 (start 20) as the paper's optimum; it is unverified, ``start_layer=20`` reaches it.
+
+Towers without a CLS token (Qwen-VL, spec qwen_vl.md §1.3): the score is the attention each token receives in one
+full-attention vision block (``vision_block``, default the last full one; ``ReceivedAttention``), the community
+ports' substitute for CLS attention; ``start_layer`` does not apply there. On CLS towers ``vision_block`` must
+stay None.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 from ..errors import ConfigError
 from ..core.registration import register
 from ..space import Int, tuned
-from ..core.probes import VisionCLS
+from ..core.probes import ReceivedAttention, VisionCLS
 from .base import ImageView, Method
 
 OFFICIAL_START, OFFICIAL_DEPTH = 16, 24  # --layer 16 of CLIP-L's 24 layers
@@ -38,6 +43,7 @@ class VTCCLS(Method):
     start_layer: int | None = tuned(None, Int(0, lambda _, model: model.feature_layer,  # search: 0 .. s
                                               derive=lambda m, info: m.layers(info.vision_layers, info.feature_layer).start))
     positions: str = "renumber"
+    vision_block: int | None = None  # towers without CLS (Qwen-VL): the full-attention block scored; None: last
 
     name: ClassVar[str] = "vtc_cls"
     description: ClassVar[str] = "CLS attention ensembled over the last vision layers; one cut before the projector."
@@ -58,9 +64,19 @@ class VTCCLS(Method):
         return range(start, feature_layer + 1)
 
     def probes(self, model):
+        if not model.vision_cuts:  # no CLS token: attention received in a full block (module doc)
+            if self.start_layer is not None:
+                raise ConfigError(f"vtprune: vtc_cls start_layer applies to CLS towers; {model.family} has no CLS "
+                                  "token and is scored by received attention: set vision_block instead")
+            return (ReceivedAttention(self.vision_block),)
+        if self.vision_block is not None:
+            raise ConfigError(f"vtprune: vtc_cls vision_block is for towers without CLS (Qwen-VL); {model.family} "
+                              "is scored by CLS attention over start_layer..: drop vision_block")
         return (VisionCLS(tuple(self.layers(model.vision_layers, model.feature_layer))),)
 
     def score(self, image: ImageView) -> torch.Tensor:
         (probe,) = self.probes(image.model)
+        if isinstance(probe, ReceivedAttention):
+            return image[probe]["scores"]
         per_layer = image[probe]
         return torch.stack([per_layer[l] for l in sorted(per_layer)]).sum(0)[image.index]

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .qwen_archs import QWEN3_TEXT, QWEN3_VISION, QWEN25_TEXT, QWEN25_VISION, QWEN_TOP, qwen_config, qwen_inputs
+
 __all__ = ["Arch", "ARCHS", "arch_config", "build_arch", "arch_inputs"]
 
 
@@ -32,7 +34,7 @@ class Arch:
 
     ``image_delimiters``: (start, end) ids around InternVL's ``<IMG_CONTEXT>`` run, None for LLaVA."""
 
-    family: str  # "llava" | "llava_next" | "internvl"
+    family: str  # "llava" | "llava_next" | "internvl" | "qwen2_5_vl" | "qwen3_vl"
     description: str
     vision: dict[str, Any]
     text: dict[str, Any]
@@ -41,7 +43,7 @@ class Arch:
 
     @property
     def vision_layers(self) -> int:
-        return int(self.vision["num_hidden_layers"])
+        return int(self.vision.get("num_hidden_layers", self.vision.get("depth")))
 
     @property
     def llm_layers(self) -> int:
@@ -49,7 +51,7 @@ class Arch:
 
     @property
     def feature_layer(self) -> int:
-        return int(self.top["vision_feature_layer"])
+        return int(self.top.get("vision_feature_layer", -1))  # Qwen-VL: the merger reads the last block
 
 
 # CLIP ViT-L/14-336 (openai/clip-vit-large-patch14-336, as in llava-hf): 24 x 1024, MLP 4096, 16 heads,
@@ -94,6 +96,10 @@ ARCHS: dict[str, Arch] = {
                               vision_feature_layer=-1, vision_feature_select_strategy="default",
                               projector_hidden_act="gelu", tie_word_embeddings=False),
                          image_delimiters=(92544, 92545)),
+    "qwen2.5-vl-7b": Arch("qwen2_5_vl", "Qwen2.5-VL-7B: windowed ViT (4 full blocks) + Qwen2-7B LLM, 672x672 -> "
+                          "576 tokens", QWEN25_VISION, QWEN25_TEXT, QWEN_TOP),
+    "qwen3-vl-8b": Arch("qwen3_vl", "Qwen3-VL-8B: ViT with DeepStack (3 layers) + Qwen3-8B LLM, 768x768 -> 576 "
+                        "tokens", QWEN3_VISION, QWEN3_TEXT, QWEN_TOP),
 }
 
 
@@ -122,6 +128,9 @@ def arch_config(name: str, *, vision_layers: int | None = None, llm_layers: int 
     v = _depth(name, "vision_layers", vision_layers, low, arch.vision_layers,
                f" (features are read from hidden_states[{arch.feature_layer}])" if low > 1 else "")
     t = _depth(name, "llm_layers", llm_layers, 1, arch.llm_layers)
+    if arch.family.startswith("qwen"):
+        cfg = qwen_config(arch.family, arch.vision, arch.text, arch.top, v, t)
+        return _finish(cfg, name, attn)
     text = LlamaConfig(**dict(arch.text, num_hidden_layers=t))
     if arch.family == "internvl":
         cfg = InternVLConfig(vision_config=InternVLVisionConfig(**dict(arch.vision, num_hidden_layers=v)),
@@ -130,6 +139,10 @@ def arch_config(name: str, *, vision_layers: int | None = None, llm_layers: int 
         cls = LlavaNextConfig if arch.family == "llava_next" else LlavaConfig
         cfg = cls(vision_config=CLIPVisionConfig(**dict(arch.vision, num_hidden_layers=v)), text_config=text,
                   **arch.top)
+    return _finish(cfg, name, attn)
+
+
+def _finish(cfg, name: str, attn: str):
     cfg = copy.deepcopy(cfg)
     for c in (cfg, cfg.text_config, cfg.vision_config):
         c._attn_implementation = attn
@@ -139,10 +152,12 @@ def arch_config(name: str, *, vision_layers: int | None = None, llm_layers: int 
 
 def _model_class(family: str):
     from transformers import (InternVLForConditionalGeneration, LlavaForConditionalGeneration,
-                              LlavaNextForConditionalGeneration)
+                              LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+                              Qwen3VLForConditionalGeneration)
 
     return {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
-            "internvl": InternVLForConditionalGeneration}[family]
+            "internvl": InternVLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+            "qwen3_vl": Qwen3VLForConditionalGeneration}[family]
 
 
 def _skip_default_init():
@@ -256,6 +271,8 @@ def arch_inputs(model, *, text_tokens: int = 56, seed: int = 0, batch: int = 1,
     image's crops. Returns input_ids / attention_mask [batch, T], pixel_values (model device and dtype) and,
     for NeXT, image_sizes [batch, 2]."""
     family = _family(model)
+    if family.startswith("qwen"):  # dynamic resolution: image_size in pixels, patch rows + image_grid_thw
+        return qwen_inputs(model, torch.Generator().manual_seed(seed), text_tokens, batch, image_size)
     extra = 2 if family == "internvl" else 0  # <img> and </img>
     if text_tokens < 1 + extra:
         raise ValueError(f"text_tokens must be >= {1 + extra} (BOS{' and <img> </img>' if extra else ''}), "

@@ -37,6 +37,14 @@ Projector on ``n`` rows: ``2·n·D_in·d + 2·n·d·d`` (two linear layers). LLa
 (``D_in = D``; CLS too with the "full" strategy); InternVL pixel-shuffles 2x2 patches into one row
 (``D_in = 4·D``, a LayerNorm first, left out).
 
+Qwen-VL (dynamic resolution, no CLS, no crops): per image frame of ``P = h·w`` patches (``image_grid_thw``), the
+patch embedding ``2·P·(3·T·s²)·D`` (T = 2 frames per temporal patch), and per block
+``2·P·D·3D + 2·P·D·D + 2·P·D·M·g + 4·A·D`` with ``g`` = 3 for Qwen2.5-VL's SwiGLU blocks, 2 for Qwen3-VL's, and
+``A = Σ n_w²`` over the attention segments: the 8x8-patch windows (edge windows smaller) in windowed blocks,
+``P²`` in full-attention blocks (Qwen2.5-VL's ``fullatt_block_indexes``; every block on Qwen3-VL). The 2x2
+merger (the projector) on ``P/4`` rows: ``2·(P/4)·4D·4D + 2·(P/4)·4D·d``, once for the output and once per
+DeepStack layer (Qwen3-VL), whose additions to the LLM's hidden states are O(n·d) and left out.
+
 KV cache after the prefill: ``sum over layers of 2·kv_heads·head_dim·tokens_l·bytes_per_element·batch``, with
 ``tokens_l`` the tokens layer ``l`` caches (:func:`cache_tokens_per_layer`: those it processed, or the last
 layer's after ``evict_early_kv``). The decode step attends to the same caches.
@@ -64,6 +72,8 @@ __all__ = [
     "shape_of",
     "vision_layer_flops",
     "vision_flops",
+    "qwen_vision_flops",
+    "merger_flops",
     "projector_flops",
     "llm_layer_flops",
     "lm_head_flops",
@@ -104,6 +114,13 @@ class Shape:
     ffn: int  # m
     gated: bool  # SwiGLU-style MLP (gate, up, down)
     vocab: int  # V
+    # Qwen-VL towers (dynamic resolution): windows, full-attention blocks, gated vision MLP, 2x2 merger, DeepStack
+    window: int = 0  # window side in patches (0: every block attends over the whole frame)
+    full_blocks: tuple[int, ...] = ()  # blocks attending over the whole frame when windows exist
+    vision_gated: bool = False
+    merge: int = 1  # patches per side of one merged token
+    temporal_patch: int = 1  # frames per patch
+    deepstack: int = 0  # DeepStack mergers run besides the final one
 
     @property
     def vision_tokens(self) -> int:
@@ -126,6 +143,8 @@ def shape_of(model) -> Shape:
     from ..adapters import get_adapter
 
     adapter = get_adapter(model)
+    if adapter.family.startswith("qwen"):
+        return _qwen_shape(model, adapter)
     cfg, vc, tc = model.config, model.config.vision_config, model.config.get_text_config()
     image, patch = _side(vc.image_size), _side(vc.patch_size)
     if adapter.family == "internvl":
@@ -147,6 +166,54 @@ def shape_of(model) -> Shape:
         head_dim=int(getattr(tc, "head_dim", None) or tc.hidden_size // heads), ffn=int(tc.intermediate_size),
         gated=hasattr(adapter.decoder_sublayer(0, "mlp"), "gate_proj"), vocab=int(tc.vocab_size),
     )
+
+
+def _llm_dims(model, adapter) -> dict:
+    tc = model.config.get_text_config()
+    heads = int(tc.num_attention_heads)
+    return dict(llm_layers=int(tc.num_hidden_layers), hidden=int(tc.hidden_size), heads=heads,
+                kv_heads=int(getattr(tc, "num_key_value_heads", None) or heads),
+                head_dim=int(getattr(tc, "head_dim", None) or tc.hidden_size // heads), ffn=int(tc.intermediate_size),
+                gated=hasattr(adapter.decoder_sublayer(0, "mlp"), "gate_proj"), vocab=int(tc.vocab_size))
+
+
+def _qwen_shape(model, adapter) -> Shape:
+    """Qwen-VL: per-frame numbers come from each image's grid (``image``/``patches`` are 0 here)."""
+    vc = model.config.vision_config
+    D, merge = int(vc.hidden_size), int(vc.spatial_merge_size)
+    window = int(getattr(vc, "window_size", 0) or 0) // int(vc.patch_size)
+    return Shape(
+        vision_layers=len(adapter.vision_layers), vision_hidden=D, vision_mlp=int(vc.intermediate_size),
+        vision_heads=int(vc.num_heads), patch=int(vc.patch_size), image=0, patches=0, has_cls=False,
+        projector="merger", projector_in=D * merge ** 2, projector_pool=merge ** 2, projector_cls=False,
+        **_llm_dims(model, adapter), window=window,
+        full_blocks=tuple(getattr(vc, "fullatt_block_indexes", None) or ()),
+        vision_gated=hasattr(adapter.vision_layers[0].mlp, "gate_proj"), merge=merge,
+        temporal_patch=int(vc.temporal_patch_size), deepstack=adapter.deepstack_layers,
+    )
+
+
+def _chunks(n: int, size: int) -> list[int]:
+    return [size] * (n // size) + ([n % size] if n % size else [])
+
+
+def qwen_vision_flops(shape: Shape, frames: int, h: int, w: int) -> float:
+    """A Qwen-VL tower on one image of ``frames`` x ``h`` x ``w`` patches (module doc), merger(s) excluded."""
+    P, D, M = h * w, float(shape.vision_hidden), float(shape.vision_mlp)
+    full = float(P) ** 2
+    windowed = (sum(r * r for r in _chunks(h, shape.window)) * sum(c * c for c in _chunks(w, shape.window))
+                if shape.window else full)
+    per_block = 2 * P * D * 3 * D + 2 * P * D * D + 2 * P * D * M * (3 if shape.vision_gated else 2)
+    blocks = sum(per_block + 4.0 * D * (full if (not shape.window or j in shape.full_blocks) else windowed)
+                 for j in range(shape.vision_layers))
+    embed = 2.0 * P * 3 * shape.temporal_patch * shape.patch ** 2 * D
+    return frames * (embed + blocks)
+
+
+def merger_flops(shape: Shape, rows: int) -> float:
+    """The 2x2 merger (RMS/LayerNorm left out) on ``rows`` merged tokens, with every DeepStack merger."""
+    d_in, d = float(shape.projector_in), float(shape.hidden)
+    return (1 + shape.deepstack) * (2.0 * rows * d_in * d_in + 2.0 * rows * d_in * d)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,7 +364,11 @@ def breakdown(model, inputs: dict, stats=None) -> FlopsBreakdown:
     shape = shape_of(model)
     by_image = {img.image: img for img in stats.images} if stats is not None else {}
     vision = projector = 0.0
-    for image, crops in _images(model, inputs):
+    grids = inputs.get("image_grid_thw") if shape.projector == "merger" and inputs.get("pixel_values") is not None else None
+    for t, h, w in grids.tolist() if grids is not None else ():  # Qwen-VL: each image's own grid, no vision cuts
+        vision += qwen_vision_flops(shape, t, h, w)
+        projector += merger_flops(shape, t * h * w // shape.projector_pool)
+    for image, crops in _images(model, inputs) if shape.projector != "merger" else ():
         tokens, patches = _vision_tokens(shape, by_image.get(image))
         vision += vision_flops(shape, crops, tokens)
         rows = math.ceil(patches / shape.projector_pool) + int(shape.projector_cls)

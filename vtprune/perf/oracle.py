@@ -63,11 +63,24 @@ class _OracleInput:
     rows: torch.Tensor  # [n] sequence positions kept
     positions: torch.Tensor  # [n] their position ids
     length: int  # T, the unpruned prompt length
+    adapter: object = None
 
     def prefill(self, kwargs: dict) -> dict:
         embeds = kwargs["inputs_embeds"]
         rows = self.rows.to(embeds.device)
         kwargs["inputs_embeds"] = embeds.index_select(1, rows)
+        given = kwargs.get("position_ids")
+        if _multimodal_rope(given, self):  # Qwen-VL's [3|4, 1, T]: the kept columns (original positions)
+            kwargs["position_ids"] = given.index_select(-1, rows)
+            deepstack = self.adapter.take_deepstack(kwargs)
+            if deepstack is not None:  # Qwen3-VL: the kept visual tokens' own DeepStack rows
+                mask, feats = deepstack
+                kept = mask[0, rows].bool()
+                index = (mask[0].long().cumsum(0) - 1)[rows][kept]
+                kwargs["visual_pos_masks"] = mask[:, rows]
+                kwargs["deepstack_visual_embeds"] = [f[index] for f in feats]
+            kwargs["attention_mask"] = torch.ones(1, rows.numel(), dtype=torch.long, device=embeds.device)
+            return kwargs
         kwargs["position_ids"] = self.positions.to(embeds.device)[None]
         # an explicit mask: position gaps would otherwise read as packed sequences
         kwargs["attention_mask"] = torch.ones(1, rows.numel(), dtype=torch.long, device=embeds.device)
@@ -76,10 +89,23 @@ class _OracleInput:
     def decode(self, kwargs: dict, cached: int) -> dict:
         embeds = kwargs["inputs_embeds"]
         q, step = embeds.shape[1], cached - self.rows.numel()
+        if _multimodal_rope(kwargs.get("position_ids"), self):  # generate()'s original positions continue as they are
+            kwargs["attention_mask"] = torch.ones(1, cached + q, dtype=torch.long, device=embeds.device)
+            return kwargs
         start = int(self.positions[-1]) + 1 + step
         kwargs["position_ids"] = torch.arange(start, start + q, device=embeds.device)[None]
         kwargs["attention_mask"] = torch.ones(1, cached + q, dtype=torch.long, device=embeds.device)
         return kwargs
+
+
+def _multimodal_rope(position_ids, state) -> bool:
+    """Whether the language model gets multimodal-rope ids ([rows, 1, T]); the oracle keeps them original only."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 3:
+        return False
+    if not torch.equal(state.positions.cpu(), state.rows.cpu()):
+        raise ValueError("oracle: positions='renumber' is not offered with multimodal-rope (Qwen-VL) position ids; "
+                         "use positions='original'")
+    return True
 
 
 @contextlib.contextmanager
@@ -92,7 +118,8 @@ def oracle(model, input_ids: torch.Tensor, kept: list[torch.Tensor], positions: 
     if positions not in ("original", "renumber"):
         raise ValueError(f"oracle: positions must be 'original' or 'renumber', got {positions!r}")
     rows = oracle_rows(model, input_ids, kept)
-    state = _OracleInput(rows, rows if positions == "original" else torch.arange(rows.numel()), input_ids.shape[1])
+    state = _OracleInput(rows, rows if positions == "original" else torch.arange(rows.numel()), input_ids.shape[1],
+                         get_adapter(model))
 
     def hook(module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")

@@ -46,9 +46,28 @@ def _default_methods(model, random_weights: bool) -> tuple[list[str], list[str]]
         elif name == "var" and not _var_dims(model):
             skipped.append("var (no known sink dimensions for this LLM: run `vtprune calibrate-sinks`, then "
                            "--methods var --set sink_dims=[...])")
+        elif (refused := _refused(model, name)) is not None:
+            skipped.append(f"{name} ({refused})")
         else:
             names.append(name)
     return names, skipped
+
+
+def _refused(model, name: str) -> str | None:
+    """Why prune() refuses ``name`` on this model family whatever its settings (e.g. a vision-tower method on
+    Qwen-VL), or None; checked on the plan alone, nothing is installed."""
+    from ..adapters import get_adapter
+    from ..core.plan import build_plan, model_info
+    from ..errors import PruneError
+
+    if name in ("dyvte", "var"):
+        return None  # built from weights / sink dims the caller gives (checked above); they run on every family
+    method = method_class(name)(**({"ratio": 0.5} if method_class(name).has_budget else {}))
+    try:
+        build_plan((method,), model_info(get_adapter(model)))
+    except PruneError as err:
+        return str(err).removeprefix("vtprune: ")
+    return None
 
 
 def _untrained_routers(model, out_dir, seed: int) -> dict:

@@ -128,7 +128,7 @@ def plan_setups(model, inputs: dict, configs: list[BenchConfig], keeps=(), ratio
     from ..budget import tokens_to_keep
 
     n_tokens = _image_tokens(model, inputs)
-    nominal = get_adapter(model).nominal_tokens
+    nominal = get_adapter(model).image_nominal  # None on Qwen-VL: keep per image
     setups = [Setup("vanilla", "vanilla")]
     setups += [Setup("oracle", "oracle", keep=k, kept=[even_keep(n, tokens_to_keep(n, None, k, nominal)) for n in n_tokens])
                for k in keeps]

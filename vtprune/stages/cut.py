@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.layout import Layout, compact_tokens, cut_layout, cut_positions
+from ..core.layout import Layout, compact_tokens, cut_layout, cut_positions, visual_key_mask
 from ..core.probes import CropSlice, ImageSlice
 from ..core.stats import StageStats
 from ..errors import PruneError
@@ -50,7 +50,7 @@ def image_views(host, step, fwd, layout: Layout, hidden: torch.Tensor) -> list[t
         out.append((span, ImageView(
             sample=span.sample, image=span.image, index_in_sample=span.index_in_sample, n_tokens=span.length,
             index=index, embeds=hidden[span.sample, layout.images[span.image]], cut=step.cut,
-            nominal=host.adapter.nominal_tokens, n_received=fwd.received.setdefault(key, int(index.numel())),
+            nominal=host.adapter.image_nominal, n_received=fwd.received.setdefault(key, int(index.numel())),
             model=host.plan.info, state=fwd.state.setdefault(key, {}), shared=fwd.shared.setdefault(step.slot, {}),
             _lookup=probe_lookup(host, step, records, where, "image"),
             _batch=batch_cache.setdefault("lookup", probe_lookup(host, step, records, where, "batch")),
@@ -122,7 +122,8 @@ def cut_tokens(host, fwd, step, prev: Layout, hidden: torch.Tensor, stage: str, 
     keeps = {span.image: keep for span, _, keep, _, _ in resolved}  # images with no tokens left keep none
     empty = torch.zeros(0, dtype=torch.long, device=prev.valid.device)
     new, keep_index, counts = cut_layout(prev, fwd.spans, [keeps.get(s.image, empty) for s in fwd.spans])
-    new.position_ids = cut_positions(prev, new, step.method.positions_at(step.cut))
+    visual = visual_key_mask(new, fwd.spans, new.length)
+    new.position_ids = cut_positions(prev, new, step.method.positions_at(step.cut), visual)
     in_place = not (hidden.requires_grad or fwd.keep_hidden_states)
     hidden = compact_tokens(hidden, keep_index, counts, in_place)
     for span, _, _, values, _ in resolved:

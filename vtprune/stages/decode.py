@@ -40,11 +40,11 @@ def llm_inputs(gen: Generation, kwargs: dict):
         kwargs["attention_mask"] = torch.cat([entry.valid.long(), ones], 1)
     pos = kwargs.get("position_ids")
     if pos is None:
-        last = entry.position_ids[:, -1:]
-        kwargs["position_ids"] = last + 1 + (new_tokens - q) + torch.arange(q, device=last.device)[None]
+        last = entry.position_ids[..., -1:]  # [B, 1] or [rows, B, 1] (multimodal rope)
+        kwargs["position_ids"] = last + 1 + (new_tokens - q) + torch.arange(q, device=last.device)
     else:
         kwargs["position_ids"] = pos - entry.position_shift[:, None].to(pos.device)
-    gen.step_mask = kwargs.get("attention_mask")
+    gen.step_mask, gen.step_positions = kwargs.get("attention_mask"), kwargs["position_ids"]
     return (), kwargs
 
 
@@ -71,6 +71,6 @@ def layer_inputs(host, gen: Generation, layer: int, hidden: torch.Tensor, kwargs
     if bool((extra != 0).any()):
         # the language-model entry already moved decode positions into the entry layout; only the shift the LLM
         # cuts up to this segment added is left (subtracting seg's total shift would count the entry's twice)
-        pos = kwargs["position_ids"] - extra[:, None]
-        kwargs["position_ids"] = pos
+        pos = gen.step_positions - extra[:, None]  # model-level ids: a layer may get only the text row (Qwen-VL)
+        kwargs["position_ids"] = host.adapter.layer_position_ids(pos)
         kwargs["position_embeddings"] = host.adapter.rotary(hidden, pos)

@@ -30,7 +30,7 @@ def before_layer(host, fwd, layer: int, hidden: torch.Tensor, kwargs: dict) -> t
     if start > 0:
         seg = fwd.segments[start]
         kwargs["position_embeddings"], kwargs["position_ids"], kwargs["attention_mask"] = (
-            seg.position_embeddings, seg.position_ids, seg.mask)
+            seg.position_embeddings, host.adapter.layer_position_ids(seg.position_ids), seg.mask)
     return hidden
 
 

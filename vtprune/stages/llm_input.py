@@ -29,8 +29,10 @@ def prepare(host, fwd, kwargs: dict) -> dict:
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(fwd.length, device=embeds.device)[None]  # the LLM's own default
-    if position_ids.dim() != 2:
-        raise PruneError("vtprune: 3-D (multimodal rope) position ids are not supported")
+    if position_ids.dim() not in (2, 3):
+        raise PruneError(f"vtprune: position ids of shape {tuple(position_ids.shape)}; expected [B, T] or "
+                         "[rows, B, T] (multimodal rope)")
+    fwd.deepstack = deepstack_inputs(host.adapter.take_deepstack(kwargs))
     layout = original_layout(fwd.spans, fwd.batch, fwd.length, attention_mask, embeds.device)
     layout.position_ids = position_ids
     cut = False
@@ -47,6 +49,32 @@ def prepare(host, fwd, kwargs: dict) -> dict:
     if not host.plan.llm:
         fwd.stats.finish()
     return kwargs
+
+
+def deepstack_inputs(taken):
+    """(visual_pos_masks [B, T] bool, rank [B, T]: row of each masked slot in the features, per-layer features)
+    from the language model's DeepStack kwargs, which vtprune takes over (``add_deepstack``); None without."""
+    if taken is None:
+        return None
+    mask, embeds = taken
+    mask = mask.bool()
+    rank = mask.flatten().long().cumsum(0).view_as(mask) - 1  # row-major over [B, T], as the model indexes them
+    return mask, rank, embeds
+
+
+def add_deepstack(fwd, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """After decoder layer ``layer``: add its DeepStack feature to every visual token still present, each its own
+    row (the model's ``hidden[visual_pos_masks] += embeds[layer]``, on the layer's current layout)."""
+    mask, rank, embeds = fwd.deepstack
+    if layer >= len(embeds):  # a tower built shallower than its DeepStack indexes gives fewer features
+        return hidden
+    layout = fwd.layout_at(layer)
+    orig = layout.orig.clamp(min=0).to(mask.device)
+    here = layout.valid.to(mask.device) & mask.gather(1, orig)
+    rows = rank.gather(1, orig)[here]
+    out = hidden.clone()
+    out[here] = hidden[here] + embeds[layer][rows].to(hidden.device, hidden.dtype)
+    return out
 
 
 def _steps(host, fwd):

@@ -108,10 +108,11 @@ def exit_logits(model, adapter, hidden: torch.Tensor, batch: dict, layer: int) -
     if not compat.mask_is_boolean(compat.get_attn_implementation(lm.config)):
         allowed = torch.zeros(allowed.shape, dtype=hidden.dtype, device=device).masked_fill(
             ~allowed, torch.finfo(hidden.dtype).min)
-    pos = torch.arange(T, device=device)[None].expand(ids.shape[0], T)
-    rotary = adapter.rotary(hidden, pos)
+    pos = adapter.prompt_positions({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+    rotary = adapter.rotary(hidden, pos)  # Qwen-VL: its 3-D M-RoPE positions, as the model's own forward
     for block in adapter.decoder_layers[layer + 1:]:
-        out = block(hidden, attention_mask=allowed, position_embeddings=rotary, position_ids=pos)
+        out = block(hidden, attention_mask=allowed, position_embeddings=rotary,
+                    position_ids=adapter.layer_position_ids(pos))
         hidden = out[0] if isinstance(out, tuple) else out
     return model.lm_head(lm.norm(hidden))
 

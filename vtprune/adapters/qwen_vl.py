@@ -30,6 +30,7 @@ class QwenVLAdapter(Adapter):
         inner = model.model
         self.language_model = inner.language_model
         self.decoder_layers = inner.language_model.layers
+        self.final_norm = inner.language_model.norm  # the norm before the LM head
         self.vision_tower = inner.visual
         self.projector = inner.visual.merger
         self.image_token_id = int(self.config.image_token_id)

@@ -30,6 +30,9 @@ each crop (base + grid) selected on all its patches, relevance normalised over t
 code runs NeXT without unpadding; we keep the model's unpadding: picks in regions the model unpads away have no
 token and are lost, newline tokens are kept (so official NeXT numbers used another layout).
 ``anyres="global"``: one selection over the packed image, newlines included (no CLIP embedding: r = 0).
+
+Qwen-VL (no CLIP tower, no per-crop sequence): ``relevance="llm"`` only (``"clip"`` is refused at ``prune()``);
+similarity and relevance both come from the LLM input rows, one selection per image.
 """
 
 from __future__ import annotations
@@ -140,10 +143,15 @@ class CDPruner(Method):
             self._aux["llm_tokenizer"] = _load_tokenizer(self.tokenizer or model.name_or_path, "tokenizer")
 
     def probes(self, model):
-        return (FeatureLayer(), Instruction())
+        if model.vision_cuts:
+            return (FeatureLayer(), Instruction())
+        if self.relevance == "clip":  # CLIP patch embeddings come from the feature layer's per-crop sequence
+            raise self.field_error("relevance", f"'llm' on {model.family}, whose vision tower has no CLIP feature layer "
+                                                "(relevance='llm' scores with the LLM's instruction embeddings)")
+        return (Instruction(),)  # relevance and similarity from the LLM input rows only
 
     def budget(self, image: ImageView) -> int:
-        if not self._per_crop(image.vision):
+        if not image.model.vision_cuts or not self._per_crop(image.vision):
             return super().budget(image)
         crops, patches = image.vision.crop_tokens.shape
         return tokens_to_keep(patches, self.ratio, self.keep, image.nominal, self.name)  # per crop
@@ -152,8 +160,8 @@ class CDPruner(Method):
         return self.anyres == "per_crop" and v.crop_tokens is not None
 
     def select(self, image: ImageView, n_keep: int | None) -> Selection:
-        v = image.vision
-        if self._per_crop(v):
+        v = image.vision if image.model.vision_cuts else None
+        if v is not None and self._per_crop(v):
             return self._select_per_crop(image, v, n_keep)
         text = self.text_embeddings(image)
         if self.relevance == "clip":

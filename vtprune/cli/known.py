@@ -45,6 +45,8 @@ BUILTIN: dict[str, Known] = {
     "paint": Known(False, False, False, ("alpha", "beta", "keep", "local_layer", "local_ratio", "positions",
                                          "ratio", "spatial_ratio", "start"),
                  ("alpha", "beta", "local_ratio", "start")),
+    "pdrop": Known(True, True, True, ("keep", "layers", "positions", "ratio", "ratios"),
+                 ("layers", "ratios")),
     "random": Known(True, False, True, ("keep", "positions", "ratio", "seed"),
                  ()),
     "transprune": Known(True, True, True, ("alpha", "direction", "keep", "keep_ratios", "layers", "positions",

@@ -5,6 +5,7 @@ from .dyvte import DyVTE
 from .fastv import FastV
 from .flowcut import FlowCut
 from .paint import PAINT
+from .pdrop import PDrop
 from .random import RandomPrune
 from .transprune import TransPrune
 from .var import VAR
@@ -12,4 +13,4 @@ from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 from .vtc_cls import VTCCLS
 
-__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "DyVTE", "FastV", "FlowCut", "PAINT", "RandomPrune", "TransPrune", "VAR", "VFlowOpt", "VisionZip", "VTCCLS"]
+__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "DyVTE", "FastV", "FlowCut", "PAINT", "PDrop", "RandomPrune", "TransPrune", "VAR", "VFlowOpt", "VisionZip", "VTCCLS"]

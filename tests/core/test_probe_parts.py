@@ -18,7 +18,7 @@ MOVED = {"QUERY_SETS": probe_base, "CropSlice": probe_base, "ImageSlice": probe_
          "ProjectorInput": vision_probes, "FeatureLayer": vision_probes, "PatchEntropy": vision_probes,
          "_llm_attention": llm_probes, "_repeat_kv": llm_probes, "LLMAttention": llm_probes, "LLMQKV": llm_probes,
          "Residual": llm_probes, "LayerOutput": llm_probes, "Sublayer": llm_probes, "SublayerRows": llm_probes,
-         "SublayerBatch": llm_probes, "IncomingAttention": llm_probes}
+         "SublayerBatch": llm_probes, "IncomingAttention": llm_probes, "Rotary": llm_probes}
 
 
 @pytest.mark.parametrize("name", sorted(MOVED))

@@ -211,3 +211,118 @@ def test_bad_fields_are_refused(models):
         vtprune.method("sparsevlm", table=(300, 200), keep=192)
     with pytest.raises(ConfigError, match="positions"):
         vtprune.method("sparsevlm", positions="original")
+
+
+def _gravity(delta, head_dim, base):
+    """Spec §1.4: G(delta) = (2 / sqrt(d)) sum_f cos(delta theta_f), theta_f = base^(-2f/d) (Llama RoPE)."""
+    theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return (2 / head_dim ** 0.5) * torch.cos(delta.double()[..., None] * theta).sum(-1)
+
+
+def test_plus_stage_one_divides_by_gravity_and_keeps_the_priority_heads(models, eager_copy):
+    model, eager = models("llava"), eager_copy("llava")
+    prompt = make_prompt(model, "llava", 9, 6)
+    batch = collate([prompt])
+    cfg = model.config.text_config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    with torch.no_grad():
+        attn = eager(**batch, output_attentions=True).attentions[PRUNE[0]][0].double()  # [H, T, T]
+    emb = merged_embeds(model, batch)[0]
+    img = _runs(prompt.input_ids)[0]
+    instr = torch.arange(int(img[-1]) + 1, prompt.input_ids.numel())
+    rows = instr[rater_mask(emb, img, instr)]
+    g = _gravity(rows[:, None] - img[None, :], head_dim, getattr(cfg, "rope_theta", None) or 10000.0)
+    clamp = 2.0  # above the tiny model's smallest G here, so the clamp matters (the default 0.1 bites at ~1.5k)
+    assert bool((g < clamp).any()) and bool((g > clamp).any())
+    probs = attn[:, rows][:, :, img] / g.clamp(min=clamp)
+    heads = round(14 * cfg.num_attention_heads / 32)
+    top = torch.topk(probs.sum((1, 2)), heads).indices
+    score = probs[top].mean(0).mean(0)
+    expected = torch.topk(score, TABLE[0]).indices.sort().values.tolist()
+    with vtprune.pruned(model, "sparsevlm", version="plus", table=TABLE, min_gravity=clamp), torch.no_grad():
+        model(**batch)
+        stage = model.vtprune.stats.images[0].stages[0]
+    assert stage.kept_index == expected and stage.tokens_out == TABLE[0]  # no recycling
+    assert "gravity clamped" in stage.note
+
+
+def test_rank_schedule_keeps_scale_times_rank_plus_bias(models, eager_copy):
+    model, eager = models("llava"), eager_copy("llava")
+    prompt = make_prompt(model, "llava", 9, 7)
+    batch = collate([prompt])
+    with torch.no_grad():
+        attn = eager(**batch, output_attentions=True).attentions[0][0]
+    emb = merged_embeds(model, batch)[0]
+    img = _runs(prompt.input_ids)[0]
+    instr = torch.arange(int(img[-1]) + 1, prompt.input_ids.numel())
+    p = attn.mean(0)[instr[rater_mask(emb, img, instr)]][:, img]
+    k = min(int(torch.linalg.matrix_rank(p) * 3.5 + 2), 63)
+    expected = torch.topk(p.mean(0), k).indices.sort().values.tolist()
+    with vtprune.pruned(model, "sparsevlm", schedule="rank", layers=(0, 1, 2), scale=3.5, bias=2.0), torch.no_grad():
+        model(**batch)
+        stage = model.vtprune.stats.images[0].stages[0]
+    assert stage.kept_index == expected and stage.tokens_out == k + recycled_count(64 - k)
+
+
+def _llava_576():
+    """A tiny LLaVA with LLaVA-1.5-7B's token arithmetic: 576 tokens per image (96 px, patch 4), 32 LLM layers."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=32,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024, pad_token_id=0)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=96, patch_size=4)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, image_seq_length=576,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(cfg).eval()
+    ids = torch.tensor([1] + list(range(3, 8)) + [IMAGE_TOKEN] * 576 + list(range(20, 32)))
+    return model, {"input_ids": ids[None], "attention_mask": torch.ones(1, ids.numel(), dtype=torch.long),
+                   "pixel_values": torch.randn(1, 3, 96, 96)}
+
+
+# spec §1.6: budget -> counts after each stage, code "equal" (post-cut), per-layer input average (SV#35)
+OFFICIAL = {"v1.5": {192: (309, 204, 113), 128: (312, 117, 39), 96: (249, 55, 27), 64: (82, 32, 18)},
+            "plus": {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)}}
+SPEC_FIGURES = {("v1.5", 192): (192.03, 206.5), ("v1.5", 128): (128.63, 145.4), ("v1.5", 64): (64.81, 82.3),
+                ("plus", 128): (128.00, None), ("plus", 64): (64.44, None)}  # (96 is in the tables too)
+
+
+def test_official_settings_give_the_spec_equivalent_tokens(one_thread):
+    """~1 s per 32-layer forward on an idle core: 7 forwards."""
+    model, batch = _llava_576()
+    for (version, budget), (code, inputs) in SPEC_FIGURES.items():
+        with vtprune.pruned(model, "sparsevlm", version=version, keep=budget), torch.no_grad():
+            model(**batch)
+            img = model.vtprune.stats.images[0]
+        counts = OFFICIAL[version][budget]
+        assert [st.tokens_out for st in img.stages] == list(counts)
+        assert [st.layer for st in img.stages] == [3, 7, 16]
+        post = (2 * 576 + 4 * counts[0] + 9 * counts[1] + 17 * counts[2]) / 32  # layer l counted as pruned
+        layer_in = (3 * 576 + 4 * counts[0] + 9 * counts[1] + 16 * counts[2]) / 32
+        assert img.equivalent_tokens_post_cut == pytest.approx(post) and abs(post - code) <= 0.005 + 1e-9
+        assert img.equivalent_tokens == pytest.approx(layer_in)
+        assert inputs is None or abs(layer_in - inputs) <= 0.05 + 1e-9
+    for kwargs, counts, average in [({}, (288, 144, 72), 270), ({"keep": 192}, (146, 37, 9), 192)]:  # PDrop §2.6
+        with vtprune.pruned(model, "pdrop", **kwargs), torch.no_grad():
+            model(**batch)
+            img = model.vtprune.stats.images[0]
+        assert [st.tokens_out for st in img.stages] == list(counts) and img.equivalent_tokens == average
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "internvl"])
+@pytest.mark.parametrize("convention", ["code", "input"])
+def test_other_budgets_hit_the_layer_average_within_a_token(models, family, convention):
+    """Not a 576-token table setting: the 192 table's shape scaled to the budget (keep per standard image, anyres
+    images scaled by N / nominal), in the asked convention."""
+    model = models(family)
+    nominal = {"internvl": 16}.get(family, 64)  # image_seq_length of the tiny configs
+    keep = nominal // 3
+    prompts = [make_prompt(model, family, 5 + 2 * i, i) for i in range(2)]
+    with vtprune.pruned(model, "sparsevlm", keep=keep, convention=convention), torch.no_grad():
+        model(**collate(prompts))
+        stats = model.vtprune.stats
+    for img in stats.images:
+        target = keep * img.n_tokens / nominal
+        got = img.equivalent_tokens_post_cut if convention == "code" else img.equivalent_tokens
+        assert abs(got - target) <= 1, (img.n_tokens, got, target)

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # what the fields need beyond the budget to install on the tiny test models (not searched)
 EXTRA = {"var": {"sink_dims": (1, 2)}}
 BUDGET = {"fastv": {"keep": 16}, "visionzip": {"keep": 16}, "vtc_cls": {"keep": 16}, "flowcut": {"keep": 16},
-          "vflowopt": {"keep": 16}, "transprune": {"keep": 16}, "random": {"keep": 16}}
+          "vflowopt": {"keep": 16}, "transprune": {"keep": 16}, "random": {"keep": 16},
+          "pdrop": {"keep": 16}, "sparsevlm": {"keep": 16}}
 BUILTIN = sorted(n for n in list_methods() if method_class(n).__module__.startswith("vtprune.methods."))
 SEARCHED = [n for n in BUILTIN if space_mod.declared(method_class(n))]
 TINY = ModelInfo(family="llava", vision_layers=4, feature_layer=2, llm_layers=4, nominal_tokens=144, hidden_size=256)
@@ -44,7 +45,7 @@ def _samples(space, n: int, seed: int = 0) -> list[tuple[dict, list[dict]]]:
 
 
 def test_every_method_with_knobs_declares_a_space_and_random_none():
-    assert set(SEARCHED) == set(BUILTIN) - {"random"} and len(BUILTIN) == 10
+    assert set(SEARCHED) == set(BUILTIN) - {"random"} and len(BUILTIN) == 12
     assert space_mod.declared(method_class("random")) == {}
 
 

@@ -51,7 +51,7 @@ BUILTIN: dict[str, Known] = {
                  ()),
     "sparsevlm": Known(True, True, True, ("bias", "convention", "keep", "layers", "min_gravity", "positions",
                                           "priority_heads", "ratio", "scale", "schedule", "table", "version"),
-                 ("version",)),
+                 ("version", "layers")),
     "transprune": Known(True, True, True, ("alpha", "direction", "keep", "keep_ratios", "layers", "positions",
                                            "ratio", "softmax_over_batch"),
                  ("layers", "keep_ratios", "alpha", "direction")),

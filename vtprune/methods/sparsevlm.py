@@ -49,7 +49,7 @@ from ..budget import tokens_to_keep
 from ..core.probes import LLMAttention, Residual, Rotary
 from ..core.registration import register
 from ..errors import ConfigError
-from ..space import Choice, tuned
+from ..space import Choice, Int, Seq, tuned
 from .base import Cut, ImageView, Method, Selection, top_k_sorted
 from .pdrop import average_tokens, relative_layers
 
@@ -74,7 +74,8 @@ class SparseVLM(Method):
 
     version: str = tuned("v1.5", Choice(VERSIONS))
     schedule: str = "table"
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = tuned(None, Seq(Int(0, lambda _, model: model.llm_layers - 2), n=3, order="increasing",
+                                                     derive=lambda m, model: m.prune_layers(model)))
     convention: str = "code"
     table: tuple[int, ...] | None = None  # explicit keep per stage (every image; instead of a budget)
     scale: float = 13.5  # rank schedule (v1 MME script: 13.5 / 0; POPE 9 / 6; TextVQA 0.8 / 0)

@@ -168,18 +168,37 @@ def test_the_solver_reproduces_the_spec_figures(target, expected):
 
 
 def test_an_unreachable_budget_names_the_remedy(models):
-    """4 layers, first cut before layer 1: at least (64 + 3) / 4 = 16.75 tokens on average."""
+    """4 layers, explicit first cut before layer 1: at least (64 + 3) / 4 = 16.75 tokens on average."""
     model = models("llava")
     batch = collate([make_prompt(model, "llava", 4, 0)])
     with torch.no_grad():
         before = model(**batch).logits
-    with pytest.raises(ConfigError, match=r"cut earlier \(e\.g\. layers="):
-        vtprune.prune(model, "pdrop", keep=10)
-    assert not hasattr(model, "vtprune") or model.vtprune is None
+    with pytest.raises(ConfigError, match=r"cannot average 10 .* give a budget >= 16"):
+        vtprune.prune(model, "pdrop", keep=10, layers=(1, 2, 3))
+    assert getattr(model, "vtprune", None) is None
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, before)
-    with vtprune.pruned(model, "pdrop", keep=17), torch.no_grad():  # reachable: fine
+    with vtprune.pruned(model, "pdrop", keep=16, layers=(1, 2, 3)), torch.no_grad():  # reachable within a token
         model(**batch)
+    with pytest.warns(UserWarning, match="every stage keeps 1 token"), vtprune.pruned(model, "pdrop", keep=10):
+        with torch.no_grad():
+            model(**batch)
+        assert [st.tokens_out for st in model.vtprune.stats.images[0].stages] == [1, 1, 1]
+
+
+def test_default_layers_move_the_first_cut_earlier_for_small_budgets():
+    """Spec §2.6 on LLaVA-1.5-7B's shape: 8 * 576 / 32 = 144 is the official list's floor; 128 and 64 need an
+    earlier first cut; an explicit official list refuses them, naming (2, 6, 12)."""
+    from vtprune.methods.base import ModelInfo
+
+    info = ModelInfo(family="llava", vision_layers=24, feature_layer=22, llm_layers=32, nominal_tokens=576)
+    assert vtprune.method("pdrop").cut_layers(info) == (8, 16, 24)
+    assert vtprune.method("pdrop", keep=192).cut_layers(info) == (8, 16, 24)
+    assert vtprune.method("pdrop", keep=128).cut_layers(info) == (2, 10, 20)
+    assert vtprune.method("pdrop", keep=64).cut_layers(info) == (2, 10, 20)  # floor (2 * 576 + 30) / 32 = 36.9
+    assert vtprune.method("pdrop", ratio=0.95).cut_layers(info) == (2, 6, 12)  # 28.8 < 36.9: none reaches it, the last
+    with pytest.raises(ConfigError, match=r"cut earlier \(e\.g\. layers=\(2, 6, 12\)\) or give a budget >= 144"):
+        vtprune.method("pdrop", keep=128, layers=(8, 16, 24)).setup(info)
 
 
 def test_bad_fields_are_refused():

@@ -16,17 +16,22 @@ L LLM layers (spec §2.6; ``keep`` per standard image, anyres scaled; ``ratio``:
 with r_s = lambda^s the schedule solves lambda in [0, 1] so that
     (K_1 N0 + sum_s (K_{s+1} - K_s) max(1, int(N0 lambda^s))) / L,   K_{S+1} = L,
 is closest to the target (bisection; the int truncation makes it a step function, hit within one token). Below
-K_1 N0 / L (every stage keeping one token) no lambda reaches it: ``prune()`` refuses with the remedy (an earlier
-first cut, e.g. layers=(2, 10, 20), spec §2.6's table).
+the floor (K_1 N0 + (L - K_1)) / L (every stage keeping one token) no lambda reaches it. With ``layers=None`` the
+first cut then moves earlier: the official (8, 16, 24), else spec §2.6's (2, 10, 20), else (2, 6, 12), the first
+whose floor reaches the budget (LLaVA-1.5-7B: 192 -> official; 128 -> (2, 10, 20)); below them all a UserWarning
+says every stage keeps one token. An explicit ``layers=`` that cannot reach it is a ConfigError at ``prune()``
+naming the remedy (an earlier first cut, or the least reachable budget).
 
-Other depths: ``layers=None`` maps (8, 16, 24) by relative depth, round(K L / 32), strictly increasing
-(4-layer test LLM: 1, 2, 3). Where we differ from the code: masks are rebuilt for the shorter sequence and KV
+Other depths: the layer lists map by relative depth, round(K L / 32), strictly increasing (4-layer test LLM:
+1, 2, 3). Where we differ from the code: masks are rebuilt for the shorter sequence and KV
 heads are repeated, so padding, batches, several images per sample (each its own N0) and GQA LLMs work
 (the code: batch 1, one image, MHA only); at least one token per image is kept.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -40,6 +45,8 @@ from ..space import Float, Int, Seq, tuned
 from .base import Cut, ImageView, Method, Selection, top_k_sorted
 
 DEFAULT_LAYERS, DEFAULT_DEPTH = (8, 16, 24), 32  # official layer_list on the 32-layer Vicuna-7B
+# layers=None: the official list, then spec §2.6's [calc] lists for budgets below its floor (192/128, then 64)
+FALLBACK_LAYERS = (DEFAULT_LAYERS, (2, 10, 20), (2, 6, 12))
 
 
 def relative_layers(layers: tuple[int, ...], depth: int, name: str) -> tuple[int, ...]:
@@ -84,24 +91,47 @@ class PDrop(Method):
             raise self.field_error("layers", f"{len(self.ratios)} strictly increasing LLM layers >= 1, one per ratio")
 
     def cut_layers(self, model) -> tuple[int, ...]:
+        """``layers``, or the first of FALLBACK_LAYERS (relative depth) whose floor reaches the budget."""
         if self.layers is not None:
             return self.layers
         if len(self.ratios) != len(DEFAULT_LAYERS):
             raise PruneError(f"vtprune: pdrop with {len(self.ratios)} ratios needs layers=")
-        return relative_layers(DEFAULT_LAYERS, model.llm_layers, self.name)
+        mapped = ()
+        for layers in FALLBACK_LAYERS:
+            mapped = relative_layers(layers, model.llm_layers, self.name)
+            if self.reaches(mapped, model):
+                return mapped
+        return mapped
+
+    def floor_and_target(self, layers, model) -> tuple[float, float] | None:
+        """(the least layer average ``layers`` allow, the budget's average) for the model's standard image."""
+        if self.keep is None and self.ratio is None or self.is_noop:
+            return None
+        n = model.nominal_tokens
+        target = float(self.keep) if self.keep is not None else n * (1.0 - self.ratio)
+        return average_tokens(n, [1] * len(layers), layers, model.llm_layers), target
+
+    def reaches(self, layers, model) -> bool:
+        bounds = self.floor_and_target(layers, model)
+        return bounds is None or bounds[1] >= bounds[0] - 1
 
     def setup(self, model) -> None:
-        """Refuse an average budget the layer list cannot reach (spec §2.6: every stage keeping one token)."""
-        if self.keep is None and self.ratio is None or self.is_noop:
+        """Refuse a budget an explicit layer list cannot reach (spec §2.6); warn when no default list does."""
+        layers = self.cut_layers(model)
+        if self.reaches(layers, model):
             return
-        layers, n = self.cut_layers(model), model.nominal_tokens
-        target = float(self.keep) if self.keep is not None else n * (1.0 - self.ratio)
-        floor = average_tokens(n, [1] * len(layers), layers, model.llm_layers)
-        if target < floor - 1:
+        floor, target = self.floor_and_target(layers, model)
+        if self.layers is not None:
+            earlier = relative_layers(FALLBACK_LAYERS[-1], model.llm_layers, self.name)
+            remedy = f"cut earlier (e.g. layers={earlier}) or " if earlier[0] < layers[0] else ""
             raise ConfigError(
                 f"vtprune: pdrop cannot average {target:g} visual tokens over {model.llm_layers} LLM layers with its "
                 f"first cut before layer {layers[0]} (at least {floor:.1f}: the first {layers[0]} layers see all "
-                f"{n}); cut earlier (e.g. layers=({max(1, model.llm_layers // 16)}, ...)) or give a larger budget")
+                f"{model.nominal_tokens}); {remedy}give a budget >= {math.ceil(floor - 1)}")
+        warnings.warn(f"vtprune: pdrop cannot average {target:g} visual tokens over this model's {model.llm_layers} "
+                      f"LLM layers even with its first cut before layer {layers[0]}; every stage keeps 1 token "
+                      f"(about {floor:.1f} on average; a budget >= {math.ceil(floor - 1)} is reachable)",
+                      UserWarning, stacklevel=2)
 
     def cuts(self, model):
         return tuple(Cut("llm", k) for k in self.cut_layers(model))

@@ -65,6 +65,7 @@ def test_stage_one_is_the_top_half_of_the_eager_last_row_attention(models, eager
     with vtprune.pruned(model, "pdrop"), torch.no_grad():
         model(**batch)
         got = model.vtprune.stats.images[0].stages[0].kept_index
+        assert model.config.text_config._attn_implementation in ("sdpa", "vtprune+sdpa")  # never eager
     assert got == expected
 
 

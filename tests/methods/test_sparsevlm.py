@@ -112,6 +112,7 @@ def test_stage_one_is_the_top_of_the_eager_rater_attention(models, eager_copy):
     with vtprune.pruned(model, "sparsevlm", table=TABLE), torch.no_grad():
         model(**batch)
         stage = model.vtprune.stats.images[0].stages[0]
+        assert model.config.text_config._attn_implementation in ("sdpa", "vtprune+sdpa")  # never eager
     assert stage.kept_index == expected
     assert stage.tokens_out == TABLE[0] + recycled_count(64 - TABLE[0])
 

@@ -111,10 +111,9 @@ class SparseVLM(Method):
             raise self.field_error("priority_heads", "a head count >= 1 (plus only)")
         if not 0.0 < self.min_gravity:
             raise self.field_error("min_gravity", "a positive clamp for the gravity divisor (plus only)")
-        if self.version == "plus" and self.positions != "renumber":
-            raise self.field_error("positions", "left out: plus keeps original position ids (official)")
-        if self.version == "v1.5" and self.positions != "renumber":
-            raise self.field_error("positions", "'renumber' (recycled tokens have no original position; spec Q4)")
+        if self.positions != "renumber":  # the version decides (positions_at)
+            raise self.field_error("positions", "left out: v1.5 renumbers (recycled tokens have no original position, "
+                                                "spec Q4), plus keeps the original ids (official)")
 
     def positions_at(self, cut: Cut) -> str:
         return "original" if self.version == "plus" else "renumber"

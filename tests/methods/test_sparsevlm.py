@@ -311,8 +311,7 @@ def test_official_settings_give_the_spec_equivalent_tokens(one_thread):
         assert [st.tokens_out for st in img.stages] == list(counts) and img.equivalent_tokens == average
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "internvl"])
-@pytest.mark.parametrize("convention", ["code", "input"])
+@pytest.mark.parametrize("family,convention", [("llava", "code"), ("llava_next", "input"), ("internvl", "code")])
 def test_other_budgets_hit_the_layer_average_within_a_token(models, family, convention):
     """Not a 576-token table setting: the 192 table's shape scaled to the budget (keep per standard image, anyres
     images scaled by N / nominal), in the asked convention."""

@@ -28,6 +28,7 @@ SETTINGS = {  # where a method needs other test settings than DEFAULT (tiny towe
     "vtc_cls": dict(ratio=0.6, start_layer=0),
     "flowcut": dict(ratio=0.75, shared_prune_count=False),
     "cdpruner": dict(ratio=0.6, relevance="llm", anyres="global"),  # no CLIP checkpoint offline; per-crop NeXT budget
+    "sparsevlm": dict(ratio=0.6, convention="input"),  # the matrix checks the layer-input average
 }
 METHODS = {name: SETTINGS.get(name, DEFAULT if method_class(name).has_budget else {})
            for name in vtprune.list_methods() if not name.startswith("_") and method_class(name).prunes}

@@ -20,7 +20,8 @@ MOVED = {"QUERY_SETS": probe_base, "CropSlice": probe_base, "ImageSlice": probe_
          "Residual": llm_probes, "LayerOutput": llm_probes, "Sublayer": llm_probes, "SublayerRows": llm_probes,
          "SublayerBatch": llm_probes, "IncomingAttention": llm_probes,
          "Instruction": llm_probes, "InstructionRows": llm_probes,  # added after the split (CDPruner)
-         "ReceivedAttention": received}  # added after the split (Qwen-VL)
+         "ReceivedAttention": received,  # added after the split (Qwen-VL)
+         "Rotary": llm_probes}  # added after the split (SparseVLM+)
 
 
 @pytest.mark.parametrize("name", sorted(MOVED))

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 EXTRA = {"var": {"sink_dims": (1, 2)}, "cdpruner": {"relevance": "llm"}}  # no CLIP checkpoint offline
 BUDGET = {"fastv": {"keep": 16}, "visionzip": {"keep": 16}, "vtc_cls": {"keep": 16}, "flowcut": {"keep": 16},
           "vflowopt": {"keep": 16}, "transprune": {"keep": 16}, "random": {"keep": 16},
-          "dart": {"keep": 16}, "divprune": {"keep": 16}, "cdpruner": {"keep": 16}}
+          "dart": {"keep": 16}, "divprune": {"keep": 16}, "cdpruner": {"keep": 16},
+          "pdrop": {"keep": 16}, "sparsevlm": {"keep": 16}}
 BUILTIN = sorted(n for n in list_methods() if method_class(n).__module__.startswith("vtprune.methods."))
 SEARCHED = [n for n in BUILTIN if space_mod.declared(method_class(n))]
 TINY = ModelInfo(family="llava", vision_layers=4, feature_layer=2, llm_layers=4, nominal_tokens=144, hidden_size=256)
@@ -45,7 +46,7 @@ def _samples(space, n: int, seed: int = 0) -> list[tuple[dict, list[dict]]]:
 
 
 def test_every_method_with_knobs_declares_a_space_and_random_none():  # random and divprune have none
-    assert set(SEARCHED) == set(BUILTIN) - {"random", "divprune"} and len(BUILTIN) == 13  # divprune: budget only
+    assert set(SEARCHED) == set(BUILTIN) - {"random", "divprune"} and len(BUILTIN) == 15  # divprune: budget only
     assert space_mod.declared(method_class("random")) == {}
 
 

@@ -1,6 +1,6 @@
 """LLM probes (prefill only; rows refer to the layout of the layer they were recorded at): ``LLMAttention``,
 ``LLMQKV``, ``Residual``, ``LayerOutput``, ``Sublayer`` (with its ``SublayerRows`` / ``SublayerBatch`` views),
-``IncomingAttention``, ``Instruction``; see :mod:`.probes`."""
+``IncomingAttention``, ``Instruction``, ``Rotary``; see :mod:`.probes`."""
 
 from __future__ import annotations
 
@@ -114,9 +114,18 @@ def _unpadded(layout, sample: int, slots: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Residual(Probe):
-    """[n, D] the residual stream entering decoder layer ``layer`` (after any cut before it), per image."""
+    """[n, D] the residual stream entering decoder layer ``layer`` (after any cut before it), per image; with
+    ``rows="instruction"`` the rows of the image's sample's instruction tokens instead (every prompt token after the
+    sample's last image, as :class:`LayerOutput`), [q, D] (``Residual(0, "instruction")``: the LLM input embeddings
+    of the text SparseVLM's raters are chosen from)."""
 
     layer: int
+    rows: str = "image"
+    ROWS: ClassVar[tuple[str, ...]] = ("image", "instruction")
+
+    def __post_init__(self):
+        if self.rows not in self.ROWS:
+            raise PruneError(f"vtprune: Residual rows={self.rows!r}; use one of {self.ROWS}")
 
     def check(self, info):
         _check_llm(self, self.layer, info)
@@ -132,6 +141,8 @@ class Residual(Probe):
 
     def for_image(self, record, where):
         hidden, layout = record
+        if self.rows == "instruction":
+            return hidden[where.span.sample, instruction_slots(layout, where.forward.spans, where.span.sample)]
         return hidden[where.span.sample, where.rows(layout)]
 
 
@@ -293,3 +304,31 @@ class InstructionRows:
 
     def embeds(self) -> torch.Tensor:
         return self.embed(self.ids)
+
+
+@dataclass(frozen=True)
+class Rotary(Probe):
+    """The rotary tables decoder layer ``layer`` applies (its segment's positions), per image: ``{"rows": (cos,
+    sin) [q, d] of the sample's instruction tokens, "cols": (cos, sin) [n, d] of the image's current tokens}``; for
+    position-only terms computed for the rows and columns needed (SparseVLM+'s RoPE gravity)."""
+
+    layer: int
+
+    def check(self, info):
+        _check_llm(self, self.layer, info)
+
+    def attach(self, host):
+        def record(module, args, kwargs):
+            fwd = host.prefill()
+            if fwd is not None:
+                layout = fwd.layout_at(self.layer)
+                rotary = layout.position_embeddings if layout.position_embeddings is not None else kwargs["position_embeddings"]
+                fwd.records[self] = (rotary, layout)
+
+        host.hooks.pre(host.adapter.decoder_layers[self.layer], record)  # after the session's cut hooks
+
+    def for_image(self, record, where):
+        (cos, sin), layout = record
+        b = where.span.sample if cos.shape[0] > 1 else 0
+        rows, cols = instruction_slots(layout, where.forward.spans, where.span.sample), where.rows(layout)
+        return {"rows": (cos[b, rows], sin[b, rows]), "cols": (cos[b, cols], sin[b, cols])}

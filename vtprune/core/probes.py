@@ -14,7 +14,8 @@ Vision probes (vision tower; one record per run of ``get_image_features``):
 LLM probes (prefill only; rows refer to the layout of the layer they were recorded at):
     LLMAttention(layer, queries) attention probabilities of the last prompt token or the instruction tokens
     LLMQKV(layer)                post-RoPE query of the last prompt token, keys (image and instruction rows), values
-    Residual(layer)              the residual stream entering a decoder layer
+    Residual(layer, rows)        the residual stream entering a decoder layer (image rows, or the instruction's)
+    Rotary(layer)                the rotary cos / sin a decoder layer applies, instruction rows and image columns
     LayerOutput(layer, rows)     a decoder layer's output (before the next layer's cut), instruction or image rows,
                                  optionally after the LLM's final norm
     Sublayer(layer, part)        input and output of the attention (``"attn"``) or FFN (``"mlp"``) sublayer
@@ -33,12 +34,12 @@ from __future__ import annotations
 
 from .._parts import getattr_from_parts
 from .llm_probes import (IncomingAttention, Instruction, InstructionRows, LayerOutput, LLMAttention, LLMQKV, Residual,
-                         Sublayer, SublayerBatch, SublayerRows)
+                         Rotary, Sublayer, SublayerBatch, SublayerRows)
 from .probe_base import QUERY_SETS, CropSlice, ImageSlice, Probe
 from .received import ReceivedAttention
 from .vision_probes import FeatureLayer, PatchEntropy, ProjectorInput, VisionAttentionMap, VisionCLS, VisionValues
 
-__all__ = ["QUERY_SETS", "CropSlice", "ImageSlice", "Probe", "VisionCLS", "VisionValues", "VisionAttentionMap", "ProjectorInput", "FeatureLayer", "PatchEntropy", "LLMAttention", "LLMQKV", "Residual", "LayerOutput", "Sublayer", "SublayerRows", "SublayerBatch", "IncomingAttention", "Instruction", "InstructionRows", "ReceivedAttention"]
+__all__ = ["QUERY_SETS", "CropSlice", "ImageSlice", "Probe", "VisionCLS", "VisionValues", "VisionAttentionMap", "ProjectorInput", "FeatureLayer", "PatchEntropy", "LLMAttention", "LLMQKV", "Residual", "LayerOutput", "Sublayer", "SublayerRows", "SublayerBatch", "IncomingAttention", "Instruction", "InstructionRows", "ReceivedAttention", "Rotary"]
 
 # the modules this one was split into: private names (``probes._masked_logits``) are still found there
 _PARTS = ("probe_base", "vision_probes", "llm_probes", "received")

@@ -23,6 +23,9 @@ class ImageStats:
     n_tokens: int
     stages: list[StageStats] = field(default_factory=list)
     equivalent_tokens: float = 0.0
+    # the same average with an LLM cut before layer K counted from layer K-1 on (the layer that decided it): the
+    # official SparseVLM "Equal Tokens" counter (spec sparsevlm_pdrop §1.6); equivalent_tokens counts layer inputs
+    equivalent_tokens_post_cut: float = 0.0
 
     @property
     def kept(self) -> int:
@@ -57,6 +60,11 @@ class PruneStats:
         """Layer-averaged visual tokens the LLM processed, summed over images."""
         return float(sum(i.equivalent_tokens for i in self.images))
 
+    @property
+    def equivalent_tokens_post_cut(self) -> float:
+        """The same, counting an LLM cut from the layer before it (SparseVLM's official convention), summed."""
+        return float(sum(i.equivalent_tokens_post_cut for i in self.images))
+
     def finish(self) -> None:
         """Fill every image's layer-averaged token count from its stages."""
         L = self.llm_layers
@@ -66,6 +74,8 @@ class PruneStats:
                 for layer in range(st.layer if st.stage == "llm" else 0, L):
                     counts[layer] = st.tokens_out
             img.equivalent_tokens = sum(counts) / L if L else float(img.n_tokens)
+            post = counts[1:] + counts[-1:]  # layer K-1 already holds what the cut before K kept
+            img.equivalent_tokens_post_cut = sum(post) / L if L else float(img.n_tokens)
 
     def summary(self) -> str:
         return (

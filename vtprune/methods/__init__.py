@@ -8,11 +8,13 @@ from .dyvte import DyVTE
 from .fastv import FastV
 from .flowcut import FlowCut
 from .paint import PAINT
+from .pdrop import PDrop
 from .random import RandomPrune
+from .sparsevlm import SparseVLM
 from .transprune import TransPrune
 from .var import VAR
 from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 from .vtc_cls import VTCCLS
 
-__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "CDPruner", "DART", "DivPrune", "DyVTE", "FastV", "FlowCut", "PAINT", "RandomPrune", "TransPrune", "VAR", "VFlowOpt", "VisionZip", "VTCCLS"]
+__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "CDPruner", "DART", "DivPrune", "DyVTE", "FastV", "FlowCut", "PAINT", "PDrop", "RandomPrune", "SparseVLM", "TransPrune", "VAR", "VFlowOpt", "VisionZip", "VTCCLS"]

@@ -224,3 +224,12 @@ def test_every_method_runs_on_qwen_or_is_refused_at_prune(models, dyvte_routers,
     with pytest.raises(vtprune.PruneError, match=f"{QWEN_REFUSED[method]}.*inside the vision tower.*use a method"):
         vtprune.prune(model, method, **kwargs)
     assert not hasattr(model, "vtprune")
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"])
+def test_cdpruner_clip_relevance_is_refused_on_qwen_naming_the_llm_relevance(models, family):
+    """No CLIP feature layer on Qwen-VL: relevance='clip' is a ConfigError pointing at relevance='llm'."""
+    model = models(family)
+    with pytest.raises(vtprune.ConfigError, match=r"cdpruner relevance='clip'.*expected 'llm' on qwen2_5_vl"):
+        vtprune.prune(model, "cdpruner", ratio=0.5, relevance="clip", clip="/nonexistent")
+    assert not hasattr(model, "vtprune")

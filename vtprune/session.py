@@ -360,7 +360,8 @@ class Session:
         call = AttentionCall(module, query, key, value, attention_mask, kwargs, layer, visual, next,
                              records=context.records if prefill else {}, layout=layout, spans=context.spans,
                              shared=context.shared.setdefault(slot, {}),
-                             view=functools.partial(self._probe_view, slot, layout) if prefill else None)
+                             view=functools.partial(self._probe_view, slot, layout) if prefill else None,
+                             stats=context.stats if prefill else None)
         out = method.modulate(call)
         return call.run() if out is None else out
 

@@ -184,6 +184,9 @@ class Method:
     prunes: ClassVar[bool] = True  # False: the method only modulates attention (left out of default bench sweeps)
     budget_kind: ClassVar[str] = "kept"  # "kept": tokens kept per image after it; "average": over all LLM layers
     records_unchanged: ClassVar[bool] = True  # False: a cut that keeps an image whole adds no stage to its stats
+    # True: modulate() computes the attention on other queries / keys than the call's (ZipVL's sparse prefill), so no
+    # modulator may follow it on a layer: it would be handed the rewritten tensors
+    rewrites_attention: ClassVar[bool] = False
 
     def __post_init__(self):
         """Validate every field at construction: types from the annotations (numpy scalars become Python

@@ -1,0 +1,169 @@
+"""ZipVL (spec zipvl.md §1.2-1.5, §1.12) against an independent eager reference written here from the formulas.
+
+The reference runs the eager copy of the tiny model with its own attention function in every LLM layer
+(post-RoPE q / k / v come in): per sample, on its valid (unpadded) tokens, the probe rows' fp32 softmax with the
+causal mask, averaged over heads; a = column sums; p = the first count whose descending cumulative a reaches
+tau of the total; T = the p largest of a / (number of probe rows at or after the key); the output of a row in
+T is softmax over the keys in T at or before it, times V; rows outside T are zero. Nothing of vtprune builds it
+except ``probe_index`` (the seeded draw of the random probe rows, an input; its own properties are tested).
+In decode steps (``evict=True``) the new token attends to T of each layer and the generated tokens only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.errors import ConfigError, PruneError
+from vtprune.methods import PAINT
+from vtprune.methods.zipvl import ZipVL, probe_index
+
+from ..conftest import FAMILIES, collate, make_prompt
+from ..helpers import own_attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TAU = 0.9
+
+
+def probes_of(n, n_recent, n_random, layer, seed=0):
+    if n_random == 0:
+        return torch.arange(max(n - n_recent, 0), n)  # no draw: the last rows, derived here
+    return probe_index(n, n_recent, n_random, seed, layer)
+
+
+def reference_important(q, k, scaling, probes, tau):
+    """q [H, n, d], k [H, n, d] of one sample's valid tokens -> (p, T sorted [p])."""
+    n = k.shape[1]
+    z = (q[:, probes].double() @ k.double().transpose(-1, -2)) * scaling  # [H, m, n]
+    keys = torch.arange(n)
+    see = probes[:, None] >= keys[None]
+    A = z.masked_fill(~see, float("-inf")).softmax(-1).mean(0)  # [m, n]
+    a = A.sum(0)
+    running = torch.cumsum(a.sort(descending=True).values, 0)
+    p = int(torch.nonzero(running >= tau * a.sum() - 1e-12)[0]) + 1 if tau < 1 else n
+    score = a / see.sum(0)
+    return p, score.topk(p).indices.sort().values
+
+
+def zipvl_reference(eager, batch, tau, n_recent, n_random, steps=0, evict=False):
+    """(logits [B, T, V], {layer: [p per sample]}, generated tokens [B, steps] or None) of ZipVL on ``eager``."""
+    valid = batch["attention_mask"].bool()
+    B, L = valid.shape
+    kept, important = {}, {}
+
+    def attention(module, q, k, v, mask, scaling):
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1).float(), v.repeat_interleave(groups, 1).float()
+        layer, Q, T = module.layer_idx, q.shape[2], k.shape[2]
+        out = torch.zeros(B, Q, q.shape[1], q.shape[3])
+        if Q > 1:
+            for b in range(B):
+                slots = valid[b].nonzero()[:, 0]
+                p, t = reference_important(q[b][:, slots].float(), k[b][:, slots], scaling,
+                                           probes_of(len(slots), n_recent, n_random, layer), tau)
+                kept.setdefault(layer, []).append(p)
+                ts = slots[t]
+                important[layer, b] = ts
+                z = (q[b][:, ts].float() @ k[b][:, ts].transpose(-1, -2)) * scaling
+                z = z.masked_fill(~torch.ones(p, p, dtype=torch.bool).tril(), float("-inf"))
+                out[b, ts] = (z.softmax(-1) @ v[b][:, ts]).transpose(0, 1)
+        else:  # a decode step: T of the layer (evict) or every valid prompt token, then every generated token
+            for b in range(B):
+                prompt = important[layer, b] if evict else valid[b].nonzero()[:, 0]
+                keys = torch.cat([prompt, torch.arange(L, T)])
+                z = (q[b].float() @ k[b][:, keys].transpose(-1, -2)) * scaling
+                out[b] = (z.softmax(-1) @ v[b][:, keys]).transpose(0, 1)
+        return out.to(q.dtype), None
+
+    with own_attention(eager, attention), torch.no_grad():
+        logits = eager(**batch).logits
+        tokens = None
+        if steps:
+            kept.clear()
+            tokens = eager.generate(**batch, max_new_tokens=steps, do_sample=False)[:, L:]
+    return logits, kept, tokens
+
+
+def _batch(model, family, seeds):
+    return collate([make_prompt(model, family, 3 + 4 * s, s) for s in seeds])
+
+
+# --- the selection rule, on its own ---------------------------------------------------------------------------
+def test_probe_rows_hold_the_recent_ones_and_a_reproducible_draw():
+    p = probe_index(200, 64, 64, seed=3, layer=5)
+    assert p.tolist() == sorted(set(p.tolist())) and len(p) == 128
+    assert p[-64:].tolist() == list(range(136, 200))
+    assert torch.equal(p, probe_index(200, 64, 64, seed=3, layer=5))
+    assert not torch.equal(p, probe_index(200, 64, 64, seed=3, layer=6))
+    assert probe_index(100, 64, 64, 0, 0).tolist() == list(range(100))  # a short prompt: every row
+    assert probe_index(50, 64, 64, 0, 0).tolist() == list(range(50))
+
+
+def test_tau_one_is_bit_identical_to_vanilla(models):
+    """p = n in every layer, so each layer runs the model's own attention call unchanged: exactly equal."""
+    model = models("llava")
+    batch = _batch(model, "llava", [0, 1, 2])
+    with torch.no_grad():
+        ref = model(**batch).logits
+        with vtprune.pruned(model, "zipvl", tau=1.0):
+            out = model(**batch).logits
+            rep = model.vtprune.stats.reports["zipvl"]
+    assert torch.equal(out, ref)
+    assert rep.token_ratio == 1.0 and rep.attention_flop_reduction == 0.0
+
+
+def _run(model, batch, **fields):
+    with torch.no_grad(), vtprune.pruned(model, "zipvl", **fields):
+        return model(**batch).logits, model.vtprune.stats.reports["zipvl"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("probes", [(16, 0), (8, 8)])
+def test_prefill_equals_the_eager_reference_batched_and_alone(models, eager_copy, family, probes):
+    """On the eager copy (the method's dense work then goes through the model's eager attention, as the
+    reference's does) within 1e-5; on the SDPA model a padded batch of 3 equals each sample alone: the same p in
+    every layer, logits within 1e-5 or twice the unpruned model's own batch-vs-alone difference (up to 5e-5 on
+    LLaVA-NeXT, from its vision tower). SDPA and eager themselves differ by ~2e-5 here, so that pair is not
+    compared."""
+    model, eager = models(family), eager_copy(family)
+    fields = dict(tau=TAU, n_recent=probes[0], n_random=probes[1])
+    batch = _batch(model, family, [0, 1, 2])
+    valid = batch["attention_mask"].bool()
+    ref, ref_kept, _ = zipvl_reference(eager, batch, TAU, *probes)
+    out, rep = _run(eager, batch, **fields)
+    assert rep.kept == ref_kept  # p per layer and sample: the minimal count, recomputed above
+    assert any(p < n for ps in rep.kept.values() for p, n in zip(ps, rep.tokens))  # something was sparsified
+    assert rep.tokens == valid.sum(1).tolist()
+    assert all((out[b][valid[b]] - ref[b][valid[b]]).abs().max() <= 1e-5 for b in range(3))
+    out, rep = _run(model, batch, **fields)
+    with torch.no_grad():
+        vanilla = model(**batch).logits
+    for b in range(3):
+        one = _batch(model, family, [b])
+        alone, alone_rep = _run(model, one, **fields)
+        with torch.no_grad():  # the unpruned model's own batch-vs-alone difference (its vision tower's batching)
+            floor = float((vanilla[b][valid[b]] - model(**one).logits[0]).abs().max())
+        assert (out[b][valid[b]] - alone[0]).abs().max() <= max(1e-5, 2 * floor)  # no cross-sample leakage
+        assert {layer: ps[b] for layer, ps in rep.kept.items()} == {layer: ps[0] for layer, ps in alone_rep.kept.items()}
+
+
+def test_report_ratio_and_flops_follow_the_paper_formulas():
+    from vtprune.methods.zipvl import ZipVLReport
+
+    # a FastV-like schedule: 2 full layers, 30 at half the tokens -> the paper's 53.1 % "Ratio"
+    rep = ZipVLReport(tokens=[100], kept={l: [100 if l < 2 else 50] for l in range(32)})
+    assert abs(rep.token_ratio - (2 + 30 * 0.5) / 32) < 1e-12 and round(rep.token_ratio, 3) == 0.531
+    assert abs(rep.attention_flop_reduction - (1 - (2 + 30 * 0.25) / 32)) < 1e-12
+
+
+def test_bad_fields_and_a_modulator_after_it_are_refused(models):
+    for bad in (dict(tau=0.0), dict(tau=1.5), dict(n_recent=0), dict(norm="rows"), dict(kv_mode="int4"),
+                dict(bits=(3, 2)), dict(recompress_every=0)):
+        with pytest.raises(ConfigError):
+            ZipVL(**bad)
+    model = models("llava")
+    with pytest.raises(PruneError, match="list paint before zipvl"):
+        vtprune.prune(model, [ZipVL(), PAINT()])
+    assert not hasattr(model, "vtprune")

@@ -330,6 +330,8 @@ class Session:
             return None
         cache = compat.output_cache(output)
         if cache is not None:
+            for slot, method in enumerate(self.methods):
+                method.end_prefill(cache, fwd.shared.setdefault(slot, {}))
             evicted = llm.evict_early_kv(fwd, cache) if self.evict_early_kv else None
             self._gen = Generation(cache=cache, segments=evicted or dict(fwd.segments), prompt_length=fwd.length,
                                    spans=fwd.spans, shared=fwd.shared, evicted=evicted is not None)

@@ -167,3 +167,57 @@ def test_bad_fields_and_a_modulator_after_it_are_refused(models):
     with pytest.raises(PruneError, match="list paint before zipvl"):
         vtprune.prune(model, [ZipVL(), PAINT()])
     assert not hasattr(model, "vtprune")
+
+
+# --- kv_mode="evict" (v2) ----------------------------------------------------------------------------------------
+STEPS = 5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_evict_generate_equals_the_slow_reference(eager_copy, family):
+    """Cached decode on per-layer evicted caches == the eager reference, whose full cache masks every prompt token
+    outside T_l and keeps the unpruned positions; each layer's cache holds p_l + generated tokens per sample."""
+    eager = eager_copy(family)
+    batch = _batch(eager, family, [0, 1, 2])
+    fields = dict(tau=TAU, n_recent=8, n_random=8)
+    _, kept, ref_tokens = zipvl_reference(eager, batch, TAU, 8, 8, steps=STEPS, evict=True)
+    with torch.no_grad(), vtprune.pruned(eager, "zipvl", kv_mode="evict", **fields):
+        gen = eager.generate(**batch, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True)
+        rep = eager.vtprune.stats.reports["zipvl"]
+    assert torch.equal(gen.sequences[:, batch["input_ids"].shape[1]:], ref_tokens)
+    assert rep.kept == kept
+    for layer, ps in rep.kept.items():
+        store = gen.past_key_values.layers[layer].store
+        assert store.valid.sum(1).tolist() == [p + STEPS - 1 for p in ps]  # the last token is never fed back
+        assert store.keys.shape[2] == max(ps) + STEPS - 1
+
+
+def test_evict_batch_of_one_caches_exactly_p_plus_generated(models):
+    model = models("llava")
+    batch = _batch(model, "llava", [1])
+    with torch.no_grad(), vtprune.pruned(model, "zipvl", tau=TAU, kv_mode="evict"):
+        gen = model.generate(**batch, max_new_tokens=STEPS, return_dict_in_generate=True)
+        rep = model.vtprune.stats.reports["zipvl"]
+    cache = gen.past_key_values
+    assert [cache.layers[l].keys.shape[2] for l in sorted(rep.kept)] == [ps[0] + STEPS - 1 for _, ps in sorted(rep.kept.items())]
+    assert cache.get_seq_length() == batch["input_ids"].shape[1] + STEPS - 1  # positions continue unpruned
+    assert any(ps[0] < rep.tokens[0] for ps in rep.kept.values())
+
+
+@pytest.mark.parametrize("mode", ["none", "evict", "mixed"])
+def test_beams_sampling_and_a_pre_llm_pruner_before_it(models, mode):
+    """generate() with beams and sampling runs on every KV mode; after VisionZip, tau applies to what reaches
+    the LLM (n = the tokens left), and a batch equals each prompt alone."""
+    model = models("llava")
+    prompts = [make_prompt(model, "llava", 3 + 4 * s, s) for s in range(3)]
+    pipeline = lambda: [vtprune.methods.VisionZip(keep=12), ZipVL(tau=TAU, kv_mode=mode, recompress_every=2)]
+    with torch.no_grad(), vtprune.pruned(model, pipeline()):
+        batched = model.generate(**collate(prompts), max_new_tokens=STEPS)[:, -STEPS:]
+        rep = model.vtprune.stats.reports["zipvl"]
+        assert rep.tokens == [p.input_ids.numel() - 64 + 12 for p in prompts]
+        singles = [model.generate(**collate([p]), max_new_tokens=STEPS)[0, -STEPS:] for p in prompts]
+        beams = model.generate(**collate(prompts), max_new_tokens=3, num_beams=2)
+        torch.manual_seed(0)
+        sampled = model.generate(**collate(prompts), max_new_tokens=3, do_sample=True)
+    assert batched.tolist() == [s.tolist() for s in singles]
+    assert beams.shape[0] == 3 and sampled.shape[0] == 3

@@ -278,6 +278,11 @@ class Method:
         Return ``(output, weights)`` (e.g. ``call.run(bias=...)``), or None to leave it alone."""
         return None
 
+    def end_prefill(self, cache, shared: dict) -> None:
+        """Once a prefill's LLM has run, with the KV cache it filled and this method's scratch (what its modulator's
+        ``call.shared`` was): e.g. replace layers' caches by compressed stores (``compat.set_cache_store``)."""
+        return None
+
 
 class _Mismatch(Exception):
     pass

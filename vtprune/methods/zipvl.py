@@ -42,6 +42,7 @@ from typing import ClassVar
 import torch
 
 from .. import compat
+from ..core.kvcache import EvictedKV, PackedKV, compress
 from ..core.layout import mask_4d
 from ..core.registration import register
 from ..space import Choice, Float, Int, tuned
@@ -158,6 +159,7 @@ class ZipVL(Method):
         chosen = [self.important(call, b, valid[b].nonzero()[:, 0]) for b in range(valid.shape[0])]
         self.report(call, [(len(t), int(valid[b].sum())) for b, t in enumerate(chosen)])
         call.shared.setdefault("important", {})[call.layer] = chosen
+        call.shared.setdefault("tokens", {})[call.layer] = valid.sum(1).tolist()
         if all(len(t) == int(valid[b].sum()) for b, t in enumerate(chosen)):
             return None  # T = every token: the layer's own dense attention, unchanged
         return sparse_attention(call, chosen)
@@ -183,8 +185,46 @@ class ZipVL(Method):
         rep = call.stats.reports.setdefault(self.name, ZipVLReport(tokens=[n for _, n in counts]))
         rep.kept[call.layer] = [p for p, _ in counts]
 
+    def end_prefill(self, cache, shared: dict) -> None:
+        """kv_mode "evict": each layer's cache keeps its T only; "mixed": every token packed, T at bits[0]."""
+        if self.kv_mode == "none":
+            return
+        stores = shared.setdefault("stores", {})
+        for layer, chosen in shared.get("important", {}).items():
+            keys, values = compat.cache_layer_kv(cache, layer)
+            stores[layer] = (EvictedKV.keep(keys, values, chosen) if self.kv_mode == "evict"
+                             else self.packed(keys, values, chosen, shared["tokens"][layer]))
+            compat.set_cache_store(cache, layer, stores[layer])
+
+    def packed(self, keys: torch.Tensor, values: torch.Tensor, chosen: list[torch.Tensor], tokens: list[int]) -> PackedKV:
+        """A prefill layer's [B, H, T, d] cache as one Chunk per sample (left padding stays out of the codes)."""
+        T, chunks = keys.shape[2], []
+        for b, slots in enumerate(chosen):
+            important = torch.zeros(T, dtype=torch.bool, device=keys.device)
+            important[slots] = True
+            chunks.append([compress(keys[b], values[b], important, T - tokens[b], self.bits)])
+        return PackedKV(chunks, keys[:, :, :0], values[:, :, :0])
+
     def decode(self, call):
-        return None
+        store = call.shared.get("stores", {}).get(call.layer)
+        if store is None:
+            return None
+        if self.kv_mode == "evict":  # the model's mask is for the unpruned length: the store says which slots hold tokens
+            boolean = compat.mask_is_boolean(compat.get_attn_implementation(call.module.config))
+            mask = mask_4d(store.valid, call.query.shape[2], call.query.dtype, boolean)
+            return call.next(call.module, call.query, call.key, call.value, mask, **call.kwargs)
+        out = call.run()
+        if store.pending >= self.recompress_every:
+            self.recompress(call, store)
+        return out
+
+    def recompress(self, call, store: PackedKV) -> None:
+        """Alg. 1 decode: the newest tokens' ratio and ranking from the current query's row (head mean), packed."""
+        row = call.probs()[:, :, -1].mean(1)[:, -store.pending:]  # [B, g]; one row sees all: Eq. 7 divides by 1
+        important = torch.zeros_like(row, dtype=torch.bool)
+        for b in range(row.shape[0]):
+            important[b, row[b].topk(keep_count(row[b], self.tau)).indices] = True
+        store.compress(important, self.bits)
 
 
 def sparse_attention(call, chosen: list[torch.Tensor]):

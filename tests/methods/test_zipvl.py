@@ -221,3 +221,73 @@ def test_beams_sampling_and_a_pre_llm_pruner_before_it(models, mode):
         sampled = model.generate(**collate(prompts), max_new_tokens=3, do_sample=True)
     assert batched.tolist() == [s.tolist() for s in singles]
     assert beams.shape[0] == 3 and sampled.shape[0] == 3
+
+
+# --- kv_mode="mixed" (v1) ----------------------------------------------------------------------------------------
+def _prefill(model, batch, **fields):
+    """The pruned prefill's cache and its next greedy token, with the session left installed."""
+    vtprune.prune(model, "zipvl", tau=TAU, kv_mode="mixed", **fields)
+    out = model(**batch, use_cache=True)
+    return out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+
+def test_mixed_decode_equals_decode_on_the_same_values_in_a_plain_cache(models):
+    from transformers import DynamicCache
+
+    model = models("llava")
+    batch = _batch(model, "llava", [2])
+    try:
+        with torch.no_grad():
+            packed, tok = _prefill(model, batch)
+            plain = DynamicCache()
+            for layer in range(len(packed.layers)):
+                plain.update(*packed.layers[layer].store.tensors(), layer)
+            assert type(plain.layers[0]).__name__ == "DynamicLayer"
+            for _ in range(3):  # the plain cache is unknown to the session: an untouched text-only forward
+                a = model(input_ids=tok, cache=packed).logits
+                b = model(input_ids=tok, cache=plain).logits
+                assert (a - b).abs().max() <= 1e-6
+                tok = a[:, -1:].argmax(-1)
+            store = packed.layers[0].store
+            assert store.pending == 3 and store.exact_k.dtype == torch.float32
+    finally:
+        vtprune.unprune(model)
+
+
+def test_recompression_fires_every_interval_and_changes_only_those_rows(models):
+    model = models("llava")
+    batch = _batch(model, "llava", [0, 1])
+    R = 3
+    try:
+        with torch.no_grad():
+            cache, tok = _prefill(model, batch, recompress_every=R)
+            n = batch["input_ids"].shape[1]
+            stores = [layer.store for layer in cache.layers]
+            before = [s.tensors() for s in stores]
+            for step in range(1, 2 * R + 2):
+                tok = model(input_ids=tok, cache=cache).logits[:, -1:].argmax(-1)
+                after = [s.tensors() for s in stores]
+                fired = step % R == 0
+                for s, (k0, v0), (k1, v1) in zip(stores, before, after):
+                    assert s.pending == step % R and len(s.chunks[0]) == 1 + step // R
+                    old = n + R * ((step - 1) // R)  # rows packed before this step: unchanged
+                    assert torch.equal(k1[:, :, :old], k0[:, :, :old]) and torch.equal(v1[:, :, :old], v0[:, :, :old])
+                    if fired:  # the newest R rows: exact before, quantised now
+                        assert not torch.equal(k1[:, :, old:], k0[:, :, old:])
+                    else:  # tokens since the last compression stay bit-exact
+                        assert torch.equal(k1[:, :, old:-1], k0[:, :, old:])
+                before = after
+    finally:
+        vtprune.unprune(model)
+
+
+def test_recompression_at_the_paper_interval_of_100(models):
+    model = models("llava")
+    batch = _batch(model, "llava", [0])
+    with torch.no_grad(), vtprune.pruned(model, "zipvl", tau=TAU, kv_mode="mixed"):
+        gen = model.generate(**batch, max_new_tokens=100, return_dict_in_generate=True)
+        store = gen.past_key_values.layers[0].store
+        assert store.pending == 99 and len(store.chunks[0]) == 1  # 99 generated tokens cached so far
+        gen = model.generate(**batch, max_new_tokens=101, return_dict_in_generate=True)
+        store = gen.past_key_values.layers[0].store
+        assert store.pending == 0 and len(store.chunks[0]) == 2 and store.chunks[0][1].n == 100

@@ -44,7 +44,7 @@ def _samples(space, n: int, seed: int = 0) -> list[tuple[dict, list[dict]]]:
 
 
 def test_every_method_with_knobs_declares_a_space_and_random_none():
-    assert set(SEARCHED) == set(BUILTIN) - {"random"} and len(BUILTIN) == 10
+    assert set(SEARCHED) == set(BUILTIN) - {"random"} and len(BUILTIN) == 11
     assert space_mod.declared(method_class("random")) == {}
 
 

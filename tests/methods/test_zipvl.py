@@ -291,3 +291,16 @@ def test_recompression_at_the_paper_interval_of_100(models):
         gen = model.generate(**batch, max_new_tokens=101, return_dict_in_generate=True)
         store = gen.past_key_values.layers[0].store
         assert store.pending == 0 and len(store.chunks[0]) == 2 and store.chunks[0][1].n == 100
+
+
+def test_output_attentions_are_the_sparse_probabilities(eager_copy):
+    """Eager attention with attention outputs: rows in T sum to 1 over keys in T, rows outside T are zero."""
+    eager = eager_copy("llava")
+    batch = _batch(eager, "llava", [0, 1])
+    with torch.no_grad(), vtprune.pruned(eager, "zipvl", tau=TAU, n_recent=8, n_random=8):
+        attentions = eager(**batch, output_attentions=True).attentions
+        rep = eager.vtprune.stats.reports["zipvl"]
+    for layer, ps in rep.kept.items():
+        rows = attentions[layer].sum(-1)  # [B, H, T]
+        assert ((rows - 1).abs() < 1e-5).sum(-1)[:, 0].tolist() == ps  # p rows attend, the others are zero
+        assert ((rows == 0) | ((rows - 1).abs() < 1e-5)).all()

@@ -242,5 +242,5 @@ def sparse_attention(call, chosen: list[torch.Tensor]):
         out[b, slots] = o[0].to(out.dtype)
         if w is not None:
             weights = w.new_zeros(B, H, q, call.key.shape[2]) if weights is None else weights
-            weights[b, :, slots[:, None], slots[None]] = w[0]
+            weights[b][:, slots[:, None], slots[None]] = w[0]
     return out, weights

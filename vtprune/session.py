@@ -112,6 +112,10 @@ class Session:
     def _install(self) -> None:
         m, a, hooks = self.model, self.adapter, self.hooks
         self.plan = plan = build_plan(self.methods, model_info(a))  # every layer checked, also at ratio 0
+        own = [x.name for x in self.methods if x.stores_kv]
+        if self.evict_early_kv and own:
+            raise PruneError(f"vtprune: evict_early_kv cuts the default cache's layers, but {own[0]} replaces them by "
+                             f"its own KV store; drop evict_early_kv or use {own[0]} without a KV mode")
         hooks.pre(m, self._on_model_start)
         hooks.post(m, self._on_model_end, with_kwargs=True, always_call=True)
         hooks.wrap(m.model, "get_image_features", self._wrap_image_features)

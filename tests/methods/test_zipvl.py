@@ -304,3 +304,12 @@ def test_output_attentions_are_the_sparse_probabilities(eager_copy):
         rows = attentions[layer].sum(-1)  # [B, H, T]
         assert ((rows - 1).abs() < 1e-5).sum(-1)[:, 0].tolist() == ps  # p rows attend, the others are zero
         assert ((rows == 0) | ((rows - 1).abs() < 1e-5)).all()
+
+
+def test_a_kv_mode_with_evict_early_kv_is_refused_at_prune(models):
+    model = models("llava")
+    with pytest.raises(PruneError, match="evict_early_kv"):
+        vtprune.prune(model, [ZipVL(kv_mode="mixed"), vtprune.methods.FastV(ratio=0.5)], evict_early_kv=True)
+    assert not hasattr(model, "vtprune")
+    with vtprune.pruned(model, [ZipVL(), vtprune.methods.FastV(ratio=0.5)], evict_early_kv=True):
+        pass  # kv_mode "none" keeps the default cache

@@ -278,6 +278,11 @@ class Method:
         Return ``(output, weights)`` (e.g. ``call.run(bias=...)``), or None to leave it alone."""
         return None
 
+    @property
+    def stores_kv(self) -> bool:
+        """Whether :meth:`end_prefill` replaces cache layers by its own stores (refused with ``evict_early_kv``)."""
+        return False
+
     def end_prefill(self, cache, shared: dict) -> None:
         """Once a prefill's LLM has run, with the KV cache it filled and this method's scratch (what its modulator's
         ``call.shared`` was): e.g. replace layers' caches by compressed stores (``compat.set_cache_store``)."""

@@ -185,6 +185,10 @@ class ZipVL(Method):
         rep = call.stats.reports.setdefault(self.name, ZipVLReport(tokens=[n for _, n in counts]))
         rep.kept[call.layer] = [p for p, _ in counts]
 
+    @property
+    def stores_kv(self) -> bool:
+        return self.kv_mode != "none"
+
     def end_prefill(self, cache, shared: dict) -> None:
         """kv_mode "evict": each layer's cache keeps its T only; "mixed": every token packed, T at bits[0]."""
         if self.kv_mode == "none":

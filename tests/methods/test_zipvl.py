@@ -313,3 +313,26 @@ def test_a_kv_mode_with_evict_early_kv_is_refused_at_prune(models):
     assert not hasattr(model, "vtprune")
     with vtprune.pruned(model, [ZipVL(), vtprune.methods.FastV(ratio=0.5)], evict_early_kv=True):
         pass  # kv_mode "none" keeps the default cache
+
+
+def test_normalisation_modes_on_a_six_token_toy():
+    """Probe rows 3, 4, 5 of uniform causal attention: raw column sums favour early keys; dividing by the probe rows
+    that see each key (probe_nnz) or by n - j (full_causal, ZipCache) shrinks that bias (spec §1.12 item 2)."""
+    from vtprune.methods.zipvl import column_scores
+
+    probes = torch.tensor([3, 4, 5])
+    probs = torch.tensor([[1 / 4] * 4 + [0, 0], [1 / 5] * 5 + [0], [1 / 6] * 6])
+    a = torch.tensor([1 / 4 + 1 / 5 + 1 / 6] * 4 + [1 / 5 + 1 / 6, 1 / 6])
+    for norm, cnt in (("probe_nnz", [3, 3, 3, 3, 2, 1]), ("full_causal", [6, 5, 4, 3, 2, 1]), ("none", [1] * 6)):
+        mass, score = column_scores(probs, probes, norm)
+        assert torch.allclose(mass, a) and torch.allclose(score, a / torch.tensor(cnt, dtype=torch.float))
+
+
+def test_force_last_puts_the_last_prompt_token_in_every_layers_set(eager_copy):
+    eager = eager_copy("llava")
+    batch = _batch(eager, "llava", [0])
+    for force, expect in ((True, True), (False, None)):
+        with torch.no_grad(), vtprune.pruned(eager, "zipvl", tau=0.5, n_recent=8, n_random=8, force_last=force):
+            attentions = eager(**batch, output_attentions=True).attentions
+        last_rows = [bool(a[0, 0, -1].sum() > 0.5) for a in attentions]
+        assert all(last_rows) if expect else not all(last_rows)  # tau 0.5 leaves it out somewhere unless forced

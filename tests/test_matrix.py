@@ -233,3 +233,18 @@ def test_cdpruner_clip_relevance_is_refused_on_qwen_naming_the_llm_relevance(mod
     with pytest.raises(vtprune.ConfigError, match=r"cdpruner relevance='clip'.*expected 'llm' on qwen2_5_vl"):
         vtprune.prune(model, "cdpruner", ratio=0.5, relevance="clip", clip="/nonexistent")
     assert not hasattr(model, "vtprune")
+
+
+@pytest.mark.parametrize("family,kv_mode", [("llava", "evict"), ("llava_next", "none"), ("internvl", "mixed"),
+                                            ("qwen2_5_vl", "mixed"), ("qwen3_vl", "evict"), ("qwen3_vl_moe", "none")])
+def test_zipvl_batch_equals_single(models, family, kv_mode):
+    """ZipVL (a modulator, so not in METHODS) on every family, each KV mode once (tests/methods/test_zipvl.py runs
+    all three on LLaVA): a left-padded batch decodes as each prompt alone, with the same layer-wise counts."""
+    model = models(family)
+    prompts = [make_prompt(model, family, text_len=3 + 4 * i, seed=i) for i in range(3)]
+    with vtprune.pruned(model, "zipvl", tau=0.9, n_recent=8, n_random=8, kv_mode=kv_mode, recompress_every=3):
+        batched = _generate(model, prompts)
+        kept = model.vtprune.stats.reports["zipvl"].kept
+        for i, p in enumerate(prompts):
+            assert _generate(model, [p])[0] == batched[i]
+            assert {l: k[0] for l, k in model.vtprune.stats.reports["zipvl"].kept.items()} == {l: k[i] for l, k in kept.items()}

@@ -2,7 +2,8 @@
 
 transformers 5.x moves fast: ``cache_position`` was removed (5.4), ``past_key_values`` became ``cache``
 (5.24, old name deprecated until 5.40), attention functions and mask functions are looked up by name in two
-registries. The rest of vtprune goes through these helpers only.
+registries, and a cache layer is a ``CacheLayerMixin`` (``StoreLayer`` puts a vtprune KV store in its place). The
+rest of vtprune goes through these helpers only.
 """
 
 from __future__ import annotations
@@ -69,6 +70,53 @@ def set_cache_layer_kv(cache: Any, layer_idx: int, keys: torch.Tensor, values: t
     """Make one ``DynamicCache`` layer hold ``keys`` / ``values`` ([B, H, T', d]; later steps concatenate to them)."""
     layer = _dynamic_layer(cache, layer_idx)
     layer.keys, layer.values = keys, values
+
+
+class StoreLayer(DynamicLayer):
+    """A cache layer whose tokens live in a vtprune KV store (``core.kvcache``: evicted or packed): transformers
+    reads the store's logical length (masks and positions continue from the unpruned prompt) and attention gets
+    what ``store.append`` returns. Beam reordering and batch selection go to ``store.select``."""
+
+    def __init__(self, store):  # no DynamicLayer.__init__: keys / values are the store's, read-only
+        self.store, self.is_initialized, self.device = store, True, store.device
+
+    keys = property(lambda self: self.store.tensors()[0], lambda self, _: None)
+    values = property(lambda self: self.store.tensors()[1], lambda self, _: None)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.store.append(key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.store.length
+
+    def reorder_cache(self, beam_idx) -> None:
+        self.store.select(beam_idx)
+
+    def batch_select_indices(self, indices) -> None:
+        self.store.select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        batch = self.store.tensors()[0].shape[0]
+        self.store.select(torch.arange(batch).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("vtprune: a pruned / packed KV cache layer cannot be cropped (assisted decoding)")
+
+    def reset(self) -> None:
+        raise NotImplementedError("vtprune: a pruned / packed KV cache layer cannot be reset; start a new cache")
+
+
+def set_cache_store(cache: Any, layer_idx: int, store) -> None:
+    """Make layer ``layer_idx`` of a ``DynamicCache`` hold ``store`` (a ``core.kvcache`` store) from now on."""
+    _dynamic_layer(cache, layer_idx)  # only a filled default layer is replaced
+    cache.layers[layer_idx] = StoreLayer(store)
+
+
+def cache_store(cache: Any, layer_idx: int):
+    """The store of a layer :func:`set_cache_store` replaced, or None."""
+    layers = getattr(cache, "layers", None) or ()
+    layer = layers[layer_idx] if 0 <= layer_idx < len(layers) else None
+    return layer.store if isinstance(layer, StoreLayer) else None
 
 
 def _dynamic_layer(cache: Any, layer_idx: int) -> DynamicLayer:

@@ -117,6 +117,10 @@ class Session:
     def _install(self) -> None:
         m, a, hooks = self.model, self.adapter, self.hooks
         self.plan = plan = build_plan(self.methods, model_info(a))  # every layer checked, also at ratio 0
+        own = [x.name for x in self.methods if x.stores_kv]
+        if self.evict_early_kv and own:
+            raise PruneError(f"vtprune: evict_early_kv cuts the default cache's layers, but {own[0]} replaces them by "
+                             f"its own KV store; drop evict_early_kv or use {own[0]} without a KV mode")
         hooks.pre(m, self._on_model_start)
         hooks.post(m, self._on_model_end, with_kwargs=True, always_call=True)
         hooks.wrap(m.model, "get_image_features", self._wrap_image_features)
@@ -351,6 +355,8 @@ class Session:
             return None
         cache = compat.output_cache(output)
         if cache is not None:
+            for slot, method in enumerate(self.methods):
+                method.end_prefill(cache, fwd.shared.setdefault(slot, {}))
             evicted = llm.evict_early_kv(fwd, cache) if self.evict_early_kv else None
             self._gen = Generation(cache=cache, segments=evicted or dict(fwd.segments), prompt_length=fwd.length,
                                    spans=fwd.spans, shared=fwd.shared, evicted=evicted is not None)
@@ -393,7 +399,8 @@ class Session:
         call = AttentionCall(module, query, key, value, attention_mask, kwargs, layer, visual, next,
                              records=context.records if prefill else {}, layout=layout, spans=context.spans,
                              shared=context.shared.setdefault(slot, {}),
-                             view=functools.partial(self._probe_view, slot, layout) if prefill else None)
+                             view=functools.partial(self._probe_view, slot, layout) if prefill else None,
+                             stats=context.stats if prefill else None)
         out = method.modulate(call)
         return call.run() if out is None else out
 

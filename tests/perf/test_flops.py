@@ -261,3 +261,24 @@ def test_qwen_vision_and_merger_flops_follow_the_models_own_segments_and_modules
         assert len(set(map(tuple, segments.values()))) == 2
     else:
         assert len(mergers) == 4
+
+
+@pytest.mark.parametrize("kv_mode", ["none", "evict", "mixed"])
+def test_kv_bytes_of_zipvl_caches(models, kv_mode):
+    """perf's KV bytes of a ZipVL cache: every token (none), each layer's kept tokens (evict: p_l of the one
+    sample), the packed chunks: 4 bits for the kept tokens, 2 for the rest, plus per-group statistics (mixed)."""
+    from vtprune.perf.suite import _reported
+
+    model, batch = sample(models, "llava")
+    T = batch["input_ids"].shape[1]
+    with vtprune.pruned(model, "zipvl", tau=0.9, kv_mode=kv_mode), torch.no_grad():
+        cache = model(**batch, use_cache=True).cache
+        stats = model.vtprune.stats
+    kept = [ps[0] for _, ps in sorted(stats.reports["zipvl"].kept.items())]
+    H, hd = 2, DKV // 2
+    codes = [2 * H * (p * hd * 4 // 8 + (T - p) * hd * 2 // 8) for p in kept]
+    stats_bytes = [4 * (2 * 2 * H * hd + 2 * T + H * hd) + -(-T // 8) for _ in kept]
+    expected = {"none": KV_PER_TOKEN * 4 * T, "evict": KV_PER_TOKEN * sum(kept),
+                "mixed": sum(codes) + sum(stats_bytes)}[kv_mode]
+    assert kv_cache_bytes(cache) == expected
+    assert abs(_reported(stats, "attention_flop_reduction") - (1 - sum((p / T) ** 2 for p in kept) / 4)) < 1e-12

@@ -46,7 +46,7 @@ def _samples(space, n: int, seed: int = 0) -> list[tuple[dict, list[dict]]]:
 
 
 def test_every_method_with_knobs_declares_a_space_and_random_none():  # random and divprune have none
-    assert set(SEARCHED) == set(BUILTIN) - {"random", "divprune"} and len(BUILTIN) == 15  # divprune: budget only
+    assert set(SEARCHED) == set(BUILTIN) - {"random", "divprune"} and len(BUILTIN) == 16  # divprune: budget only
     assert space_mod.declared(method_class("random")) == {}
 
 

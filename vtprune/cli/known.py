@@ -74,6 +74,9 @@ BUILTIN: dict[str, Known] = {
                  ("dominant_fraction", "anyres")),
     "vtc_cls": Known(True, False, True, ("keep", "positions", "ratio", "start_layer", "vision_block"),
                  ("start_layer",)),
+    "zipvl": Known(False, False, False, ("bits", "force_last", "keep", "kv_mode", "n_random", "n_recent", "norm",
+                                         "positions", "ratio", "recompress_every", "seed", "tau"),
+                 ("tau", "n_recent", "n_random")),
 }
 
 # vtprune.perf.archs.ARCHS's keys, sorted

@@ -29,6 +29,7 @@ class AttentionCall:
     spans: list = field(default_factory=list, repr=False)  # the images (VisualSpan), batch order
     shared: dict = field(default_factory=dict, repr=False)  # the method's scratch for this prefill and its decode
     view: Callable | None = field(default=None, repr=False)  # (probe, span) -> per-image view (prefill only)
+    stats: Any = field(default=None, repr=False)  # the prefill's PruneStats (None in decode): ``reports`` is the method's
 
     def image_slots(self, span) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots [n] of the image's tokens in this layer's layout, their original indices [n])."""

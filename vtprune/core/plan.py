@@ -122,7 +122,12 @@ def _add(plan: Plan, slot: int, method: Method, cuts, probes, layers) -> None:
             plan.probes.append(probe)
     plan.declared[slot] = frozenset(probes)
     for layer in layers:
-        plan.modulators.setdefault(layer, []).append((slot, method))
+        before = plan.modulators.setdefault(layer, [])
+        rewriter = next((m for _, m in before if m.rewrites_attention), None)
+        if rewriter is not None:
+            raise PruneError(f"vtprune: {method.name} modulates LLM layer {layer} after {rewriter.name}, which computes "
+                             f"that layer's attention on other tokens; list {method.name} before {rewriter.name}")
+        before.append((slot, method))
 
 
 def _check_vision_cuts(method: Method, cuts, probes, info: ModelInfo) -> None:

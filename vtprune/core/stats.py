@@ -40,12 +40,15 @@ class ImageStats:
 class PruneStats:
     """Stats of the last prefill: one :class:`ImageStats` per image (batch order). ``method``: the pipeline's
     method names joined by ``+``. ``evicted_early_kv``: the layers before the last LLM cut had their KV cache
-    cut to the final kept tokens after this prefill (``evict_early_kv=True`` and an LLM cut removed tokens)."""
+    cut to the final kept tokens after this prefill (``evict_early_kv=True`` and an LLM cut removed tokens).
+    ``reports``: method name -> what a modulator reports about this prefill beyond kept visual tokens (ZipVL: its
+    per-layer, per-sample kept counts)."""
 
     method: str
     images: list[ImageStats] = field(default_factory=list)
     llm_layers: int = 0
     evicted_early_kv: bool = False
+    reports: dict = field(default_factory=dict)
 
     @property
     def visual_tokens(self) -> int:

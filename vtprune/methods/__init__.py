@@ -16,5 +16,6 @@ from .var import VAR
 from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 from .vtc_cls import VTCCLS
+from .zipvl import ZipVL
 
-__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "CDPruner", "DART", "DivPrune", "DyVTE", "FastV", "FlowCut", "PAINT", "PDrop", "RandomPrune", "SparseVLM", "TransPrune", "VAR", "VFlowOpt", "VisionZip", "VTCCLS"]
+__all__ = ["Method", "ImageView", "Selection", "VisionView", "top_k_sorted", "CDPruner", "DART", "DivPrune", "DyVTE", "FastV", "FlowCut", "PAINT", "PDrop", "RandomPrune", "SparseVLM", "TransPrune", "VAR", "VFlowOpt", "VisionZip", "VTCCLS", "ZipVL"]

@@ -185,6 +185,9 @@ class Method:
     prunes: ClassVar[bool] = True  # False: the method only modulates attention (left out of default bench sweeps)
     budget_kind: ClassVar[str] = "kept"  # "kept": tokens kept per image after it; "average": over all LLM layers
     records_unchanged: ClassVar[bool] = True  # False: a cut that keeps an image whole adds no stage to its stats
+    # True: modulate() computes the attention on other queries / keys than the call's (ZipVL's sparse prefill), so no
+    # modulator may follow it on a layer: it would be handed the rewritten tensors
+    rewrites_attention: ClassVar[bool] = False
 
     def __post_init__(self):
         """Validate every field at construction: types from the annotations (numpy scalars become Python
@@ -274,6 +277,16 @@ class Method:
     def modulate(self, call) -> Any:
         """Rewrite one attention call of a modulated layer (``call``: :class:`~vtprune.core.attention.AttentionCall`).
         Return ``(output, weights)`` (e.g. ``call.run(bias=...)``), or None to leave it alone."""
+        return None
+
+    @property
+    def stores_kv(self) -> bool:
+        """Whether :meth:`end_prefill` replaces cache layers by its own stores (refused with ``evict_early_kv``)."""
+        return False
+
+    def end_prefill(self, cache, shared: dict) -> None:
+        """Once a prefill's LLM has run, with the KV cache it filled and this method's scratch (what its modulator's
+        ``call.shared`` was): e.g. replace layers' caches by compressed stores (``compat.set_cache_store``)."""
         return None
 
 

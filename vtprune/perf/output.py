@@ -19,7 +19,7 @@ _COLUMNS = (  # (header, key, format) ; format "%" = percent, "x" = ratio, "MiB"
     ("replay %", "replay_fraction", "%"), ("scoring %", "scoring_overhead", "%"), ("peer ms", "peer_ms", ".1f"),
     ("peer x", "peer_ratio", "x"), ("decode ms/tok", "decode_ms_per_token", ".1f"), ("KV MiB", "kv_bytes", "MiB"),
     ("KV MiB (analytic)", "kv_bytes_analytic", "MiB"), ("peak MiB", "peak_memory_bytes", "MiB"),
-    ("GFLOPs", "prefill_gflops", ".1f"),
+    ("GFLOPs", "prefill_gflops", ".1f"), ("attn FLOPs -%", "attention_flop_reduction", "%"),
 )
 
 
@@ -93,7 +93,8 @@ def _legend(meta: dict) -> str:
         "oracle) / vanilla; replay % and scoring % = the same against a replay of the method's own token schedule "
         "without scoring (methods that cut inside the vision tower or the LLM; else the oracle); peer = the same "
         "configuration under eager attention with attention outputs requested (official-code style); KV after the "
-        "prefill, from the cache tensors and analytic; GFLOPs = vision + projector + LLM prefill."
+        "prefill, from the cache tensors and analytic; GFLOPs = vision + projector + LLM prefill; attn FLOPs -% = a layer-wise "
+        "sparsifier's own attention-FLOP reduction, 1 - mean over layers of (p / n)^2 (ZipVL)."
     )
 
 

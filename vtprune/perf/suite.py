@@ -370,8 +370,18 @@ def _record(model, inputs, shape, label, kind, setup, t: Timing) -> dict:
         "kv_bytes": t.kv_bytes,
         "kv_bytes_analytic": None if tokens is None else flops.kv_bytes(shape, tokens, _element_bytes(model)),
         "flops": None if fl is None else fl.to_dict(),
+        "token_ratio": _reported(t.stats, "token_ratio"),  # a layer-wise sparsifier's (ZipVL's) own report
+        "attention_flop_reduction": _reported(t.stats, "attention_flop_reduction"),
         "error": t.error,
     }
+
+
+def _reported(stats: PruneStats | None, key: str) -> float | None:
+    """``key`` of the first method report of the prefill that has it (``PruneStats.reports``), else None."""
+    for report in (stats.reports.values() if stats is not None else ()):
+        if getattr(report, key, None) is not None:
+            return getattr(report, key)
+    return None
 
 
 def _derive(r: dict, vanilla: dict | None, by_label: dict) -> None:

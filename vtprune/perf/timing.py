@@ -113,6 +113,10 @@ def kv_cache_bytes(cache) -> int:
     layers = getattr(cache, "layers", None)
     if layers is not None:
         for layer in layers:
+            store = getattr(layer, "store", None)  # a vtprune KV store (core.kvcache): its packed bytes
+            if store is not None:
+                total += store.nbytes()
+                continue
             for name in ("keys", "values"):
                 t = getattr(layer, name, None)
                 if isinstance(t, torch.Tensor):

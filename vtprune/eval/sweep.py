@@ -139,6 +139,16 @@ def _with_seed(name: str, kw: dict, seed: int, fixed: dict | None = None) -> tup
     return tuple(sorted(kw.items()))
 
 
+def _variants(name: str, items: tuple) -> list[tuple]:
+    """``items`` once per entry of the method's ``sweep_variants`` (ZipVL: each KV mode), unless ``items`` (--set)
+    already fixes one of their fields; else ``items`` alone."""
+    variants = method_class(name).sweep_variants
+    given = dict(items)
+    if not variants or any(k in given for v in variants for k in v):
+        return [items]
+    return [tuple(sorted({**given, **v}.items())) for v in variants]
+
+
 def build_configs(methods: Sequence[str], keeps: Sequence[int] = (), ratios: Sequence[float] = (),
                   seed: int = 0, hyper: dict | None = None, files: Sequence = ()) -> list[BenchConfig]:
     """Vanilla first, then every method at every keep, then at every ratio, then the config ``files``
@@ -146,12 +156,12 @@ def build_configs(methods: Sequence[str], keeps: Sequence[int] = (), ratios: Seq
     method name -> extra keyword arguments."""
     configs = [BenchConfig()]
     for name in validate_methods(methods):
-        items = _with_seed(name, dict((hyper or {}).get(name, {})), seed)
-        if not method_class(name).has_budget:  # schedule-defined or learned: one point
-            configs.append(BenchConfig(name, hyper=items))
-            continue
-        configs += [BenchConfig(name, keep=int(k), hyper=items) for k in keeps]
-        configs += [BenchConfig(name, ratio=float(r), hyper=items) for r in ratios]
+        for items in _variants(name, _with_seed(name, dict((hyper or {}).get(name, {})), seed)):
+            if not method_class(name).has_budget:  # schedule-defined or learned: one point
+                configs.append(BenchConfig(name, hyper=items))
+                continue
+            configs += [BenchConfig(name, keep=int(k), hyper=items) for k in keeps]
+            configs += [BenchConfig(name, ratio=float(r), hyper=items) for r in ratios]
     for source, name, fields in files:
         options = tuple(sorted((k, fields[k]) for k in PIPELINE_OPTIONS if k in fields))
         if "pipeline" in fields:  # budgets are the file's own: one point

@@ -183,6 +183,8 @@ class Method:
     has_budget: ClassVar[bool] = True  # False: schedule-defined or learned, ratio / keep are refused
     budget_optional: ClassVar[bool] = False  # True: ratio / keep may both be left out (the schedule decides)
     prunes: ClassVar[bool] = True  # False: the method only modulates attention (left out of default bench sweeps)
+    # field settings a bench / perf sweep runs as separate points unless the user sets those fields (ZipVL's KV modes)
+    sweep_variants: ClassVar[tuple[dict, ...]] = ()
     budget_kind: ClassVar[str] = "kept"  # "kept": tokens kept per image after it; "average": over all LLM layers
     records_unchanged: ClassVar[bool] = True  # False: a cut that keeps an image whole adds no stage to its stats
     # True: modulate() computes the attention on other queries / keys than the call's (ZipVL's sparse prefill), so no

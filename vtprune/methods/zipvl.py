@@ -128,6 +128,7 @@ class ZipVL(Method):
     name: ClassVar[str] = "zipvl"
     description: ClassVar[str] = "Per-layer attention on the tokens holding tau of the probe attention; 4/2-bit or evicted KV."
     has_budget: ClassVar[bool] = False
+    sweep_variants: ClassVar[tuple[dict, ...]] = ({"kv_mode": "none"}, {"kv_mode": "evict"}, {"kv_mode": "mixed"})
     prunes: ClassVar[bool] = False
     rewrites_attention: ClassVar[bool] = True
 

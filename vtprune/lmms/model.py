@@ -129,10 +129,10 @@ class PluginMixin:
     def generate_until(self, requests):
         """The host's answers, each request tracked; raises :class:`PluginExit` if any generation raised."""
         recorder = self._vtp_recorder
-        recorder.failures = []
+        recorder.failures, recorder.started = [], 0
         saved = [r.arguments for r in requests]
         for r in requests:
-            r.arguments = _tracked(r, recorder)
+            r.arguments = _tracked(r, recorder, len(requests))
         try:
             results = super().generate_until(requests)
         finally:
@@ -143,15 +143,18 @@ class PluginMixin:
         return [_with_stats(r, res) for r, res in zip(requests, results)]
 
 
-def _tracked(request, recorder: Recorder) -> tuple:
+def _tracked(request, recorder: Recorder, total: int) -> tuple:
     """The request's arguments with its ``doc_to_messages`` telling the recorder which request runs (the chat
-    classes call it right before encoding that request)."""
+    classes call it right before encoding that request, outside their try block); after a failure it stops the
+    run there (vtprune has unpruned the model, so the answers left would be unpruned ones)."""
     args = request.args
     if len(args) < 2 or not callable(args[1]):
         return request.arguments
     inner, key = args[1], (request.task_name, request.doc_id)
 
     def doc_to_messages(*a, **kw):
+        if recorder.failures:
+            raise PluginExit(failure_report(recorder.failures, recorder.started, total), 1)
         recorder.begin(*key)
         return inner(*a, **kw)
 
@@ -171,7 +174,7 @@ def _check_failures(recorder: Recorder, requests, results) -> None:
     if not failures:
         raise PluginExit(f"vtprune: {silent} of {len(requests)} generation(s) failed outside the model's forward "
                          f"(empty answer, no tokens); see the host's 'Error ... in generating' log lines", 1)
-    raise PluginExit(failure_report(failures, len(requests)), 1)
+    raise PluginExit(failure_report(failures, recorder.started, len(requests)), 1)
 
 
 def _log_summary(requests) -> None:

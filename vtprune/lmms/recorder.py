@@ -40,6 +40,7 @@ class Failure:
 class Recorder:
     """Records of one plugin model; ``handle`` is its forward hook's."""
     current: tuple | None = None
+    started: int = 0  # requests begun in the current generate_until
     failures: list = field(default_factory=list)
     handle: object = None
     images: dict = field(default_factory=dict)  # the keywords of the last get_image_features call
@@ -61,6 +62,7 @@ class Recorder:
         self.handle = model.register_forward_hook(self._hook, with_kwargs=True, always_call=True)
 
     def begin(self, task: str, doc_id: int) -> None:
+        self.started += 1
         self.current = (task, doc_id)
         STATS.pop(self.current, None)
 
@@ -118,12 +120,13 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
-def failure_report(failures: list, n_requests: int) -> str:
-    """The message a failed run ends with: how many generations raised, and the first one's traceback."""
+def failure_report(failures: list, started: int, total: int) -> str:
+    """The message a failed run ends with: where the first generation raised, and its traceback."""
     first = failures[0]
     where = f"task {first.task}, doc {first.doc_id}" if first.task is not None else "a request"
-    return (f"vtprune: {len(failures)} of {n_requests} generation(s) raised; lmms-eval would have scored them as "
-            f"empty answers, so the run stops here. First failure ({where}):\n{first.trace}")
+    return (f"vtprune: a generation raised ({where}; {len(failures)} failure(s) after {started} of {total} "
+            f"request(s)). lmms-eval would have scored it as an empty answer, and a method that raises leaves the "
+            f"model unpruned, so the run stops here:\n{first.trace}")
 
 
 __all__ = ["STAT_KEYS", "STATS", "Failure", "Recorder", "prefill_stats", "summarize", "failure_report", "asdict"]

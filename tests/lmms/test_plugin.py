@@ -146,3 +146,85 @@ def test_raising_method_fails_the_run():
     # stops at the next request: vtprune unprunes a model whose method raised
     assert "1 failure(s) after 1 of 4 request(s)" in message and "raised on purpose inside generation" in message
     assert "Traceback" in message
+
+
+def _lmms_predictions(results: dict, task: str) -> dict:
+    """(image path, question) -> the answer lmms-eval scored."""
+    out = {}
+    for s in results["samples"][f"vtprune_{task}"]:
+        resp = s["resps"][0]
+        out[(s["doc"]["image_path"], s["doc"]["question"])] = (resp[0] if isinstance(resp, list) else resp).strip()
+    return out
+
+
+@pytest.fixture(scope="module")
+def bench_vanilla(tmp_path_factory):
+    """``vtprune bench`` unpruned on the same questions, with lmms-eval's prompt (the chat template), one prompt
+    per batch (no padding) and lmms-eval's answer length."""
+    from vtprune.eval.run import run_bench
+    from vtprune.eval.sweep import BenchSettings
+
+    settings = BenchSettings(model=str(TINY), tasks=("mme", "gqa", "pope"), methods=[], limit=LIMIT, batch_size=1,
+                             max_new_tokens=16, prompt_style="chat_template", timing_samples=0, decode_tokens=0,
+                             out=tmp_path_factory.mktemp("bench"), progress=False, device="cpu")
+    return run_bench(settings, write=False)["runs"][0]
+
+
+@pytest.mark.parametrize("task", ["mme", "gqa", "pope"])
+def test_unpruned_answers_and_scores_equal_bench_vanilla(task, unpruned, bench_vanilla):
+    from vtprune.eval.data import load_task
+
+    questions = load_task(task, limit=LIMIT).questions
+    bench = {(str(q.image_path), q.question): p["prediction"]
+             for q, p in zip(questions, bench_vanilla["predictions"][task])}
+    assert _lmms_predictions(unpruned, task) == bench  # the same questions, answered alike
+    score = bench_vanilla["scores"][task]
+    if task == "mme":
+        assert metric(unpruned, "vtprune_mme", "mme_perception_score") == pytest.approx(score["perception"])
+    elif task == "gqa":
+        assert 100 * metric(unpruned, "vtprune_gqa", "exact_match") == pytest.approx(score["accuracy"])
+    else:  # bench reports both POPE conventions; lmms-eval's is exact yes/no over the pooled questions
+        pooled = score["lmms_eval"]["all"]
+        for name in ("accuracy", "precision", "recall", "f1"):
+            assert 100 * metric(unpruned, "vtprune_pope", f"pope_{'f1_score' if name == 'f1' else name}") == \
+                pytest.approx(pooled[name])
+
+
+def test_scorers_agree_on_other_predictions():
+    """vtprune's scorers and lmms-eval's on the same (altered) predictions: sentences, case, punctuation."""
+    from lmms_eval.tasks.mme.utils import mme_aggregate_results, mme_process_results
+
+    from vtprune.eval.data import load_task
+    from vtprune.eval.tasks import get_task
+    from vtprune.lmms.docs import doc_rows, gqa_results
+
+    variants = ["Yes.", "no", "NO", "Yes, it is.", "maybe", "y"]
+    rows = doc_rows("mme")[:12]
+    preds = [variants[i % len(variants)] for i in range(len(rows))]
+    per_doc = [mme_process_results(r, [p])["mme_perception_score"] for r, p in zip(rows, preds)]
+    questions = load_task("mme", limit=12).questions
+    by_key = dict(zip([(r["image_path"], r["question"]) for r in rows], preds))
+    report = get_task("mme").score(questions, [by_key[(str(q.image_path), q.question)] for q in questions])
+    assert mme_aggregate_results(per_doc) == pytest.approx(report.perception)
+    gqa_rows = doc_rows("gqa")[:10]
+    gqa_preds = [f" {r['answer'].upper()}." if i % 2 else "something" for i, r in enumerate(gqa_rows)]
+    em = [gqa_results(r, [p])["exact_match"] for r, p in zip(gqa_rows, gqa_preds)]
+    gqa_q = load_task("gqa", limit=10).questions
+    gqa_by_key = dict(zip([(r["image_path"], r["question"]) for r in gqa_rows], gqa_preds))
+    gqa_report = get_task("gqa").score(gqa_q, [gqa_by_key[(str(q.image_path), q.question)] for q in gqa_q])
+    assert 100 * sum(em) / len(em) == pytest.approx(gqa_report.accuracy)
+
+
+def test_odd_mme_limit_scores_whole_images_only():
+    """An odd --limit answers one question of the last image: it is left out, where lmms-eval's own
+    aggregation stops on its pairwise assertion."""
+    from lmms_eval.tasks.mme.utils import mme_aggregate_results, mme_process_results
+
+    from vtprune.lmms.docs import doc_rows, mme_aggregate
+
+    rows = doc_rows("mme")[:7]
+    per_doc = [mme_process_results(r, [r["answer"] if i % 3 else "no"])["mme_perception_score"]
+               for i, r in enumerate(rows)]
+    assert mme_aggregate(per_doc) == pytest.approx(mme_aggregate_results(per_doc[:6]))
+    with pytest.raises(AssertionError):
+        mme_aggregate_results(per_doc)

@@ -228,3 +228,21 @@ def test_odd_mme_limit_scores_whole_images_only():
     assert mme_aggregate(per_doc) == pytest.approx(mme_aggregate_results(per_doc[:6]))
     with pytest.raises(AssertionError):
         mme_aggregate_results(per_doc)
+
+
+def test_data_parallel_two_cpu_processes(tmp_path):
+    """torchrun with two CPU processes (gloo): each rank answers half the docs, rank 0 scores them all, with the
+    stats of both ranks' requests."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lmms_eval",
+           "--model", "vtprune", "--model_args", f"pretrained={TINY},method=fastv,ratio=0.75",
+           "--include_path", str(TASKS_DIR), "--tasks", "vtprune_pope", "--limit", "4",
+           "--output_path", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert "Running on rank 0" in log and "Running on rank 1" in log
+    results = json.loads(next(out.rglob("*_results.json")).read_text())["results"]["vtprune_pope"]
+    n_visual, _ = _config_numbers()
+    assert results["vtprune_kept_tokens,none"] == n_visual // 4
+    assert results["pope_accuracy,none"] is not None

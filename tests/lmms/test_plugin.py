@@ -246,3 +246,22 @@ def test_data_parallel_two_cpu_processes(tmp_path):
     n_visual, _ = _config_numbers()
     assert results["vtprune_kept_tokens,none"] == n_visual // 4
     assert results["pope_accuracy,none"] is not None
+
+
+def test_local_tasks_read_the_folder_named_by_the_environment(monkeypatch):
+    """vtprune_*_local: the user's copy in the official layout (here the shipped synthetic MME / GQA folders,
+    which use it); unset, a clear error and nothing is fetched."""
+    import importlib.util
+
+    from vtprune.eval.data import ASSET_DATA
+    from vtprune.lmms.docs import doc_rows
+
+    spec = importlib.util.spec_from_file_location("vtprune_pack_utils", TASKS_DIR / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    for task in ("mme", "gqa"):
+        monkeypatch.delenv(f"VTPRUNE_{task.upper()}_DIR", raising=False)
+        with pytest.raises(ValueError, match=f"set VTPRUNE_{task.upper()}_DIR"):
+            getattr(utils, f"{task}_local_docs")(None)
+        monkeypatch.setenv(f"VTPRUNE_{task.upper()}_DIR", str(ASSET_DATA[task]))
+        assert getattr(utils, f"{task}_local_docs")(None).to_list() == doc_rows(task)

@@ -65,7 +65,8 @@ _PLUGIN_CLASSES: dict = {}
 def plugin_class(host):
     """The plugin subclass of the lmms-eval class ``host`` (one per host)."""
     if host not in _PLUGIN_CLASSES:
-        _PLUGIN_CLASSES[host] = type(f"Vtprune{host.__name__}", (PluginMixin, host), {"is_simple": False})
+        _PLUGIN_CLASSES[host] = type(f"Vtprune{host.__name__}", (PluginMixin, host),
+                                     {"is_simple": False, "vtprune_host": host})
     return _PLUGIN_CLASSES[host]
 
 
@@ -104,7 +105,7 @@ class PluginMixin:
     """Put before an lmms-eval chat class (:func:`plugin_class`): prune after loading, record each request."""
 
     def __init__(self, pretrained=None, **kwargs):
-        prune_args, host_kwargs = split_args(kwargs, type(self).__mro__[2])
+        prune_args, host_kwargs = split_args(kwargs, self.vtprune_host)
         check_prune_args(prune_args)  # before any weights or data are loaded
         _default_device(host_kwargs)
         super().__init__(pretrained=pretrained, **host_kwargs)
@@ -121,8 +122,7 @@ class PluginMixin:
         from ..errors import PruneError
 
         try:
-            prune(self.model, args.method, config=args.config, evict_early_kv=args.evict_early_kv,
-                          **args.fields)
+            prune(self.model, args.method, config=args.config, evict_early_kv=args.evict_early_kv, **args.fields)
         except PruneError as err:  # what only the model can tell (a layer beyond its depth, missing routers)
             raise usage_error(str(err)) from None
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, calibrate_sinks, methods, perf, search, train_dyvte, viz
+from . import bench, calibrate_sinks, lmms_tasks, methods, perf, search, train_dyvte, viz
 # re-exported for existing importers (``from vtprune.cli import UsageError``, ``check_*``, ``load_image``)
 from .args import (OneLineParser, UsageError, check_count, check_data_dir, check_method,  # noqa: F401
                    check_model_spec, check_out_dir, check_out_file, check_out_image, check_positive, check_prune,
@@ -38,6 +38,7 @@ COMMANDS = {
     "calibrate-sinks": calibrate_sinks.add,  # find VAR's sink dimensions of a model
     "perf": perf.add,  # speed, memory and FLOPs against the oracle and the FLOPs ideal
     "search": search.add,  # tune a method's hyperparameters with optuna
+    "lmms-tasks": lmms_tasks.add,  # the folder of the offline lmms-eval task pack
 }
 
 

@@ -102,6 +102,15 @@ class POPETask(BenchTask):
     def limit(self, questions: Sequence, limit: int | None) -> list:
         return limit_pope(questions, limit)
 
+    def units(self, questions: Sequence) -> list[list[int]]:
+        """One question per unit, round-robin over the categories: the order :func:`limit_pope` takes them in,
+        so the first N units are what ``--limit N`` answers (the lmms-eval task pack relies on it)."""
+        queues: dict[str, list[int]] = {}
+        for i, q in enumerate(questions):
+            queues.setdefault(q.category, []).append(i)
+        depth = max((len(v) for v in queues.values()), default=0)
+        return [[v[d]] for d in range(depth) for v in queues.values() if d < len(v)]
+
     def write_synthetic(self, folder: Path, seed: int, size: int) -> None:
         from ....embedded import synthetic
 

@@ -115,6 +115,12 @@ class ImageView:
         return int(self.index.numel())
 
     @property
+    def vision_cuts(self) -> bool:
+        """Whether the model's tower offers per-crop vision views (:attr:`vision`); False on Qwen-VL's packed tower
+        (an ImageView built without a model, as in unit tests, has them)."""
+        return self.model is None or self.model.vision_cuts
+
+    @property
     def stage(self) -> str:
         return self.cut.where
 

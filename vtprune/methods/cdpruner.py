@@ -151,7 +151,7 @@ class CDPruner(Method):
         return (Instruction(),)  # relevance and similarity from the LLM input rows only
 
     def budget(self, image: ImageView) -> int:
-        if not image.model.vision_cuts or not self._per_crop(image.vision):
+        if not image.vision_cuts or not self._per_crop(image.vision):
             return super().budget(image)
         crops, patches = image.vision.crop_tokens.shape
         return tokens_to_keep(patches, self.ratio, self.keep, image.nominal, self.name)  # per crop
@@ -160,7 +160,7 @@ class CDPruner(Method):
         return self.anyres == "per_crop" and v.crop_tokens is not None
 
     def select(self, image: ImageView, n_keep: int | None) -> Selection:
-        v = image.vision if image.model.vision_cuts else None
+        v = image.vision if image.vision_cuts else None
         if v is not None and self._per_crop(v):
             return self._select_per_crop(image, v, n_keep)
         text = self.text_embeddings(image)

@@ -84,7 +84,7 @@ class VisionZip(Method):
         return (FeatureLayer(),)
 
     def budget(self, image: ImageView) -> int:
-        if not image.model.vision_cuts:
+        if not image.vision_cuts:
             return super().budget(image)
         v = image.vision
         if not self._per_crop(v):
@@ -94,7 +94,7 @@ class VisionZip(Method):
         return min(image.n, crops * max(1, min(per_crop, image.n_tokens // crops)))
 
     def select(self, image: ImageView, n_keep: int) -> Selection:
-        if not image.model.vision_cuts:
+        if not image.vision_cuts:
             return self._select_received(image, n_keep)
         v = image.vision
         if self._per_crop(v):

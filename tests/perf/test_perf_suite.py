@@ -314,3 +314,17 @@ def test_perf_cli_default_rounds_are_the_suite_s():
     p = argparse.ArgumentParser()
     perf_cli.add_arguments(p)
     assert p.parse_args([]).rounds == perf_suite.DEFAULT_ROUNDS >= 8
+
+
+def test_zipvl_kv_modes_are_three_timed_configurations_with_their_own_kv_bytes(models):
+    """`vtprune perf --methods zipvl` times each KV mode (sweep_variants) as its own row: distinct labels, and the
+    packed store reports fewer KV bytes than the dense cache."""
+    model = models("llava")
+    inputs = collate([make_prompt(model, "llava", 12, 0)])
+    inputs.pop("attention_mask")
+    setups = perf_suite.plan_setups(model, inputs, build_configs(["zipvl"]), [])
+    labels = [s.label for s in setups]
+    assert labels == ["vanilla", "zipvl(kv_mode=none)", "zipvl(kv_mode=evict)", "zipvl(kv_mode=mixed)"]
+    timings = perf_suite.run_perf(model, inputs, setups, rounds=1, warmup=0, decode_tokens=2)
+    kv = {r["label"]: r["kv_bytes"] for r in perf_suite.records(model, inputs, setups, timings)}
+    assert kv["zipvl(kv_mode=mixed)"] < kv["zipvl(kv_mode=none)"] == kv["vanilla"]

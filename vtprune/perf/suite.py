@@ -137,12 +137,20 @@ def plan_setups(model, inputs: dict, configs: list[BenchConfig], keeps=(), ratio
     for config in configs:
         if config.method is None:
             continue
-        name = config.method + (f"[{config.source}]" if config.source else "")
+        name = config.method + _variant(config) + (f"[{config.source}]" if config.source else "")
         setup = Setup(name, "method", keep=config.keep, ratio=config.ratio, config=config)
         setups.append(setup)
         if evict and _cuts_in_llm(model, config):
             setups.append(Setup(setup.name, "method", keep=config.keep, ratio=config.ratio, config=config, evict=True))
     return setups
+
+
+def _variant(config: BenchConfig) -> str:
+    """``(kv_mode=mixed)`` for a point of the method's ``sweep_variants`` (ZipVL's KV modes): they share a budget, so
+    the name tells them apart; "" otherwise."""
+    fields = {k for v in method_class(config.method).sweep_variants for k in v}
+    given = [f"{k}={v}" for k, v in config.hyper if k in fields]
+    return f"({','.join(given)})" if given else ""
 
 
 def _image_tokens(model, inputs: dict) -> list[int]:

@@ -98,3 +98,29 @@ def _apply(cut, probs, out, h, pos, tags, trace, n_images, renumber):
     h = torch.stack(rows)[None]
     pos = torch.arange(len(rows))[None] if renumber else torch.tensor(new_pos)[None]
     return h, pos, new_tags
+
+
+# ------------------------------------------------------------------------------------------------------------
+# batch == each prompt alone (shared by the PDrop and SparseVLM tests)
+def text_only(length: int, like):
+    """A prompt of ``length`` text tokens and no image, shaped like ``like`` (a conftest Prompt)."""
+    from ..conftest import Prompt
+
+    return Prompt(torch.cat([torch.tensor([1]), torch.arange(length - 1) % 90 + 3]), like.pixel_values[:0], None)
+
+
+def generate_batched_and_alone(model, prompts, steps: int, stages) -> tuple[list, list, list, list]:
+    """(batched greedy tokens, their ``stages(stats)``, each prompt's tokens alone, their stages concatenated) of a
+    model pruned by the caller; a text-only prompt alone publishes no stats."""
+    from ..conftest import collate
+
+    batched = model.generate(**collate(prompts), max_new_tokens=steps, do_sample=False)[:, -steps:].tolist()
+    kept = stages(model.vtprune.stats)
+    singles, single_kept = [], []
+    for p in prompts:
+        b = collate([p])
+        if p.pixel_values.shape[0] == 0:
+            b.pop("pixel_values")
+        singles.append(model.generate(**b, max_new_tokens=steps, do_sample=False)[0, -steps:].tolist())
+        single_kept += stages(model.vtprune.stats) if model.vtprune.stats is not None else []
+    return batched, kept, singles, single_kept

@@ -10,9 +10,9 @@ import torch
 import vtprune
 from vtprune.errors import ConfigError
 
-from ..conftest import IMAGE_TOKEN, Prompt, collate, make_prompt
+from ..conftest import IMAGE_TOKEN, collate, make_prompt
 from ..helpers import kept_sequence_positions, merged_embeds, slow_multi_cut_generate
-from .inllm_reference import Cut, reference_forward
+from .inllm_reference import Cut, generate_batched_and_alone, reference_forward, text_only
 
 CUTS = (1, 2, 3)  # (8, 16, 24) of 32 layers mapped onto the 4-layer test LLMs
 RATIOS = (0.5, 0.25, 0.125)
@@ -103,25 +103,12 @@ def test_generate_with_the_cache_equals_the_recompute(models, family):
     torch.testing.assert_close(out.logits[0], first, atol=1e-5, rtol=0)
 
 
-def _text_only(length: int, like: Prompt) -> Prompt:
-    ids = torch.cat([torch.tensor([1]), torch.arange(length - 1) % 90 + 3])
-    return Prompt(ids, like.pixel_values[:0], None)
-
-
 def test_batch_with_zero_one_two_images_equals_each_alone(models):
     model = models("llava")
     one = make_prompt(model, "llava", 3, 0)
-    prompts = [one, _text_only(9, one), make_prompt(model, "llava", 7, 1, n_images=2)]
+    prompts = [one, text_only(9, one), make_prompt(model, "llava", 7, 1, n_images=2)]
     with vtprune.pruned(model, "pdrop", keep=30), torch.no_grad():
-        batched = model.generate(**collate(prompts), max_new_tokens=STEPS, do_sample=False)[:, -STEPS:].tolist()
-        kept = _stages(model.vtprune.stats)
-        singles, single_kept = [], []
-        for p in prompts:
-            b = collate([p])
-            if p.pixel_values.shape[0] == 0:
-                b.pop("pixel_values")
-            singles.append(model.generate(**b, max_new_tokens=STEPS, do_sample=False)[0, -STEPS:].tolist())
-            single_kept += _stages(model.vtprune.stats) if model.vtprune.stats is not None else []  # text only
+        batched, kept, singles, single_kept = generate_batched_and_alone(model, prompts, STEPS, _stages)
     assert kept == single_kept and len(kept) == 3
     assert batched == singles
 

@@ -12,7 +12,7 @@ from vtprune.errors import ConfigError
 
 from ..conftest import IMAGE_TOKEN, Prompt, collate, make_prompt
 from ..helpers import merged_embeds
-from .inllm_reference import Cut, reference_forward
+from .inllm_reference import Cut, generate_batched_and_alone, reference_forward, text_only
 
 PRUNE = (0, 1, 2)  # (2, 6, 15) of 32 layers mapped onto the 4-layer test LLMs: cuts before 1, 2, 3
 TABLE = (24, 12, 6)
@@ -154,25 +154,13 @@ def test_every_stage_and_the_logits_equal_the_slow_reference(models, eager_copy,
     torch.testing.assert_close(logits, ref.logits, atol=1e-4, rtol=0)
 
 
-def _text_only(length, like):
-    return Prompt(torch.cat([torch.tensor([1]), torch.arange(length - 1) % 90 + 3]), like.pixel_values[:0], None)
-
-
 @pytest.mark.parametrize("version", ["v1.5", "plus"])
 def test_batch_with_zero_one_two_images_equals_each_alone(models, version):
     model = models("llava")
     one = make_prompt(model, "llava", 5, 0)
-    prompts = [one, _text_only(9, one), make_prompt(model, "llava", 8, 1, n_images=2)]
+    prompts = [one, text_only(9, one), make_prompt(model, "llava", 8, 1, n_images=2)]
     with vtprune.pruned(model, "sparsevlm", version=version, keep=24), torch.no_grad():
-        batched = model.generate(**collate(prompts), max_new_tokens=STEPS, do_sample=False)[:, -STEPS:].tolist()
-        kept = _stages(model.vtprune.stats)
-        singles, single_kept = [], []
-        for p in prompts:
-            b = collate([p])
-            if p.pixel_values.shape[0] == 0:
-                b.pop("pixel_values")
-            singles.append(model.generate(**b, max_new_tokens=STEPS, do_sample=False)[0, -STEPS:].tolist())
-            single_kept += _stages(model.vtprune.stats) if model.vtprune.stats is not None else []
+        batched, kept, singles, single_kept = generate_batched_and_alone(model, prompts, STEPS, _stages)
     assert kept == single_kept and len(kept) == 3
     assert batched == singles
 

@@ -23,6 +23,8 @@ runs over the image's whole packed token list, newline tokens included (official
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -101,7 +103,9 @@ class DivPrune(Method):
     def check_fields(self) -> None:
         if not 0.0 < self.subset_ratio <= 1.0:
             raise self.field_error("subset_ratio", "a kept fraction in (0, 1] (official SUBSET_RATIO 0.098)")
-        if (self.ratio is not None or self.keep is not None) and self.subset_ratio != SUBSET_RATIO:
+        # the default, also as a float32 (a numpy scalar), is not a second budget
+        if (self.ratio is not None or self.keep is not None) and not math.isclose(self.subset_ratio, SUBSET_RATIO,
+                                                                                   rel_tol=1e-6):
             raise self.field_error("subset_ratio", "to be left out when ratio= or keep= gives the budget (one budget)")
 
     def budget(self, image: ImageView) -> int:

@@ -67,3 +67,9 @@ def test_serve_usage_errors_are_one_line_before_the_engine(argv, words):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("vtprune serve: error:"), done.stderr
     assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_none_is_the_unpruned_baseline_and_takes_no_budget():
+    assert plan(TINY, "none")["vtprune"] == {"method": None}
+    with pytest.raises(ConfigError, match="every visual token; drop keep"):
+        plan(TINY, "none", {"keep": 36})

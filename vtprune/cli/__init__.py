@@ -1,6 +1,6 @@
 """The ``vtprune`` command (also ``python -m vtprune.cli``): :func:`main` parses the command line with
 :func:`build_parser` and dispatches to one sub-command, each in a module of its own here (``bench``, ``perf``,
-``search``, ``viz``, ``train_dyvte``, ``calibrate_sinks``, ``methods``; ``vtprune <command> -h`` describes it).
+``search``, ``viz``, ``train_dyvte``, ``calibrate_sinks``, ``methods``, ``serve``; ``vtprune <command> -h`` describes it).
 Adding a sub-command: write ``vtprune/cli/<name>.py`` with ``add(subparsers)``, which creates the sub-parser, adds
 its flags and sets ``handler=<function(args) -> exit status>``, then list ``<name>.add`` in :data:`COMMANDS`.
 A command module imports its argument helpers from :mod:`.args` (never from this package, which imports every

@@ -16,7 +16,7 @@ from .args import UsageError, parse_set, report
 
 EPILOG = """examples:
   vtprune serve llava-hf/llava-1.5-7b-hf --method visionzip --keep 64 --port 8000
-  vtprune serve vtprune/assets/tiny-llava --method divprune --ratio 0.75 --set subset_ratio=0.1 \\
+  vtprune serve vtprune/assets/tiny-llava --method vtc_cls --ratio 0.75 --set start_layer=1 \\
       --dtype float32 --max-model-len 512
 flags after the vtprune ones go to vLLM's server as they are (--host defaults to 127.0.0.1 here)."""
 
@@ -62,7 +62,7 @@ def add(subparsers) -> None:
                               description=__doc__.split("\n\n")[0], epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="LLaVA-1.5 checkpoint folder or hub id")
-    p.add_argument("--method", required=True, help="random, visionzip, vtc_cls or divprune")
+    p.add_argument("--method", required=True, help="random, visionzip, vtc_cls, divprune, or none (every token)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=int, help="visual tokens kept per image")
     budget.add_argument("--ratio", type=float, help="fraction of each image's visual tokens removed")

@@ -23,10 +23,10 @@ def register() -> None:
         ModelRegistry.register_model(ARCH, "vtprune.vllm.model:VtpruneLlava")
 
 
-def LLM(model: str, method: str, keep: int | None = None, ratio: float | None = None, fields: dict | None = None,
+def LLM(model: str, method: str | None, keep: int | None = None, ratio: float | None = None, fields: dict | None = None,
         **vllm_kwargs):
     """A ``vllm.LLM`` serving ``model`` pruned by ``method`` (``keep`` tokens per image, or ``ratio``; the method's
-    other fields in ``fields``, so ``seed=`` stays vLLM's engine seed). Bad method / budget / model: a ConfigError
+    other fields in ``fields``, so ``seed=`` stays vLLM's engine seed; ``None`` / ``"none"``: every token). Bad method / budget / model: a ConfigError
     before the engine starts. ``hf_overrides`` is set here and refused in ``vllm_kwargs``."""
     if "hf_overrides" in vllm_kwargs:
         from ..errors import ConfigError

@@ -20,15 +20,20 @@ from .select import kept_count
 ARCH = "VtpruneLlavaForConditionalGeneration"
 METHODS = ("random", "visionzip", "vtc_cls", "divprune")  # pre-LLM and decided by the image alone
 MODELS = {"llava": ARCH}  # model_type -> the plugin's architecture
+UNPRUNED = (None, "none")  # every visual token, through the plugin's loader (baselines)
 OVERRIDE_KEY = "vtprune"  # hf_config attribute holding {"method": name, **fields}
 
 
-def plan(model: str, method: str, fields: dict | None = None) -> dict:
+def plan(model: str, method: str | None, fields: dict | None = None) -> dict:
     """``hf_overrides`` for vLLM serving ``model`` with ``method`` (fields: ``keep`` / ``ratio`` and the method's
-    own); a ConfigError names the problem and what works."""
+    own; ``None`` / ``"none"``: unpruned); a ConfigError names the problem and what works."""
     fields = dict(fields or {})
-    built = checked_method(method, fields)
     info = model_info(read_config(model), model)
+    if method in UNPRUNED:  # a baseline through the same loader (transformers-5 checkpoints, extra weight files)
+        if fields:
+            raise ConfigError(f"vtprune: method {method!r} serves every visual token; drop {', '.join(fields)}")
+        return {"architectures": [ARCH], OVERRIDE_KEY: {"method": None}}
+    built = checked_method(method, fields)
     kept_count(built, info)  # a budget above the image's tokens is refused here (budget.check_keep)
     built.probes(info)  # layer fields beyond the tower are refused here
     return {"architectures": [ARCH], OVERRIDE_KEY: {"method": method, **fields}}

@@ -21,7 +21,7 @@ from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForC
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..errors import ConfigError
-from .config import OVERRIDE_KEY, checked_method, model_info
+from .config import OVERRIDE_KEY, UNPRUNED, checked_method, model_info
 from .select import Captured, cls_attention_rows, kept_count, kept_rows
 
 CHECKPOINT_PREFIXES = ("model.", "language_model.", "vision_tower.", "multi_modal_projector.", "lm_head.")
@@ -37,11 +37,11 @@ def _spec(config_json: str):
         raise ConfigError(f"vtprune: {config.get('architectures')} needs hf_overrides {{'{OVERRIDE_KEY}': "
                           "{'method': ..., 'keep': ...}}; start it with vtprune.vllm.LLM or vtprune serve")
     name = spec.pop("method")
-    return checked_method(name, spec), model_info(config)
+    return (None if name in UNPRUNED else checked_method(name, spec)), model_info(config)
 
 
 def method_for(hf_config):
-    """(method, ModelInfo) from the ``vtprune`` key that ``hf_overrides`` put on the model's config."""
+    """(method or None for unpruned, ModelInfo) from the ``vtprune`` key ``hf_overrides`` put on the config."""
     config = hf_config.to_dict()
     config[OVERRIDE_KEY] = getattr(hf_config, OVERRIDE_KEY, None)
     return _spec(json.dumps(config, sort_keys=True, default=str))
@@ -49,7 +49,8 @@ def method_for(hf_config):
 
 class KeepKInfo(LlavaProcessingInfo):
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        return kept_count(*method_for(self.get_hf_config()))  # LLaVA-1.5 resizes every image to one size
+        method, info = method_for(self.get_hf_config())
+        return info.nominal_tokens if method is None else kept_count(method, info)  # one size for every image
 
 
 @MULTIMODAL_REGISTRY.register_processor(LlavaMultiModalProcessor, info=KeepKInfo, dummy_inputs=LlavaDummyInputsBuilder)
@@ -58,6 +59,8 @@ class VtpruneLlava(LlavaForConditionalGeneration):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.vtprune_method, self.vtprune_info = method_for(vllm_config.model_config.hf_config)
         self._records: dict | None = None
+        if self.vtprune_method is None:
+            return
         layers = self.vision_tower.vision_model.encoder.layers  # built up to the feature layer
         for j, layer in enumerate(layers):
             layer.self_attn.qkv_proj.register_forward_hook(functools.partial(self._record_qkv, j, layer.self_attn))
@@ -77,6 +80,8 @@ class VtpruneLlava(LlavaForConditionalGeneration):
             self._records["hidden_cls"] = (output[0] if isinstance(output, tuple) else output)[:, 0]
 
     def _process_image_input(self, image_input):
+        if self.vtprune_method is None:
+            return super()._process_image_input(image_input)
         if isinstance(image_input, LlavaImageEmbeddingInputs):
             raise ValueError("vtprune: the vLLM plugin prunes images it encodes; give images, not image_embeds")
         self._records = {}

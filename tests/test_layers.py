@@ -29,7 +29,7 @@ LAYERS = (
     # UsageError and the check_* helpers the tools raise too: below them, so no tool imports vtprune.cli
     ("tool-args", ("vtprune.cliargs",)),
     ("tool-libs", ("vtprune.benchmarks", "vtprune.embedded", "vtprune.eval", "vtprune.loading", "vtprune.perf")),
-    ("tools", ("vtprune.search", "vtprune.training", "vtprune.viz", "vtprune.lmms")),
+    ("tools", ("vtprune.search", "vtprune.training", "vtprune.viz", "vtprune.lmms", "vtprune.vllm")),
     ("entry", ("vtprune", "vtprune.cli", "vtprune.demo", "vtprune.benchmarks.__main__") + tuple(CLI_ALIASES)),
 )
 

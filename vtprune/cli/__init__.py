@@ -1,6 +1,6 @@
 """The ``vtprune`` command (also ``python -m vtprune.cli``): :func:`main` parses the command line with
 :func:`build_parser` and dispatches to one sub-command, each in a module of its own here (``bench``, ``perf``,
-``search``, ``viz``, ``train_dyvte``, ``calibrate_sinks``, ``methods``; ``vtprune <command> -h`` describes it).
+``search``, ``viz``, ``train_dyvte``, ``calibrate_sinks``, ``methods``, ``serve``; ``vtprune <command> -h`` describes it).
 Adding a sub-command: write ``vtprune/cli/<name>.py`` with ``add(subparsers)``, which creates the sub-parser, adds
 its flags and sets ``handler=<function(args) -> exit status>``, then list ``<name>.add`` in :data:`COMMANDS`.
 A command module imports its argument helpers from :mod:`.args` (never from this package, which imports every
@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, calibrate_sinks, lmms_tasks, methods, perf, search, train_dyvte, viz
+from . import bench, calibrate_sinks, lmms_tasks, methods, perf, search, serve, train_dyvte, viz
 # re-exported for existing importers (``from vtprune.cli import UsageError``, ``check_*``, ``load_image``)
 from .args import (OneLineParser, UsageError, check_count, check_data_dir, check_method,  # noqa: F401
                    check_model_spec, check_out_dir, check_out_file, check_out_image, check_positive, check_prune,
@@ -39,6 +39,7 @@ COMMANDS = {
     "perf": perf.add,  # speed, memory and FLOPs against the oracle and the FLOPs ideal
     "search": search.add,  # tune a method's hyperparameters with optuna
     "lmms-tasks": lmms_tasks.add,  # the folder of the offline lmms-eval task pack
+    "serve": serve.add,  # vLLM's OpenAI-compatible server, every image pruned to k tokens (vLLM environment)
 }
 
 
@@ -52,12 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     handler = getattr(args, "handler", None)
     if handler is None:  # no command given: a user error like the others, one line
         parser.error(f"give a command: {', '.join(COMMANDS)}")
+    if extra and not getattr(args, "pass_unknown", False):  # only `serve` hands unknown flags on (to vLLM)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return int(handler(args) or 0)
+        return int((handler(args, extra) if getattr(args, "pass_unknown", False) else handler(args)) or 0)
     except KeyboardInterrupt:  # commands with something to say about resuming catch it themselves
         print(f"vtprune {args.command}: interrupted", file=sys.stderr)
         return 130

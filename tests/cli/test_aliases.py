@@ -48,7 +48,7 @@ def test_the_package_keeps_the_names_scripts_import_from_vtprune_cli():
         assert getattr(cli, name) is getattr(args, name)
     assert cli.load_image is viz.load_image
     assert sorted(cli.COMMANDS) == sorted(["bench", "perf", "search", "viz", "train-dyvte", "calibrate-sinks",
-                                           "methods", "lmms-tasks"])
+                                           "methods", "lmms-tasks", "serve"])
 
 
 def test_console_scripts_name_the_cli_package():

@@ -162,12 +162,14 @@ def make_storage(url: str, attempts: int = 5):
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import DatabaseError
 
-    sqlite = make_url(url).get_backend_name() == "sqlite"
+    parsed = make_url(url)
+    sqlite = parsed.get_backend_name() == "sqlite"
     engine = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+    on_disk = sqlite and parsed.database not in (None, "", ":memory:")
+    cls = _sqlite_storage_class() if on_disk else optuna.storages.RDBStorage
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S)
+            return cls(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
         except DatabaseError:
             if attempt == attempts - 1:
                 raise
@@ -207,3 +209,40 @@ def make_pruner(settings: SearchSettings):
     if settings.objective == "accuracy" and not settings.pareto:
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
     return optuna.pruners.NopPruner()
+
+
+def _sqlite_storage_class():
+    """optuna's RDB storage whose WAITING -> RUNNING move of a trial holds a lock file beside the database: SQLite
+    ignores ``SELECT ... FOR UPDATE``, so two workers could both take the one enqueued (defaults) trial, run it twice,
+    and the second ``tell`` failed ("Cannot tell a COMPLETE trial")."""
+    import optuna
+    from optuna.trial import TrialState
+
+    class LockedSQLiteStorage(optuna.storages.RDBStorage):
+        def set_trial_state_values(self, trial_id, state, values=None) -> bool:
+            if state != TrialState.RUNNING:
+                return super().set_trial_state_values(trial_id, state, values)
+            with _file_lock(self.url):
+                if self.get_trial(trial_id).state != TrialState.WAITING:
+                    return False
+                return super().set_trial_state_values(trial_id, state, values)
+
+    return LockedSQLiteStorage
+
+
+@contextlib.contextmanager
+def _file_lock(url: str):
+    """An exclusive lock on ``<database>.lock`` (no-op where ``fcntl`` is missing: Windows)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(f"{make_url(url).database}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

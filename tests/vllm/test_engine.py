@@ -27,7 +27,8 @@ from vtprune.eval.data import load_task  # noqa: E402
 TINY = str(Path(vtprune.__file__).parent / "assets" / "tiny-llava")
 IMAGE_ID = json.loads((Path(TINY) / "config.json").read_text())["image_token_index"]
 STEPS = 6
-ENGINE = dict(dtype="float32", max_model_len=512, enforce_eager=True, limit_mm_per_prompt={"image": 1})
+ENGINE = dict(dtype="float32", max_model_len=512, enforce_eager=True, limit_mm_per_prompt={"image": 1},
+              gpu_memory_utilization=0.5)  # CPU backend: the share of RAM it checks is free at start (default 0.92)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,13 @@
 #            Triton's share of the copy bandwidth per layout (target >= 80%), and the keep-64 speed-up,
 #            oracle fraction (>= 95%) and the oracle's ideal fraction (>= 85%)
 #
-# Per-step limits (seconds): T_TESTS=75 T_KERNEL=50 T_PERF=150 T_SUMMARY=15. Each step's output is also in
+#   vllm     only where vLLM imports (a vLLM GPU build and the vtprune plugin installed; outside BUDGET_S, T_VLLM
+#            seconds): python -m vtprune.vllm.bench --arch llava-1.5-7b --methods none,random,visionzip,divprune
+#            --keep 64 --requests 64 --max-tokens 32 --dtype bfloat16 (full depth, random weights): requests/s,
+#            output tokens/s and time to first token, pruned vs unpruned, served by vLLM. Skipped, not failed,
+#            where vLLM does not import.
+#
+# Per-step limits (seconds): T_TESTS=75 T_KERNEL=50 T_PERF=150 T_SUMMARY=15 T_VLLM=240. Each step's output is also in
 # $OUT/<step>.log. OUT defaults to ./gpu_out (relative to the repository root).
 # Exit status: 0 every step passed; 1 a step failed or timed out, or a target was missed (listed at the end);
 # 2 the machine cannot run the check (no CUDA, no triton, missing packages and no WHEELS).
@@ -32,6 +38,7 @@ T_TESTS="${T_TESTS:-75}"
 T_KERNEL="${T_KERNEL:-50}"
 T_PERF="${T_PERF:-150}"
 T_SUMMARY="${T_SUMMARY:-15}"
+T_VLLM="${T_VLLM:-240}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 
 die() {
@@ -133,6 +140,14 @@ run_step perf "$T_PERF" "$PY" -m vtprune.cli perf --arch llava-1.5-7b --device c
     --keep 192,128,64 --rounds 5 --out "$OUT/perf"
 run_step summary "$T_SUMMARY" "$PY" scripts/gpu_summary.py --kernel "$OUT/kernel/kernel.json" \
     --perf "$OUT/perf/results.json"
+
+if "$PY" -c "import vllm" >/dev/null 2>&1; then
+    BUDGET_S=$((SECONDS - START + T_SUMMARY + T_VLLM))  # its own time, after the budgeted steps
+    run_step vllm "$T_VLLM" "$PY" -m vtprune.vllm.bench --arch llava-1.5-7b --methods none,random,visionzip,divprune \
+        --keep 64 --requests 64 --max-tokens 32 --dtype bfloat16
+else
+    echo "=== [vllm] skipped: vllm does not import here (the serving throughput needs a vLLM build for this GPU)"
+fi
 
 echo "gpu_check: $((SECONDS - START))s for the steps; logs and results in $OUT"
 if [ "${#FAILED[@]}" -gt 0 ]; then

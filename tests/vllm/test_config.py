@@ -86,3 +86,19 @@ def test_python_route_errors_before_any_engine(kwargs, words):
 
     with pytest.raises(ConfigError, match=words):
         vtprune.vllm.LLM(TINY, **kwargs)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--model", TINY, "--methods", "none,fastv"], ["inside the LLM"]),
+    (["--model", TINY, "--methods", "visionzip", "--keep", "500"], ["keep=500"]),
+    (["--arch", "llava-next-7b"], ["llava-1.5-7b", "llava-1.5-13b"]),
+    (["--arch", "llava-1.5-7b", "--llm-layers", "99"], ["llm_layers", "1..32", "99"]),
+    (["--model", TINY, "--llm-layers", "2"], ["need --arch"]),
+])
+def test_throughput_bench_usage_errors_are_one_line_before_any_engine(argv, words):
+    done = subprocess.run([sys.executable, "-m", "vtprune.vllm.bench", *argv], capture_output=True, text=True,
+                          timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines[-1].startswith("python -m vtprune.vllm.bench: error:"), done.stderr
+    assert len(lines) == 1 or lines[0].startswith("usage:"), done.stderr
+    assert all(w in lines[-1] for w in words), lines[-1]

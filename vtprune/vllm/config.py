@@ -43,23 +43,34 @@ def checked_method(name: str, fields: dict) -> Method:
     """The method, if the plugin can serve it; else one ConfigError saying why and what it serves."""
     cls = method_class(name)  # an unknown name: the registry's close-match error
     if name not in METHODS:
-        cut_points = _cut_points(cls)
-        why = ("prunes inside the LLM, and vLLM's paged KV cache has one layout for all layers"
-               if "llm" in cut_points else "prunes inside the vision tower, which the plugin does not override"
-               if "vision" in cut_points else "modulates attention, which vLLM's attention kernels do not expose"
-               if not cls.prunes else "is not served by the plugin yet")
-        raise ConfigError(f"vtprune: {name} {why}: the vLLM plugin serves {', '.join(METHODS)}; run {name} with "
-                          "vtprune.prune on transformers (or lmms-eval) instead")
+        raise ConfigError(f"vtprune: {name} {_refusal(cls)}: the vLLM plugin serves {', '.join(METHODS)}; run {name} "
+                          "with vtprune.prune on transformers (or lmms-eval) instead")
     return make_method(name, **fields)
 
 
-def _cut_points(cls) -> set[str]:
-    """Where a method cuts on LLaVA-1.5-7B's shape (only to word the refusal)."""
+def _refusal(cls) -> str:
+    """Why the plugin cannot serve ``cls``, from where it cuts and what it reads on LLaVA-1.5-7B's shape."""
+    if not cls.prunes:
+        return "modulates attention, which vLLM's attention kernels do not expose"
+    cut_points, probes = _cut_points_and_probes(cls)
+    if "vision" in cut_points:
+        return "prunes inside the vision tower, which the plugin does not override"
+    if "llm" in cut_points:
+        return "prunes inside the LLM, and vLLM's paged KV cache has one layout for all layers"
+    if "Instruction" in probes:
+        return ("selects with the prompt's instruction, which vLLM's image encoder never sees (an image is encoded "
+                "once, whatever prompt holds it)")
+    return "is not served by the plugin yet"
+
+
+def _cut_points_and_probes(cls) -> tuple[set[str], set[str]]:
+    """Where a method cuts and the names of its probes on LLaVA-1.5-7B's shape (only to word the refusal)."""
     try:
         built = cls() if cls.budget_optional or not cls.has_budget else cls(ratio=0.5)
-        return {c.where for c in built.cuts(ModelInfo("llava", 24, 22, 32, 576, 4096))}
+        info = ModelInfo("llava", 24, 22, 32, 576, 4096)
+        return {c.where for c in built.cuts(info)}, {type(p).__name__ for p in built.probes(info)}
     except Exception:
-        return set()
+        return set(), set()
 
 
 def read_config(model: str) -> dict:

@@ -163,3 +163,17 @@ def defined_in(name: str, homes) -> object:
         if name in vars(module):
             return vars(module)[name]
     raise AssertionError(f"{name} is defined in none of {homes}")
+
+
+def kept_batched_and_alone(model, batches) -> tuple[list, list]:
+    """Kept indices per image with ``batches`` = (the collated batch, [each sample collated alone]) run through the
+    already pruned ``model``: (batched, the first image of each sample alone)."""
+    batch, alone = batches
+    with torch.no_grad():
+        model(**batch)
+        batched = [image.kept_index for image in model.vtprune.stats.images]
+        single = []
+        for one in alone:
+            model(**one)
+            single.append(model.vtprune.stats.images[0].kept_index)
+    return batched, single

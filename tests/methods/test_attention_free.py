@@ -10,7 +10,7 @@ import torch
 import vtprune
 
 from ..conftest import collate, make_prompt
-from ..helpers import image_positions, merged_embeds
+from ..helpers import image_positions, kept_batched_and_alone, merged_embeds
 
 METHODS = {"dart": dict(keep=12, pivot_image=2, pivot_text=2), "divprune": dict(keep=12),
            "cdpruner": dict(keep=12, relevance="llm", anyres="global")}
@@ -69,13 +69,8 @@ def test_cdpruner_next_per_crop_budget(models):
     model = models("llava_next")
     prompts = [make_prompt(model, "llava_next", 3 + 4 * i, i) for i in range(3)]
     per_crop = 8
-    with vtprune.pruned(model, "cdpruner", keep=per_crop, relevance="llm"), torch.no_grad():
-        model(**collate(prompts))
-        batched = [i.kept_index for i in model.vtprune.stats.images]
-        single = []
-        for p in prompts:
-            model(**collate([p]))
-            single.append(model.vtprune.stats.images[0].kept_index)
+    with vtprune.pruned(model, "cdpruner", keep=per_crop, relevance="llm"):
+        batched, single = kept_batched_and_alone(model, (collate(prompts), [collate([p]) for p in prompts]))
     assert batched == single
     for p, kept in zip(prompts, batched):
         batch = collate([p])

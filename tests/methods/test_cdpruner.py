@@ -15,7 +15,7 @@ from vtprune.errors import ConfigError, PruneError
 from vtprune.methods.cdpruner import dpp_greedy, normalised_relevance
 
 from ..conftest import collate, make_prompt
-from ..helpers import image_positions, merged_embeds
+from ..helpers import image_positions, kept_batched_and_alone, merged_embeds
 
 
 def brute_force_logdet(x: torch.Tensor, r: torch.Tensor, k: int) -> list[int]:
@@ -151,13 +151,8 @@ def test_batch_with_prompt_instructions_equals_each_alone(models, clip_dir):
     model = models("llava")
     prompts = [make_prompt(model, "llava", 3 + 4 * i, i) for i in range(3)]
     tok = AutoTokenizer.from_pretrained(clip_dir)
-    with vtprune.pruned(model, "cdpruner", keep=6, clip=clip_dir, tokenizer=clip_dir), torch.no_grad():
-        model(**collate(prompts))
-        batched = [i.kept_index for i in model.vtprune.stats.images]
-        single = []
-        for p in prompts:
-            model(**collate([p]))
-            single.append(model.vtprune.stats.images[0].kept_index)
+    with vtprune.pruned(model, "cdpruner", keep=6, clip=clip_dir, tokenizer=clip_dir):
+        batched, single = kept_batched_and_alone(model, (collate(prompts), [collate([p]) for p in prompts]))
     assert batched == single
     text = " ".join(tok.decode(prompts[2].input_ids[-3:].tolist(), skip_special_tokens=True).split())
     assert batched[2] == _expected(model, collate([prompts[2]]), 0, clip_dir, text, 6)

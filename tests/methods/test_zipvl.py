@@ -205,6 +205,22 @@ def test_evict_batch_of_one_caches_exactly_p_plus_generated(models):
 
 
 @pytest.mark.parametrize("mode", ["none", "evict", "mixed"])
+def test_reported_store_size_equals_the_cache_bytes_after_the_prefill(models, mode):
+    """The analytic KV bytes `vtprune perf` prints for ZipVL (``report.kv_bytes``) == what the cache holds."""
+    from vtprune.perf.timing import kv_cache_bytes
+
+    model = models("llava")
+    cfg = model.config.text_config
+    kv_heads, head_dim = cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    batch = _batch(model, "llava", [1])
+    with torch.no_grad(), vtprune.pruned(model, "zipvl", tau=TAU, kv_mode=mode):
+        held = kv_cache_bytes(model(**batch, use_cache=True).past_key_values)
+        analytic = model.vtprune.stats.reports["zipvl"].kv_bytes(kv_heads, head_dim, 4)
+    dense = 2 * kv_heads * head_dim * 4 * batch["input_ids"].shape[1] * cfg.num_hidden_layers
+    assert (analytic, held) == (None, dense) if mode == "none" else analytic == held < dense
+
+
+@pytest.mark.parametrize("mode", ["none", "evict", "mixed"])
 def test_beams_sampling_and_a_pre_llm_pruner_before_it(models, mode):
     """generate() with beams and sampling runs on every KV mode; after VisionZip, tau applies to what reaches
     the LLM (n = the tokens left), and a batch equals each prompt alone."""

@@ -10,6 +10,7 @@ tokens at ``bits[0]``, the rest at ``bits[1]``) plus an exact buffer of the toke
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,16 @@ class Chunk:
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors())
+
+
+def packed_bytes(kv_heads: int, head_dim: int, high: int, low: int, slots: int, element_bytes: int, bits) -> int:
+    """Bytes of one :class:`Chunk`: ``high`` / ``low`` tokens at ``bits[0]`` / ``bits[1]`` (codes of K and V,
+    K's scale + zero per channel and V's per token in each non-empty group, V's channel scale c) and the 1-bit
+    importance mask over its ``slots`` (padding included)."""
+    codes = 2 * kv_heads * sum(n * math.ceil(head_dim * b / 8) for n, b in ((high, bits[0]), (low, bits[1])))
+    k_stats = 2 * kv_heads * head_dim * element_bytes * ((high > 0) + (low > 0))
+    v_stats = 2 * (high + low) * element_bytes
+    return codes + k_stats + v_stats + kv_heads * head_dim * element_bytes + math.ceil(slots / 8)
 
 
 def compress(keys: torch.Tensor, values: torch.Tensor, important: torch.Tensor, start: int, bits) -> Chunk:

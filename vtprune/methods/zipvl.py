@@ -42,7 +42,7 @@ from typing import ClassVar
 import torch
 
 from .. import compat
-from ..core.kvcache import EvictedKV, PackedKV, compress
+from ..core.kvcache import EvictedKV, PackedKV, compress, packed_bytes
 from ..core.layout import mask_4d
 from ..core.registration import register
 from ..space import Choice, Float, Int, tuned
@@ -93,6 +93,18 @@ class ZipVLReport:
 
     tokens: list[int]
     kept: dict[int, list[int]] = field(default_factory=dict)
+    kv_mode: str = "none"
+    bits: tuple[int, int] = (4, 2)
+
+    def kv_bytes(self, kv_heads: int, head_dim: int, element_bytes: int) -> int | None:
+        """Analytic bytes of the KV store after the prefill (None: ``kv_mode="none"``, the dense cache): per layer
+        and sample, "evict" p dense tokens, "mixed" one packed chunk of p tokens at bits[0] and n - p at bits[1]."""
+        if self.kv_mode == "none":
+            return None
+        per_token = 2 * kv_heads * head_dim * element_bytes
+        return sum(per_token * p if self.kv_mode == "evict" else
+                   packed_bytes(kv_heads, head_dim, p, n - p, n, element_bytes, self.bits)
+                   for kept in self.kept.values() for p, n in zip(kept, self.tokens))
 
     def ratio(self, sample: int) -> float:
         """The paper's "Ratio": the layer average of p_l / n."""
@@ -183,7 +195,8 @@ class ZipVL(Method):
     def report(self, call, counts: list[tuple[int, int]]) -> None:
         if call.stats is None:
             return
-        rep = call.stats.reports.setdefault(self.name, ZipVLReport(tokens=[n for _, n in counts]))
+        rep = call.stats.reports.setdefault(self.name, ZipVLReport([n for _, n in counts], kv_mode=self.kv_mode,
+                                                                   bits=tuple(self.bits)))
         rep.kept[call.layer] = [p for p, _ in counts]
 
     @property

@@ -93,7 +93,8 @@ def _legend(meta: dict) -> str:
         "oracle) / vanilla; replay % and scoring % = the same against a replay of the method's own token schedule "
         "without scoring (methods that cut inside the vision tower or the LLM; else the oracle); peer = the same "
         "configuration under eager attention with attention outputs requested (official-code style); KV after the "
-        "prefill, from the cache tensors and analytic; GFLOPs = vision + projector + LLM prefill; attn FLOPs -% = a layer-wise "
+        "prefill, from the cache tensors and analytic (a method's own KV store: its packed / evicted size, ZipVL); "
+        "GFLOPs = vision + projector + LLM prefill; attn FLOPs -% = a layer-wise "
         "sparsifier's own attention-FLOP reduction, 1 - mean over layers of (p / n)^2 (ZipVL)."
     )
 

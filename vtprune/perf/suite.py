@@ -376,12 +376,24 @@ def _record(model, inputs, shape, label, kind, setup, t: Timing) -> dict:
         "peer_ms_rounds": t.peer,
         "peak_memory_bytes": t.peak,
         "kv_bytes": t.kv_bytes,
-        "kv_bytes_analytic": None if tokens is None else flops.kv_bytes(shape, tokens, _element_bytes(model)),
+        "kv_bytes_analytic": _analytic_kv_bytes(model, shape, tokens, t.stats),
         "flops": None if fl is None else fl.to_dict(),
         "token_ratio": _reported(t.stats, "token_ratio"),  # a layer-wise sparsifier's (ZipVL's) own report
         "attention_flop_reduction": _reported(t.stats, "attention_flop_reduction"),
         "error": t.error,
     }
+
+
+def _analytic_kv_bytes(model, shape, tokens, stats: PruneStats | None) -> int | None:
+    """The KV cache after the prefill, analytic: a method's own KV store where it reports its size (ZipVL's packed
+    or evicted layers, ``report.kv_bytes``), else the dense cache of ``tokens`` per layer."""
+    if tokens is None:
+        return None
+    for report in (stats.reports.values() if stats is not None else ()):
+        size = getattr(report, "kv_bytes", None)
+        if callable(size) and (nbytes := size(shape.kv_heads, shape.head_dim, _element_bytes(model))) is not None:
+            return nbytes
+    return flops.kv_bytes(shape, tokens, _element_bytes(model))
 
 
 def _reported(stats: PruneStats | None, key: str) -> float | None:

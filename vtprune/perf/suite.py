@@ -389,15 +389,15 @@ def _analytic_kv_bytes(model, shape, tokens, stats: PruneStats | None) -> int | 
     or evicted layers, ``report.kv_bytes``), else the dense cache of ``tokens`` per layer."""
     if tokens is None:
         return None
-    for report in (stats.reports.values() if stats is not None else ()):
-        size = getattr(report, "kv_bytes", None)
-        if callable(size) and (nbytes := size(shape.kv_heads, shape.head_dim, _element_bytes(model))) is not None:
-            return nbytes
-    return flops.kv_bytes(shape, tokens, _element_bytes(model))
+    element_bytes = _element_bytes(model)
+    store_size = _reported(stats, "kv_bytes")
+    nbytes = None if store_size is None else store_size(shape.kv_heads, shape.head_dim, element_bytes)
+    return nbytes if nbytes is not None else flops.kv_bytes(shape, tokens, element_bytes)
 
 
-def _reported(stats: PruneStats | None, key: str) -> float | None:
-    """``key`` of the first method report of the prefill that has it (``PruneStats.reports``), else None."""
+def _reported(stats: PruneStats | None, key: str):
+    """``key`` (a number or a method) of the first method report of the prefill that has it
+    (``PruneStats.reports``), else None."""
     for report in (stats.reports.values() if stats is not None else ()):
         if getattr(report, key, None) is not None:
             return getattr(report, key)
